@@ -1,0 +1,441 @@
+"""The ``fabric`` command line: thin wrappers that build settings and call the services.
+
+Exit codes: 0 success; 1 the workflow failed or was cancelled; 2 bad usage, input or settings;
+3 the broker or router cannot be reached; 4 the router rejected the submission; 5 not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fabric.client.client import FabricClient
+from fabric.errors import (
+    ConfigError,
+    FabricError,
+    SubmissionRejected,
+    TopologyMismatch,
+    TransportError,
+    WaitTimeout,
+    WorkflowNotFound,
+)
+from fabric.protocol.messages import Completed, TaskStatus
+from fabric.settings import FabricSettings, load_settings
+
+app = typer.Typer(
+    help="fabric: run AI agents and other workers over RabbitMQ, reliably and observably.\n\n"
+    "Settings come from FABRIC_* environment variables (FABRIC_AMQP_URL, FABRIC_NAMESPACE, "
+    "FABRIC_STORE__URL, ...) and the profile file configs/<FABRIC_PROFILE>.yaml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+topology_app = typer.Typer(help="Inspect or create the broker topology (exchanges and queues).", no_args_is_help=True)
+app.add_typer(topology_app, name="topology")
+
+console = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _die(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings(**overrides: Any) -> FabricSettings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        _die(str(exc), 2)
+
+
+def _logging(settings: FabricSettings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+
+
+def _run(coro: Any) -> Any:
+    """Run ``coro``, turning fabric errors into clear messages and exit codes."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        _die(str(exc), 2)
+    except TopologyMismatch as exc:
+        _die(f"broker topology drift: {exc}", 2)
+    except WorkflowNotFound as exc:
+        _die(str(exc), 5)
+    except SubmissionRejected as exc:
+        _die(f"rejected ({exc.reason}): {exc.detail}", 4)
+    except (TransportError, WaitTimeout) as exc:
+        _die(str(exc), 3)
+    except FabricError as exc:
+        _die(str(exc), 2)
+
+
+async def _until_signalled(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+@app.command()
+def router() -> None:
+    """Run the router: admit workflows, release ready tasks, record state, answer queries.
+
+    Several routers may run against one broker; one is active, the others wait as standbys.
+    Stops cleanly on SIGTERM or Ctrl-C.
+    """
+    from fabric.router.service import Router
+
+    settings = _settings()
+    _logging(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        async with Router(settings):
+            await _until_signalled(stop)
+
+    _run(main())
+
+
+def _load_agent(target: str) -> Any:
+    from fabric.worker.agent import Agent
+
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        _die(f"{target!r} is not of the form package.module:agent (for example workers.demo:agent)", 2)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        _die(f"cannot import module {module_name!r}: {exc}", 2)
+    agent = getattr(module, attr, None)
+    if not isinstance(agent, Agent):
+        _die(f"{target} is {type(agent).__name__}, not a fabric.Agent", 2)
+    return agent
+
+
+@app.command()
+def worker(
+    target: Annotated[str, typer.Argument(help="The agent to run, as package.module:attribute.")],
+    concurrency: Annotated[
+        int | None, typer.Option(help="Tasks run at once (default FABRIC_WORKER__CONCURRENCY).", min=1)
+    ] = None,
+) -> None:
+    """Run a worker for an agent: consume its capability queues and run its handlers.
+
+    On SIGTERM or Ctrl-C the worker stops taking tasks and lets running ones finish
+    (up to FABRIC_WORKER__DRAIN_TIMEOUT_S) before it exits.
+    """
+    from fabric.worker.runtime import Worker
+
+    settings = _settings()
+    _logging(settings)
+    agent = _load_agent(target)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        async with Worker(agent, settings, concurrency=concurrency) as running:
+            waiter = asyncio.create_task(_until_signalled(stop))
+            stopped = asyncio.create_task(running.wait_stopped())
+            await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+
+    _run(main())
+
+
+# -- client commands ------------------------------------------------------------------------------
+
+
+def _read_workflow(source: str, workflow_id: str | None) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        _die(f"cannot read {source}: {exc}", 2)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        _die(f"{source} is neither JSON nor YAML: {exc}", 2)
+    if isinstance(doc, list):
+        doc = {"tasks": doc}
+    elif isinstance(doc, dict) and "tasks" not in doc and "capability" in doc:
+        doc = {"tasks": [{"id": "task", **doc}]}
+    if not isinstance(doc, dict):
+        _die(f"{source} must hold a workflow (an object with 'tasks'), a list of tasks, or one task", 2)
+    if workflow_id:
+        doc["workflow_id"] = workflow_id
+    return doc
+
+
+@app.command()
+def submit(
+    source: Annotated[str, typer.Argument(help="Workflow file (JSON or YAML), or - for standard input.")],
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Show progress and print the result.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id (makes resubmission idempotent).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Submit a workflow: a JSON/YAML object with 'tasks', a list of tasks, or a single task.
+
+    Example file:  {"tasks": [{"id": "a", "capability": "demo.echo", "input": "hi"}]}
+
+    Exits 0 when accepted (with --wait: when it succeeded), 1 when it failed, 4 when rejected.
+    """
+    settings = _settings()
+    document = _read_workflow(source, workflow_id)
+    total = len(document.get("tasks") or [])
+
+    async def main() -> int:
+        async with FabricClient(settings) as client:
+            if not wait:
+                accepted = await client.submit(document)
+                if json_out:
+                    console.print_json(data=accepted.model_dump(mode="json"))
+                else:
+                    console.print(f"accepted {accepted.workflow_id} ({accepted.tasks} tasks)")
+                return 0
+            done = await _submit_and_watch(client, document, total, timeout, quiet=json_out)
+            if json_out:
+                console.print_json(data=done.model_dump(mode="json"))
+            else:
+                _print_completed(done)
+            return 0 if done.status == "succeeded" else 1
+
+    raise typer.Exit(_run(main()))
+
+
+async def _submit_and_watch(
+    client: FabricClient, document: dict[str, Any], total: int, timeout: float | None, *, quiet: bool
+) -> Completed:
+    finished: set[str] = set()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=quiet or not err.is_terminal,
+    ) as progress:
+        bar = progress.add_task("submitting", total=total, last="")
+
+        def on_task(note: dict[str, Any]) -> None:
+            status = note.get("status", "")
+            if status in {s.value for s in TaskStatus if s.terminal}:
+                finished.add(str(note.get("task_id")))
+            progress.update(bar, completed=len(finished), last=f"{note.get('task_id')}: {status}")
+
+        started = time.monotonic()
+        accepted = await client.submit(document, on_task=on_task)
+        progress.update(bar, description=accepted.workflow_id)
+        if not quiet and not err.is_terminal:
+            err.print(f"accepted {accepted.workflow_id} ({accepted.tasks} tasks); waiting")
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return await client.wait(accepted.workflow_id, timeout_s=remaining)
+
+
+def _print_completed(done: Completed) -> None:
+    colour = {"succeeded": "green", "failed": "red"}.get(str(done.status), "yellow")
+    console.print(f"workflow [bold]{done.workflow_id}[/] [{colour}]{done.status}[/]", highlight=False)
+    table = Table("task", "status", "attempts", "agent", "result / error")
+    for task_id, outcome in done.tasks.items():
+        shown = (
+            f"{outcome.error.type}: {outcome.error.message}" if outcome.error else json.dumps(outcome.result, default=repr)
+        )
+        table.add_row(task_id, str(outcome.status), str(outcome.attempts), outcome.agent or "-", shown[:200])
+    console.print(table)
+
+
+@app.command()
+def status(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a workflow's status and each task's status, attempts, agent and error."""
+    settings = _settings()
+
+    async def main() -> dict[str, Any]:
+        async with FabricClient(settings) as client:
+            return await client.status(workflow_id)
+
+    doc = _run(main())
+    if json_out:
+        console.print_json(data=doc)
+        return
+    console.print(f"workflow [bold]{doc['workflow_id']}[/] {doc['status']}  {doc['counts']}", highlight=False)
+    table = Table("task", "capability", "status", "attempts", "agent", "error")
+    for task_id, task in doc["tasks"].items():
+        error = task.get("error") or {}
+        table.add_row(
+            task_id,
+            task["capability"],
+            task["status"],
+            str(task["attempts"]),
+            task.get("agent") or "-",
+            f"{error.get('type')}: {error.get('message')}" if error else "",
+        )
+    console.print(table)
+
+
+@app.command()
+def result(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait until it finishes.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print a finished workflow's results (exit 1 if it failed; 0 and a note while it runs)."""
+    settings = _settings()
+
+    async def main() -> Completed | None:
+        async with FabricClient(settings) as client:
+            if wait:
+                return await client.wait(workflow_id, timeout_s=timeout)
+            return await client.result(workflow_id)
+
+    done = _run(main())
+    if done is None:
+        if json_out:
+            console.print_json(data={"kind": "running", "workflow_id": workflow_id})
+        else:
+            console.print(f"workflow {workflow_id} is still running")
+        return
+    if json_out:
+        console.print_json(data=done.model_dump(mode="json"))
+    else:
+        _print_completed(done)
+    raise typer.Exit(0 if done.status == "succeeded" else 1)
+
+
+@app.command()
+def agents(json_out: JsonOpt = False) -> None:
+    """List the agents seen through their heartbeats, with load and health."""
+    settings = _settings()
+
+    async def main() -> list[dict[str, Any]]:
+        async with FabricClient(settings) as client:
+            return list(await client.query("agents") or [])
+
+    found = _run(main())
+    if json_out:
+        console.print_json(data=found)
+        return
+    table = Table("agent id", "capabilities", "in flight", "processed", "failed", "health", "last seen")
+    now = time.time()
+    for a in found:
+        table.add_row(
+            a["agent_id"],
+            ", ".join(a["capabilities"]),
+            f"{a['in_flight']}/{a['concurrency']}",
+            str(a["processed"]),
+            str(a["failed"]),
+            a["health"],
+            f"{now - a['last_seen']:.0f}s ago",
+        )
+    console.print(table)
+
+
+# -- topology -------------------------------------------------------------------------------------
+
+CapOpt = Annotated[list[str] | None, typer.Option("--capability", "-c", help="Also cover this capability's queue.")]
+
+
+@topology_app.command("check")
+def topology_check(capability: CapOpt = None, json_out: JsonOpt = False) -> None:
+    """Compare the broker with the expected topology without creating anything.
+
+    Reports missing exchanges/queues and queues declared with other arguments (drift). Exits 1 on problems.
+    """
+    from fabric.topology import spec
+    from fabric.transport.amqp import AmqpConnection
+
+    settings = _settings()
+
+    async def main() -> list[str]:
+        try:
+            expected = spec.build(settings.namespace, capability or [])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        async with AmqpConnection(settings.amqp_url.get_secret_value(), name="fabric-cli") as amqp:
+            return await amqp.check(expected)
+
+    problems = _run(main())
+    if json_out:
+        console.print_json(data={"ok": not problems, "problems": problems})
+    elif problems:
+        for problem in problems:
+            console.print(f"[red]✗[/] {problem}", highlight=False)
+    else:
+        console.print(f"[green]✓[/] topology of namespace {settings.namespace!r} matches")
+    raise typer.Exit(1 if problems else 0)
+
+
+@topology_app.command("declare")
+def topology_declare(capability: CapOpt = None) -> None:
+    """Declare the topology (idempotent); fails with a clear message on drift."""
+    from fabric.topology import spec
+    from fabric.transport.amqp import AmqpConnection
+
+    settings = _settings()
+
+    async def main() -> None:
+        async with AmqpConnection(settings.amqp_url.get_secret_value(), name="fabric-cli") as amqp:
+            await amqp.declare(spec.build(settings.namespace, capability or []))
+
+    _run(main())
+    console.print(f"declared topology of namespace {settings.namespace!r}")
+
+
+@topology_app.command("delete")
+def topology_delete(
+    capability: CapOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete (queued messages are lost).")] = False,
+) -> None:
+    """Delete the namespace's exchanges and queues (for tests and teardown). Needs --yes."""
+    from fabric.topology import spec
+    from fabric.transport.amqp import AmqpConnection
+
+    if not yes:
+        _die("this deletes queues and the messages in them; add --yes to confirm", 2)
+    settings = _settings()
+
+    async def main() -> None:
+        async with AmqpConnection(settings.amqp_url.get_secret_value(), name="fabric-cli") as amqp:
+            await amqp.delete(spec.build(settings.namespace, capability or []))
+
+    _run(main())
+    console.print(f"deleted topology of namespace {settings.namespace!r}")
+
+
+def main() -> None:
+    """Entry point of the ``fabric`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The async client: submit workflows, wait for results, ask for status.
+
+Example:
+    >>> async with FabricClient(load_settings()) as client:
+    ...     done = await client.run({"tasks": [{"id": "a", "capability": "demo.echo", "input": 1}]})
+    ...     done.tasks["a"].result
+    1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from typing import Any, Self
+
+from pydantic import ValidationError
+
+from fabric.errors import (
+    NotConnectedError,
+    ProtocolError,
+    SubmissionRejected,
+    TransportError,
+    WaitTimeout,
+    WorkflowNotFound,
+)
+from fabric.protocol import codec
+from fabric.protocol.messages import Accepted, Completed, Submission
+from fabric.settings import FabricSettings, load_settings
+from fabric.topology import names, spec
+from fabric.transport.amqp import AmqpConnection, Delivery
+
+#: Called with each task notification ({"workflow_id", "task_id", "status", "attempts", "agent", "error"}).
+TaskListener = Callable[[dict[str, Any]], None]
+
+#: How many finished workflows' documents the client remembers for a later ``wait``.
+_COMPLETED_CACHE = 10_000
+
+
+class FabricClient:
+    """Talks to the router over the broker. Use as ``async with FabricClient(settings) as client:``.
+
+    Args:
+        settings: the settings tree (defaults to :func:`load_settings`).
+        reply_timeout_s: how long to wait for the router's ``accepted`` reply or a query answer.
+    """
+
+    def __init__(self, settings: FabricSettings | None = None, *, reply_timeout_s: float = 30.0) -> None:
+        self.settings = settings or load_settings()
+        self.ns = self.settings.namespace
+        self.reply_timeout_s = reply_timeout_s
+        self._amqp = AmqpConnection(self.settings.amqp_url.get_secret_value(), name=f"fabric-client:{self.ns}")
+        self._reply_queue: str | None = None
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._completions: dict[str, asyncio.Future[Completed]] = {}
+        self._followed: set[str] = set()
+        self._listeners: dict[str, list[TaskListener]] = {}
+        self._state = "new"
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise NotConnectedError("a FabricClient cannot be reopened; create a new one")
+        self._state = "open"
+        try:
+            await self._amqp.connect()
+            # Declaring the core topology lets a client submit before any router ever ran: the
+            # submission waits in {ns}.router.submit.
+            await self._amqp.declare(spec.core(self.ns))
+            self._reply_queue = await self._amqp.declare_reply_queue()
+            await self._amqp.consume(self._reply_queue, self._on_reply, prefetch=1000)
+        except BaseException:
+            await self._amqp.close()
+            self._state = "closed"
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._state = "closed"
+        for future in [*self._pending.values(), *self._completions.values()]:
+            if not future.done():
+                future.cancel()
+        await self._amqp.close()
+
+    def _require(self) -> str:
+        if self._state != "open" or self._reply_queue is None:
+            raise NotConnectedError("FabricClient is not open: use 'async with FabricClient(...) as client'")
+        return self._reply_queue
+
+    # -- replies ----------------------------------------------------------------------------------
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        await delivery.ack()
+        try:
+            doc = codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
+        except ProtocolError:
+            return
+        if not isinstance(doc, dict):
+            return
+        if doc.get("kind") == "completed":
+            with contextlib.suppress(ValidationError):
+                self._completed(Completed.model_validate(doc))
+            return
+        if "task_id" in doc and "status" in doc and "kind" not in doc:
+            for listener in self._listeners.get(str(doc.get("workflow_id")), []):
+                listener(doc)
+            return
+        future = self._pending.pop(delivery.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(doc)
+
+    def _completed(self, document: Completed) -> None:
+        future = self._completions.get(document.workflow_id)
+        if future is None:
+            if len(self._completions) >= _COMPLETED_CACHE:
+                self._completions.pop(next(iter(self._completions)))
+            future = asyncio.get_running_loop().create_future()
+            self._completions[document.workflow_id] = future
+        if not future.done():
+            future.set_result(document)
+
+    async def _request(self, exchange: str, routing_key: str, body: bytes, content_type: str, message_id: str | None) -> dict[str, Any]:
+        reply_queue = self._require()
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            await self._amqp.publish(
+                exchange,
+                routing_key,
+                body,
+                content_type=content_type,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                reply_to=reply_queue,
+            )
+            return await asyncio.wait_for(future, self.reply_timeout_s)
+        except TimeoutError as exc:
+            raise WaitTimeout(
+                f"no answer from the router within {self.reply_timeout_s:g}s "
+                f"(is `fabric router` running for namespace {self.ns!r}?)"
+            ) from exc
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    # -- submitting -------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        workflow: Submission | dict[str, Any],
+        *,
+        message_id: str | None = None,
+        on_task: TaskListener | None = None,
+    ) -> Accepted:
+        """Submit a workflow and wait for the router to accept it.
+
+        Args:
+            workflow: a :class:`Submission` or the same as a dict (DESIGN.md §3).
+            message_id: idempotency key; resending with the same id never creates a second workflow.
+            on_task: called with each task notification of this workflow (progress).
+
+        Raises:
+            SubmissionRejected: the router refused it; ``reason`` is the code, ``detail`` explains.
+            WaitTimeout: the router did not answer in ``reply_timeout_s``.
+        """
+        self._require()
+        document = workflow.model_dump(mode="python", exclude_none=True) if isinstance(workflow, Submission) else workflow
+        message_id = message_id or uuid.uuid4().hex
+        workflow_id = document.get("workflow_id")
+        if isinstance(workflow_id, str) and on_task is not None:
+            # Follow before submitting so no task notification can slip past.
+            await self._follow(workflow_id, on_task)
+        reply = await self._request(
+            names.submit_exchange(self.ns), names.SUBMIT_ROUTING_KEY, codec.encode(document), codec.MSGPACK, message_id
+        )
+        if reply.get("kind") == "rejected":
+            raise SubmissionRejected(
+                str(reply.get("reason")),
+                str(reply.get("detail")),
+                workflow_id=reply.get("workflow_id"),
+                errors=reply.get("errors"),
+            )
+        accepted = Accepted.model_validate(reply)
+        # The router sends the ``completed`` document to our reply queue too, so waiting needs no binding.
+        self._completions.setdefault(accepted.workflow_id, asyncio.get_running_loop().create_future())
+        if on_task is not None and not isinstance(workflow_id, str):
+            await self._follow(accepted.workflow_id, on_task)
+        return accepted
+
+    async def _follow(self, workflow_id: str, on_task: TaskListener | None) -> None:
+        reply_queue = self._require()
+        self._completions.setdefault(workflow_id, asyncio.get_running_loop().create_future())
+        if on_task is not None:
+            self._listeners.setdefault(workflow_id, []).append(on_task)
+            await self._amqp.bind(reply_queue, names.notify_exchange(self.ns), f"task.{workflow_id}.#")
+        if workflow_id not in self._followed:
+            self._followed.add(workflow_id)
+            await self._amqp.bind(reply_queue, names.notify_exchange(self.ns), f"workflow.{workflow_id}.*")
+
+    async def wait(self, workflow_id: str, *, timeout_s: float | None = None, on_task: TaskListener | None = None) -> Completed:
+        """Wait until the workflow finishes and return its ``completed`` document.
+
+        Raises:
+            WorkflowNotFound: the router knows no such workflow.
+            WaitTimeout: it did not finish within ``timeout_s``.
+        """
+        future = self._completions.get(workflow_id)
+        if future is None:
+            # Not submitted through this client: follow its notifications, then ask once in case it
+            # finished before we started following.
+            await self._follow(workflow_id, on_task)
+            future = self._completions[workflow_id]
+            data = await self.query("result", workflow_id)
+            if data is None:
+                raise WorkflowNotFound(workflow_id)
+            if isinstance(data, dict) and data.get("kind") == "completed":
+                self._completed(Completed.model_validate(data))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError as exc:
+            raise WaitTimeout(f"workflow {workflow_id} did not finish within {timeout_s:g}s") from exc
+
+    async def run(
+        self,
+        workflow: Submission | dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        on_task: TaskListener | None = None,
+    ) -> Completed:
+        """Submit a workflow and wait for its result."""
+        accepted = await self.submit(workflow, on_task=on_task)
+        return await self.wait(accepted.workflow_id, timeout_s=timeout_s)
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    async def query(self, method: str, workflow_id: str | None = None) -> Any:
+        """Ask the router (``status``, ``result``, ``agents``, ``ping``); returns its ``data``."""
+        request = {} if workflow_id is None else {"workflow_id": workflow_id}
+        reply = await self._request(names.rpc_exchange(self.ns), method, codec.encode(request), codec.MSGPACK, None)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise TransportError(f"router could not answer {method}: {error.get('type')}: {error.get('message')}")
+        return reply.get("data")
+
+    async def status(self, workflow_id: str) -> dict[str, Any]:
+        """The workflow's status and every task's status, attempts, agent and error.
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+        """
+        data = await self.query("status", workflow_id)
+        if data is None:
+            raise WorkflowNotFound(workflow_id)
+        return dict(data)
+
+    async def result(self, workflow_id: str) -> Completed | None:
+        """The ``completed`` document, or None while the workflow still runs.
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+        """
+        data = await self.query("result", workflow_id)
+        if data is None:
+            raise WorkflowNotFound(workflow_id)
+        if data.get("kind") == "completed":
+            return Completed.model_validate(data)
+        return None

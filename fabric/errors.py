@@ -1,0 +1,141 @@
+"""The one exception tree of fabric.
+
+Third-party errors (aio-pika, redis, msgpack, sqlite) are translated into this tree at exactly one
+boundary per dependency, always with ``raise ... from exc``::
+
+    FabricError
+     ├── ConfigError (ValueError)            a setting is missing or invalid
+     ├── ProtocolError (ValueError)          bytes that are not a valid fabric message (keeps the raw bytes)
+     ├── SubmissionRejected                  the router refused a submission (reason code + detail)
+     ├── TopologyMismatch                    a queue/exchange exists with other arguments than expected
+     ├── TransportError                      the broker connection or a publish failed
+     │    └── PublishError                   a publish was nacked or returned unroutable
+     ├── StoreError                          the state store failed
+     ├── NotConnectedError                   a lifecycle object was used before it was started
+     ├── WorkflowNotFound                    no workflow with that id
+     ├── WaitTimeout (TimeoutError)          waiting for a result took longer than asked
+     └── HandlerSignal                       control-flow signals raised by handlers; never logged as errors
+          ├── Retry                          run this task again after ``delay_s``
+          ├── Reassign                       run this task again on another agent
+          ├── Escalate                       stop and alert an operator
+          └── Abort                          park this task on the dead-letter queue with ``reason``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FabricError(Exception):
+    """Root of every error fabric raises."""
+
+
+class ConfigError(FabricError, ValueError):
+    """A setting is missing or invalid; the message names the setting and the fix."""
+
+
+class ProtocolError(FabricError, ValueError):
+    """Bytes that cannot be decoded as a fabric message.
+
+    Args:
+        message: what is wrong.
+        data: the raw payload, kept for dead-letter forensics.
+    """
+
+    def __init__(self, message: str, data: bytes | None = None) -> None:
+        super().__init__(message)
+        self.data = data
+
+
+class SubmissionRejected(FabricError):
+    """The router refused a submission.
+
+    Args:
+        reason: a reason code of DESIGN.md §4 (``cycle``, ``invalid``, ...).
+        detail: a human-readable explanation.
+        errors: structured validation errors, if any.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        *,
+        workflow_id: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.workflow_id = workflow_id
+        self.errors = errors or []
+
+
+class TopologyMismatch(FabricError):
+    """A queue or exchange exists on the broker with other arguments than fabric expects."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"{name}: {detail}")
+        self.name = name
+        self.detail = detail
+
+
+class TransportError(FabricError):
+    """The broker connection failed, or an operation on it did."""
+
+
+class PublishError(TransportError):
+    """A publish was not confirmed: nacked by the broker, returned as unroutable, or timed out."""
+
+    def __init__(self, message: str, *, exchange: str = "", routing_key: str = "") -> None:
+        super().__init__(message)
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
+class StoreError(FabricError):
+    """The state store failed."""
+
+
+class NotConnectedError(FabricError):
+    """A lifecycle object was used outside ``async with`` (or after it was closed)."""
+
+
+class WorkflowNotFound(FabricError):
+    """No workflow with this id is known to the router."""
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(f"no workflow with id {workflow_id!r}")
+        self.workflow_id = workflow_id
+
+
+class WaitTimeout(FabricError, TimeoutError):
+    """Waiting for a reply or a result took longer than the caller allowed."""
+
+
+class HandlerSignal(FabricError):
+    """Control-flow signals a handler raises to choose its task's fate; not errors."""
+
+
+class Retry(HandlerSignal):
+    """Run the task again after ``delay_s`` seconds (rounded to a delay tier)."""
+
+    def __init__(self, message: str = "retry requested", *, delay_s: float | None = None) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+class Reassign(HandlerSignal):
+    """Run the task again on another agent."""
+
+
+class Escalate(HandlerSignal):
+    """Stop retrying and alert an operator."""
+
+
+class Abort(HandlerSignal):
+    """Park the task on the dead-letter queue with ``reason``."""
+
+    def __init__(self, reason: str = "aborted") -> None:
+        super().__init__(reason)
+        self.reason = reason

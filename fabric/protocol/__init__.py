@@ -1,0 +1,1 @@
+"""The wire protocol: typed messages, header names and the codec. Pure: no I/O."""

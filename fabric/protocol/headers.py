@@ -1,0 +1,66 @@
+"""AMQP header names of the wire contract (DESIGN.md §5) and typed helpers to read them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: Workflow the task belongs to.
+WORKFLOW_ID = "fabric-workflow-id"
+#: Task id, unique inside its workflow.
+TASK_ID = "fabric-task-id"
+#: 1-based attempt number of this delivery.
+ATTEMPT = "fabric-attempt"
+#: Attempts allowed in all.
+MAX_ATTEMPTS = "fabric-max-attempts"
+#: Per-attempt time limit in seconds.
+TIMEOUT_S = "fabric-timeout-s"
+#: Agent ids that failed this task and should not get it again.
+AVOID = "fabric-avoid"
+#: Delay tier of a message sent through ``{ns}.retry``.
+DELAY = "fabric-delay"
+#: Why a message was parked on ``{ns}.dead``.
+DEAD_REASON = "fabric-dead-reason"
+#: The last error of a parked task, "Type: message".
+LAST_ERROR = "fabric-last-error"
+#: W3C trace context.
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+
+def get_str(headers: Mapping[str, Any] | None, name: str, default: str = "") -> str:
+    """Read a header as text (AMQP may hand strings back as bytes)."""
+    if not headers or name not in headers or headers[name] is None:
+        return default
+    value = headers[name]
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def get_int(headers: Mapping[str, Any] | None, name: str, default: int) -> int:
+    """Read a header as an integer, falling back to ``default`` when absent or not a number."""
+    raw = get_str(headers, name, "")
+    try:
+        return int(float(raw)) if raw else default
+    except ValueError:
+        return default
+
+
+def get_float(headers: Mapping[str, Any] | None, name: str, default: float | None) -> float | None:
+    """Read a header as a float, falling back to ``default`` when absent or not a number."""
+    raw = get_str(headers, name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        return default
+
+
+def get_list(headers: Mapping[str, Any] | None, name: str) -> list[str]:
+    """Read a header holding a list of strings (an AMQP array)."""
+    if not headers or not headers.get(name):
+        return []
+    value = headers[name]
+    if isinstance(value, list | tuple):
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+    return [get_str(headers, name)]

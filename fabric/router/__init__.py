@@ -1,0 +1,1 @@
+"""The router process: admission, dependency graphs, dispatch, state, queries."""

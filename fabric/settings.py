@@ -1,0 +1,168 @@
+"""One settings tree, built once in the entry point and passed down.
+
+Sources, highest priority first: keyword arguments, ``FABRIC_*`` environment variables (nested with
+``__``, e.g. ``FABRIC_STORE__URL``), the profile file ``configs/<FABRIC_PROFILE>.yaml``, defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fabric.errors import ConfigError
+
+#: Namespace used when FABRIC_NAMESPACE is not set.
+DEFAULT_NAMESPACE = "fabric"
+_NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreSettings(_Section):
+    #: ``sqlite:///path/to/file.db``, ``redis://host:port/db`` or ``memory://``.
+    url: str = "sqlite:///fabric.db"
+    #: SQLite ``synchronous`` level: FULL makes every commit durable across power loss.
+    sqlite_synchronous: str = Field(default="FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "redis://", "rediss://", "memory://")):
+            raise ValueError("must start with sqlite:///, redis://, rediss:// or memory://")
+        return value
+
+
+class RouterSettings(_Section):
+    #: Largest submission body accepted, in bytes (larger ones are rejected as ``too_large``).
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Most tasks in one workflow.
+    max_tasks: int = Field(default=10_000, ge=1, le=1_000_000)
+    #: Unacked submissions the router holds at once.
+    submit_prefetch: int = Field(default=16, ge=1, le=1000)
+    #: Unacked events the router holds at once.
+    events_prefetch: int = Field(default=256, ge=1, le=10_000)
+    #: Default attempts per task when the submission gives none.
+    default_max_attempts: int = Field(default=3, ge=1, le=100)
+    #: How long a publish may wait for the broker's confirm.
+    publish_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    #: Tasks one worker runs at once (also its prefetch per capability queue).
+    concurrency: int = Field(default=8, ge=1, le=1000)
+    #: Per-attempt time limit when the task gives none.
+    default_timeout_s: float = Field(default=300.0, gt=0)
+    #: On SIGTERM, how long running tasks may take to finish before the worker exits anyway.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    #: Seconds between heartbeats.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    #: Stable agent id; generated as ``<agent name>@<host>:<pid>`` when empty.
+    agent_id: str = ""
+
+
+class HttpSettings(_Section):
+    #: Port of the HTTP API (router) and health endpoints.
+    port: int = Field(default=8080, ge=0, le=65535)
+    host: str = "127.0.0.1"
+
+
+class FabricSettings(BaseSettings):
+    """Every fabric setting. Build it once with :func:`load_settings` and pass it down.
+
+    Example:
+        >>> settings = load_settings(namespace="test1")
+        >>> settings.store.url
+        'sqlite:///fabric.db'
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="FABRIC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    #: Prefix of every exchange and queue name.
+    namespace: str = DEFAULT_NAMESPACE
+    #: Profile whose YAML file (``configs/<profile>.yaml``) provides defaults.
+    profile: str | None = None
+    #: Folder holding the profile files.
+    config_dir: Path = Path("configs")
+    #: Broker URL.
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    #: Log level of fabric processes.
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @field_validator("namespace")
+    @classmethod
+    def _valid_namespace(cls, value: str) -> str:
+        if not _NAMESPACE_RE.match(value):
+            raise ValueError("must match [a-z0-9][a-z0-9_-]{0,63} (it prefixes every queue name)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ProfileSource(settings_cls))
+
+
+class _ProfileSource(PydanticBaseSettingsSource):
+    """Reads ``<config_dir>/<profile>.yaml`` when ``FABRIC_PROFILE`` names a profile."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        profile = os.environ.get("FABRIC_PROFILE")
+        if not profile:
+            return {}
+        config_dir = Path(os.environ.get("FABRIC_CONFIG_DIR", "configs"))
+        path = config_dir / f"{profile}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"FABRIC_PROFILE={profile!r} but {path} does not exist "
+                f"(set FABRIC_CONFIG_DIR to the folder holding {profile}.yaml)"
+            )
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+        return data
+
+
+def load_settings(**overrides: Any) -> FabricSettings:
+    """Build the settings tree, turning validation errors into one :class:`ConfigError` naming each setting.
+
+    Raises:
+        ConfigError: a setting is invalid or unknown; the message names it as an environment variable.
+    """
+    try:
+        return FabricSettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = "__".join(str(part) for part in err["loc"]).upper()
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) or "amqp_url" in loc.lower() else f" (got {value!r})"
+            problems.append(f"FABRIC_{loc}: {err['msg']}{shown}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from exc

@@ -1,0 +1,185 @@
+"""The state store interface: one Protocol, three backends (memory, SQLite, Redis).
+
+Semantics every backend keeps (the contract suite in ``tests/contract`` checks them all):
+
+* :meth:`StateStore.insert_workflow` is atomic and idempotent: if a workflow with the id exists, nothing
+  is written and the existing record is returned, so a redelivered submission never creates a second
+  workflow and a crash never leaves half a workflow behind.
+* :meth:`StateStore.save` writes a batch of workflow and task records atomically: all or nothing. The
+  router computes each state change and commits it in one batch *before* it acks the message that
+  caused it, so a crash at any point either loses the whole change (and the message is redelivered) or
+  none of it.
+* The router is the single writer of workflow and task records (its queues use single active consumer);
+  the store therefore needs no compare-and-set: the router reads, decides, and saves.
+* ``undispatched`` finds tasks stored as ready (``queued``) whose publish the broker has not confirmed,
+  so a restarted router publishes them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Self, runtime_checkable
+
+from fabric.protocol.messages import TaskStatus, WorkflowStatus
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """Everything the router knows of one task."""
+
+    workflow_id: str
+    task_id: str
+    capability: str
+    input: Any = None
+    depends_on: list[str] = field(default_factory=list)
+    dependents: list[str] = field(default_factory=list)
+    #: Dependencies that have not succeeded yet; the task is released when this reaches 0.
+    pending_deps: int = 0
+    priority: int = 5
+    timeout_s: float | None = None
+    max_attempts: int = 3
+    status: TaskStatus = TaskStatus.WAITING
+    #: True once the broker confirmed the task message of the current attempt.
+    dispatched: bool = False
+    attempts: int = 0
+    agent: str | None = None
+    result: Any = None
+    error: dict[str, str] | None = None
+    created_at: float = field(default_factory=time.time)
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.workflow_id, self.task_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["status"] = str(self.status)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.status = TaskStatus(record.status)
+        return record
+
+
+@dataclass(slots=True)
+class WorkflowRecord:
+    """Everything the router knows of one workflow, except its tasks."""
+
+    workflow_id: str
+    fingerprint: str
+    task_count: int
+    remaining: int
+    status: WorkflowStatus = WorkflowStatus.RUNNING
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: Content type of the submission; replies and notifications use the same.
+    content_type: str = "application/msgpack"
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    message_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    #: True once the ``completed`` document was published to ``reply_to`` and ``{ns}.notify``.
+    notified: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["status"] = str(self.status)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.status = WorkflowStatus(record.status)
+        return record
+
+
+@dataclass(slots=True)
+class AgentRecord:
+    """An agent as last seen through its heartbeats."""
+
+    agent_id: str
+    agent: str
+    host: str
+    pid: int
+    capabilities: list[str]
+    concurrency: int
+    in_flight: int = 0
+    processed: int = 0
+    failed: int = 0
+    health: str = "ok"
+    breakers: dict[str, str] = field(default_factory=dict)
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Durable state of workflows, tasks and agents. Use as ``async with store:``."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def insert_workflow(self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]) -> WorkflowRecord | None:
+        """Atomically store a new workflow and its tasks.
+
+        Returns:
+            None when stored; the existing record (and nothing written) when the id is taken.
+        """
+        ...
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        """The workflow record, or None."""
+        ...
+
+    async def get_tasks(self, workflow_id: str, task_ids: Iterable[str] | None = None) -> dict[str, TaskRecord]:
+        """Tasks of a workflow by id: all of them, or only ``task_ids`` (unknown ids are left out)."""
+        ...
+
+    async def save(
+        self, *, workflows: Sequence[WorkflowRecord] = (), tasks: Sequence[TaskRecord] = ()
+    ) -> None:
+        """Write these records atomically (all or nothing), replacing the stored versions."""
+        ...
+
+    async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
+        """Tasks that are ``queued`` but whose publish was not confirmed, oldest first."""
+        ...
+
+    async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
+        """Finished workflows whose ``completed`` document was not yet published."""
+        ...
+
+    async def list_workflows(self, *, status: WorkflowStatus | None = None, limit: int = 100) -> list[WorkflowRecord]:
+        """Workflows, newest first, optionally only those with ``status``."""
+        ...
+
+    async def put_agent(self, agent: AgentRecord) -> None:
+        """Insert or replace an agent record."""
+        ...
+
+    async def list_agents(self) -> list[AgentRecord]:
+        """Every agent seen, by id."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the store answers and can write."""
+        ...

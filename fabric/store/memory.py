@@ -1,0 +1,131 @@
+"""In-process state store: the test double, and a fine choice for a throwaway fabric."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Self, TypeVar
+
+from fabric.errors import NotConnectedError, StoreError
+from fabric.protocol import codec
+from fabric.protocol.messages import TaskStatus, WorkflowStatus
+from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+
+_R = TypeVar("_R", TaskRecord, WorkflowRecord, AgentRecord)
+
+
+def _copy(record: _R) -> _R:
+    """A deep copy made through msgpack, exactly as the durable backends store records.
+
+    So the double behaves like the real thing: a value msgpack cannot encode raises
+    :class:`~fabric.errors.ProtocolError`, and tuples come back as lists.
+    """
+    data: Any = codec.decode(codec.encode(record.to_dict()))
+    if not isinstance(data, dict):  # pragma: no cover - to_dict always returns a mapping
+        raise StoreError("record did not round-trip as a mapping")
+    return type(record).from_dict(data)
+
+
+class MemoryStore:
+    """Keeps copies of records in dictionaries; nothing survives the process.
+
+    Data survives closing and reopening the same instance.
+
+    Example:
+        >>> async with MemoryStore() as store:
+        ...     await store.list_workflows()
+        []
+    """
+
+    def __init__(self) -> None:
+        self._open = False
+        self._workflows: dict[str, WorkflowRecord] = {}
+        self._tasks: dict[str, dict[str, TaskRecord]] = {}
+        self._agents: dict[str, AgentRecord] = {}
+
+    async def __aenter__(self) -> Self:
+        if self._open:
+            raise NotConnectedError("MemoryStore is already open")
+        self._open = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._open = False
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise NotConnectedError("MemoryStore is not open: use 'async with MemoryStore()'")
+
+    async def insert_workflow(
+        self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
+    ) -> WorkflowRecord | None:
+        self._check_open()
+        existing = self._workflows.get(workflow.workflow_id)
+        if existing is not None:
+            return _copy(existing)
+        # Copy everything before storing anything: a record that cannot be encoded writes nothing.
+        new_workflow = _copy(workflow)
+        new_tasks = {t.task_id: _copy(t) for t in tasks}
+        self._workflows[workflow.workflow_id] = new_workflow
+        self._tasks[workflow.workflow_id] = new_tasks
+        return None
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        self._check_open()
+        record = self._workflows.get(workflow_id)
+        return None if record is None else _copy(record)
+
+    async def get_tasks(
+        self, workflow_id: str, task_ids: Iterable[str] | None = None
+    ) -> dict[str, TaskRecord]:
+        self._check_open()
+        tasks = self._tasks.get(workflow_id, {})
+        wanted = tasks.keys() if task_ids is None else [t for t in task_ids if t in tasks]
+        return {t: _copy(tasks[t]) for t in wanted}
+
+    async def save(
+        self, *, workflows: Sequence[WorkflowRecord] = (), tasks: Sequence[TaskRecord] = ()
+    ) -> None:
+        self._check_open()
+        # Copy the whole batch first, so a record that cannot be encoded leaves the store untouched.
+        new_workflows = [_copy(wf) for wf in workflows]
+        new_tasks = [_copy(t) for t in tasks]
+        for wf in new_workflows:
+            self._workflows[wf.workflow_id] = wf
+        for task in new_tasks:
+            self._tasks.setdefault(task.workflow_id, {})[task.task_id] = task
+
+    async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
+        self._check_open()
+        found = [
+            t
+            for tasks in self._tasks.values()
+            for t in tasks.values()
+            if t.status is TaskStatus.QUEUED and not t.dispatched
+        ]
+        found.sort(key=lambda t: t.created_at)
+        return [_copy(t) for t in found[:limit]]
+
+    async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
+        self._check_open()
+        found = [w for w in self._workflows.values() if w.status.terminal and not w.notified]
+        found.sort(key=lambda w: w.created_at)
+        return [_copy(w) for w in found[:limit]]
+
+    async def list_workflows(
+        self, *, status: WorkflowStatus | None = None, limit: int = 100
+    ) -> list[WorkflowRecord]:
+        self._check_open()
+        found = [w for w in self._workflows.values() if status is None or w.status is status]
+        found.sort(key=lambda w: w.created_at, reverse=True)
+        return [_copy(w) for w in found[:limit]]
+
+    async def put_agent(self, agent: AgentRecord) -> None:
+        self._check_open()
+        self._agents[agent.agent_id] = _copy(agent)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        self._check_open()
+        return [_copy(a) for _, a in sorted(self._agents.items())]
+
+    async def ping(self) -> None:
+        self._check_open()

@@ -1,0 +1,451 @@
+"""State store on Redis: for fabrics whose routers should not keep state on their own disk.
+
+Every key starts with the store's prefix (``{namespace}:``), so several fabrics, and every test, can share
+one Redis without seeing each other. Records are msgpack documents (through :mod:`fabric.protocol.codec`);
+the indexes the router queries by are kept beside them and are only ever written in the same
+``MULTI``/``EXEC`` transaction as the documents they index::
+
+    {prefix}wf:{workflow_id}          string      msgpack document of the workflow
+    {prefix}tasks:{workflow_id}       hash        task_id -> msgpack document of the task
+    {prefix}wf_index                  sorted set  workflow ids by created_at (list_workflows)
+    {prefix}wf_status:{status}        sorted set  workflow ids with that status, by created_at
+    {prefix}unnotified                sorted set  finished workflows not yet notified, by created_at
+    {prefix}undispatched              sorted set  "{workflow_id}\\x1f{task_id}" of tasks queued but not
+                                                  dispatched, by created_at
+    {prefix}agents                    hash        agent_id -> msgpack document of the agent
+    {prefix}ping                      string      written by :meth:`RedisStore.ping`
+
+This is the only module that imports :mod:`redis`; every redis exception is translated into
+:class:`~fabric.errors.StoreError` here, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Self
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError, WatchError
+from redis.typing import EncodableT, FieldT
+
+from fabric.errors import ConfigError, NotConnectedError, ProtocolError, StoreError
+from fabric.protocol import codec
+from fabric.protocol.messages import TaskStatus, WorkflowStatus
+from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+
+#: Separates workflow id and task id in members of the ``undispatched`` index. Neither id may contain it
+#: (DESIGN.md §3 restricts both to ``[A-Za-z0-9_.:-]``).
+_MEMBER_SEP = "\x1f"
+#: How often :meth:`RedisStore.insert_workflow` retries when another client touched the workflow key
+#: between WATCH and EXEC; after that the id is contended and we give up loudly.
+_WATCH_RETRIES = 5
+#: Ids fetched per HMGET / keys deleted per UNLINK, to keep single commands (and server latency) small.
+_CHUNK = 1000
+#: Seconds to wait for a TCP connection before declaring Redis unreachable (a URL option overrides it).
+_CONNECT_TIMEOUT_S = 5.0
+
+
+class RedisStore:
+    """State in Redis, under keys that all start with ``prefix``.
+
+    Args:
+        url: a ``redis://`` or ``rediss://`` (or ``unix://``) URL, as accepted by redis-py.
+        prefix: the start of every key this store reads or writes; carries the namespace.
+
+    Raises:
+        ConfigError: ``prefix`` is empty (the store would then own, and purge, the whole database).
+
+    Example:
+        >>> async with RedisStore("redis://127.0.0.1:6379/0", prefix="fabric:") as store:
+        ...     await store.ping()
+        ...     workflows = await store.list_workflows(limit=10)
+    """
+
+    def __init__(self, url: str, *, prefix: str = "fabric:") -> None:
+        if not prefix:
+            raise ConfigError("RedisStore: prefix must not be empty (it is the namespace of every key)")
+        self._url = url
+        self._safe_url = _redact(url)
+        self._prefix = prefix
+        self._client: aioredis.Redis | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Connect and PING.
+
+        Raises:
+            NotConnectedError: the store is already open.
+            ConfigError: the URL cannot be parsed.
+            StoreError: Redis does not answer at the URL.
+        """
+        if self._client is not None:
+            raise NotConnectedError("RedisStore is already open")
+        try:
+            client = aioredis.Redis.from_url(self._url, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+        except ValueError as exc:
+            raise ConfigError(f"FABRIC_STORE__URL: invalid Redis URL {self._safe_url}: {exc}") from exc
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise StoreError(f"cannot reach Redis store at {self._safe_url}: {exc}") from exc
+        self._client = client
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Close the connection pool; the store can be opened again afterwards."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+    def _conn(self) -> aioredis.Redis:
+        if self._client is None:
+            raise NotConnectedError("RedisStore is not open: use 'async with RedisStore(...)'")
+        return self._client
+
+    @contextlib.contextmanager
+    def _translate(self, operation: str) -> Iterator[None]:
+        """The one boundary where redis exceptions become :class:`StoreError`."""
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis {operation} failed at {self._safe_url}: {exc}") from exc
+
+    # -- keys ------------------------------------------------------------------------------------------
+
+    def _wf_key(self, workflow_id: str) -> str:
+        return f"{self._prefix}wf:{workflow_id}"
+
+    def _tasks_key(self, workflow_id: str) -> str:
+        return f"{self._prefix}tasks:{workflow_id}"
+
+    def _status_key(self, status: WorkflowStatus) -> str:
+        return f"{self._prefix}wf_status:{status}"
+
+    @property
+    def _index_key(self) -> str:
+        return f"{self._prefix}wf_index"
+
+    @property
+    def _undispatched_key(self) -> str:
+        return f"{self._prefix}undispatched"
+
+    @property
+    def _unnotified_key(self) -> str:
+        return f"{self._prefix}unnotified"
+
+    @property
+    def _agents_key(self) -> str:
+        return f"{self._prefix}agents"
+
+    # -- writes ----------------------------------------------------------------------------------------
+
+    def _queue_workflows(self, pipe: Pipeline, workflows: Iterable[WorkflowRecord]) -> None:
+        """Add the commands writing ``workflows`` and their index entries to ``pipe`` (inside MULTI)."""
+        for wf in workflows:
+            wid = wf.workflow_id
+            pipe.set(self._wf_key(wid), codec.encode(wf.to_dict()))
+            pipe.zadd(self._index_key, {wid: wf.created_at})
+            for status in WorkflowStatus:
+                if status is wf.status:
+                    pipe.zadd(self._status_key(status), {wid: wf.created_at})
+                else:
+                    # The previous status is unknown without a read; removing from the others is cheaper.
+                    pipe.zrem(self._status_key(status), wid)
+            if wf.status.terminal and not wf.notified:
+                pipe.zadd(self._unnotified_key, {wid: wf.created_at})
+            else:
+                pipe.zrem(self._unnotified_key, wid)
+
+    def _queue_tasks(self, pipe: Pipeline, tasks: Iterable[TaskRecord]) -> None:
+        """Add the commands writing ``tasks`` and their index entries to ``pipe`` (inside MULTI)."""
+        docs: dict[str, dict[FieldT, EncodableT]] = {}
+        ready: dict[str, float] = {}
+        not_ready: list[str] = []
+        for task in tasks:
+            docs.setdefault(task.workflow_id, {})[task.task_id] = codec.encode(task.to_dict())
+            member = f"{task.workflow_id}{_MEMBER_SEP}{task.task_id}"
+            if task.status is TaskStatus.QUEUED and not task.dispatched:
+                ready[member] = task.created_at
+            else:
+                ready.pop(member, None)  # a later version in the same batch wins
+                not_ready.append(member)
+        for workflow_id, mapping in docs.items():
+            pipe.hset(self._tasks_key(workflow_id), mapping=mapping)
+        gone = [m for m in dict.fromkeys(not_ready) if m not in ready]
+        for start in range(0, len(gone), _CHUNK):
+            pipe.zrem(self._undispatched_key, *gone[start : start + _CHUNK])
+        if ready:
+            pipe.zadd(self._undispatched_key, ready)
+
+    async def insert_workflow(
+        self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
+    ) -> WorkflowRecord | None:
+        """Atomically store a new workflow and its tasks, unless the id is taken.
+
+        The workflow key is WATCHed, read, and written with the tasks and indexes in one ``MULTI``/
+        ``EXEC``: a crash or a lost connection leaves either the whole workflow or nothing.
+
+        Args:
+            workflow: the new workflow.
+            tasks: all of its tasks.
+
+        Returns:
+            None when stored; the existing record (and nothing written) when the id is taken.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            ProtocolError: a record holds a value msgpack cannot encode (nothing is written).
+            StoreError: Redis failed, or the id stayed contended through every retry.
+        """
+        client = self._conn()
+        wf_key = self._wf_key(workflow.workflow_id)
+        with self._translate("insert_workflow"):
+            for _ in range(_WATCH_RETRIES):
+                async with client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(wf_key)
+                    existing = await pipe.get(wf_key)
+                    if existing is not None:
+                        return WorkflowRecord.from_dict(_decode(existing))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    # Tasks saved earlier without their workflow are replaced, not merged (as in MemoryStore).
+                    pipe.delete(self._tasks_key(workflow.workflow_id))
+                    self._queue_workflows(pipe, [workflow])
+                    self._queue_tasks(pipe, tasks)
+                    try:
+                        await pipe.execute()
+                    except WatchError:
+                        continue  # someone wrote the workflow meanwhile: read it again
+                    return None
+        raise StoreError(
+            f"insert_workflow {workflow.workflow_id!r}: the key kept changing during {_WATCH_RETRIES} tries"
+        )
+
+    async def save(
+        self, *, workflows: Sequence[WorkflowRecord] = (), tasks: Sequence[TaskRecord] = ()
+    ) -> None:
+        """Write these records and their index entries in one ``MULTI``/``EXEC``, replacing stored versions.
+
+        Args:
+            workflows: workflow records to write.
+            tasks: task records to write.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            ProtocolError: a record holds a value msgpack cannot encode (nothing is written).
+            StoreError: Redis failed; nothing of the batch is visible.
+        """
+        client = self._conn()
+        if not workflows and not tasks:
+            return
+        with self._translate("save"):
+            async with client.pipeline(transaction=True) as pipe:
+                # Records are encoded while queueing, before anything is sent: one that cannot be encoded
+                # raises here and the pipeline is discarded, so nothing of the batch is written.
+                self._queue_workflows(pipe, workflows)
+                self._queue_tasks(pipe, tasks)
+                await pipe.execute()
+
+    async def put_agent(self, agent: AgentRecord) -> None:
+        """Insert or replace an agent record.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed.
+        """
+        client = self._conn()
+        doc = codec.encode(agent.to_dict())
+        with self._translate("put_agent"):
+            await client.hset(self._agents_key, agent.agent_id, doc)
+
+    async def ping(self) -> None:
+        """Raise StoreError unless Redis answers and accepts a write.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis did not answer, or refused the write (for example a read-only replica).
+        """
+        client = self._conn()
+        with self._translate("ping"):
+            await client.ping()
+            await client.set(f"{self._prefix}ping", b"ok")
+
+    async def purge(self) -> None:
+        """Delete every key under this store's prefix (SCAN + UNLINK). For tests and teardown.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed.
+        """
+        client = self._conn()
+        pattern = _glob_escape(self._prefix) + "*"
+        with self._translate("purge"):
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=_CHUNK):
+                batch.append(key)
+                if len(batch) >= _CHUNK:
+                    await client.unlink(*batch)
+                    batch = []
+            if batch:
+                await client.unlink(*batch)
+
+    # -- reads -----------------------------------------------------------------------------------------
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        """The workflow record, or None.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or the stored document is corrupt.
+        """
+        client = self._conn()
+        with self._translate("get_workflow"):
+            raw = await client.get(self._wf_key(workflow_id))
+        return None if raw is None else WorkflowRecord.from_dict(_decode(raw))
+
+    async def get_tasks(
+        self, workflow_id: str, task_ids: Iterable[str] | None = None
+    ) -> dict[str, TaskRecord]:
+        """Tasks of a workflow by id: all of them, or only ``task_ids`` (unknown ids are left out).
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        client = self._conn()
+        key = self._tasks_key(workflow_id)
+        blobs: list[object] = []
+        with self._translate("get_tasks"):
+            if task_ids is None:
+                blobs = list((await client.hgetall(key)).values())
+            else:
+                ids = list(dict.fromkeys(task_ids))
+                for start in range(0, len(ids), _CHUNK):
+                    found = await client.hmget(key, ids[start : start + _CHUNK])
+                    blobs += [b for b in found if b is not None]
+        records = (TaskRecord.from_dict(_decode(b)) for b in blobs)
+        return {t.task_id: t for t in records}
+
+    async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
+        """Tasks that are ``queued`` but whose publish was not confirmed, oldest first.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        client = self._conn()
+        if limit <= 0:
+            return []
+        with self._translate("undispatched"):
+            members = await client.zrange(self._undispatched_key, 0, limit - 1)
+            pipe = client.pipeline(transaction=False)
+            for member in members:
+                workflow_id, _, task_id = _text(member).partition(_MEMBER_SEP)
+                pipe.hget(self._tasks_key(workflow_id), task_id)
+            blobs: list[object] = await pipe.execute() if members else []
+        records = [TaskRecord.from_dict(_decode(b)) for b in blobs if b is not None]
+        # The index is written with the documents, so this only filters a race with a concurrent save.
+        return [t for t in records if t.status is TaskStatus.QUEUED and not t.dispatched]
+
+    async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
+        """Finished workflows whose ``completed`` document was not yet published, oldest first.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        records = await self._workflows_in(
+            self._unnotified_key, limit, newest_first=False, operation="unnotified"
+        )
+        return [w for w in records if w.status.terminal and not w.notified]
+
+    async def list_workflows(
+        self, *, status: WorkflowStatus | None = None, limit: int = 100
+    ) -> list[WorkflowRecord]:
+        """Workflows, newest first, optionally only those with ``status``.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        if status is None:
+            return await self._workflows_in(
+                self._index_key, limit, newest_first=True, operation="list_workflows"
+            )
+        status = WorkflowStatus(status)
+        records = await self._workflows_in(
+            self._status_key(status), limit, newest_first=True, operation="list_workflows"
+        )
+        return [w for w in records if w.status is status]
+
+    async def _workflows_in(
+        self, index: str, limit: int, *, newest_first: bool, operation: str
+    ) -> list[WorkflowRecord]:
+        """The workflows whose ids are the first ``limit`` members of the sorted set ``index``."""
+        client = self._conn()
+        if limit <= 0:
+            return []
+        with self._translate(operation):
+            ids = await client.zrange(index, 0, limit - 1, desc=newest_first)
+            keys = [self._wf_key(_text(i)) for i in ids]
+            blobs: list[object] = list(await client.mget(keys)) if keys else []
+        return [WorkflowRecord.from_dict(_decode(b)) for b in blobs if b is not None]
+
+    async def list_agents(self) -> list[AgentRecord]:
+        """Every agent seen, by id.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        client = self._conn()
+        with self._translate("list_agents"):
+            agents = await client.hgetall(self._agents_key)
+        by_id = sorted((_text(agent_id), doc) for agent_id, doc in agents.items())
+        return [AgentRecord.from_dict(_decode(doc)) for _, doc in by_id]
+
+
+def _decode(blob: object) -> dict[str, Any]:
+    """The mapping stored as msgpack in ``blob`` (a reply of Redis)."""
+    if not isinstance(blob, bytes):
+        raise StoreError(f"corrupt record in Redis store: expected bytes, got {type(blob).__name__}")
+    try:
+        value = codec.decode(blob)
+    except ProtocolError as exc:
+        raise StoreError(f"corrupt record in Redis store: {exc}") from exc
+    if not isinstance(value, dict):
+        raise StoreError("corrupt record in Redis store: not a mapping")
+    return value
+
+
+def _text(value: object) -> str:
+    """A key or member name from a Redis reply (bytes, as the client does not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for error messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # IPv6 literal
+        port = f":{parts.port}" if parts.port is not None else ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    except ValueError:
+        # An unparsable URL may still hold a secret: show only its scheme.
+        return url.split(":", 1)[0] + "://***"
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters Redis SCAN MATCH treats as glob syntax."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)

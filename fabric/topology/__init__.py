@@ -1,0 +1,1 @@
+"""Broker topology: what must exist on RabbitMQ, named in one place and declared from frozen specs."""

@@ -1,0 +1,1 @@
+"""The AMQP adapter (the only place aio-pika is used)."""

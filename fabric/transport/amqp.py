@@ -1,0 +1,465 @@
+"""The AMQP adapter: the only module that imports aio-pika and aiormq.
+
+Broker errors are translated here, once, into :mod:`fabric.errors`. Above this module fabric speaks of
+publishing, consuming and settling deliveries; never of aio-pika objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+import aiormq.exceptions
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from fabric.errors import NotConnectedError, PublishError, TopologyMismatch, TransportError
+from fabric.topology.spec import BindingSpec, ExchangeSpec, QueueSpec, Topology
+
+log = logging.getLogger("fabric.transport")
+
+#: Routing through the default exchange sends straight to the queue named by the routing key.
+DEFAULT_EXCHANGE = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """What a passive declare tells about a queue."""
+
+    name: str
+    messages: int
+    consumers: int
+
+
+class Delivery:
+    """One message received from a queue; settle it exactly once with :meth:`ack`, :meth:`nack` or
+    :meth:`reject`. Settling after the channel died is logged, not raised: the broker redelivers."""
+
+    __slots__ = ("_message", "settled")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self.settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self._message.headers or {})
+
+    @property
+    def content_type(self) -> str | None:
+        return self._message.content_type
+
+    @property
+    def message_id(self) -> str | None:
+        return self._message.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._message.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._message.reply_to
+
+    @property
+    def priority(self) -> int:
+        return self._message.priority or 0
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._message.redelivered)
+
+    @property
+    def routing_key(self) -> str:
+        return self._message.routing_key or ""
+
+    @property
+    def user_id(self) -> str | None:
+        return self._message.user_id
+
+    async def ack(self) -> None:
+        await self._settle("ack")
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        await self._settle("nack", requeue=requeue)
+
+    async def reject(self, *, requeue: bool = False) -> None:
+        await self._settle("reject", requeue=requeue)
+
+    async def _settle(self, how: str, **kwargs: Any) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            await getattr(self._message, how)(**kwargs)
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError, RuntimeError) as exc:
+            # The channel closed under us: the broker will redeliver the message, which is the safe
+            # outcome for at-least-once processing.
+            log.warning("could not %s message %s: %s (the broker will redeliver it)", how, self.message_id, exc)
+
+
+DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+
+
+class Consumer:
+    """A running consumer; :meth:`cancel` stops new deliveries (in-flight ones stay to be settled)."""
+
+    def __init__(self, queue: AbstractQueue, tag: str, channel: AbstractChannel) -> None:
+        self.queue_name = queue.name
+        self._queue = queue
+        self._tag = tag
+        self._channel = channel
+        self.active = True
+
+    async def cancel(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        with contextlib.suppress(Exception):
+            await self._queue.cancel(self._tag)
+
+    async def close(self) -> None:
+        await self.cancel()
+        with contextlib.suppress(Exception):
+            await self._channel.close()
+
+
+class AmqpConnection:
+    """A robust AMQP connection with one confirmed publish channel and one channel per consumer.
+
+    Example:
+        >>> async with AmqpConnection(url, name="router") as amqp:
+        ...     await amqp.declare(topology)
+        ...     await amqp.publish("fabric.submit", "workflow", body)
+    """
+
+    def __init__(self, url: str, *, name: str = "fabric", publish_timeout_s: float = 30.0) -> None:
+        self._url = url
+        self._name = name
+        self._publish_timeout_s = publish_timeout_s
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._declared: set[ExchangeSpec | QueueSpec | BindingSpec] = set()
+        self._consumers: list[Consumer] = []
+        self._closed = False
+
+    async def __aenter__(self) -> AmqpConnection:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        conn = self._connection
+        return conn is not None and not conn.is_closed and self._publish_channel is not None and not (
+            self._publish_channel.is_closed
+        )
+
+    async def connect(self, timeout_s: float = 15.0) -> None:
+        """Open the connection and the publish channel.
+
+        Raises:
+            TransportError: the broker cannot be reached or refused the login.
+        """
+        if self._connection is not None:
+            raise NotConnectedError("this AmqpConnection is already connected; create a new one")
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url, timeout=timeout_s, client_properties={"connection_name": self._name}
+            )
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+            raise TransportError(f"cannot connect to the broker at {_safe_url(self._url)}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in self._consumers:
+            await consumer.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    def _require(self) -> tuple[AbstractRobustConnection, AbstractChannel]:
+        if self._connection is None or self._publish_channel is None or self._closed:
+            raise NotConnectedError("AmqpConnection is not connected: use 'async with AmqpConnection(...)'")
+        return self._connection, self._publish_channel
+
+    # -- topology ---------------------------------------------------------------------------------
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare every exchange, queue and binding of ``topology`` (idempotent, cached).
+
+        Raises:
+            TopologyMismatch: something exists with other arguments (drift); the message says what.
+        """
+        connection, _ = self._require()
+        todo = [
+            item
+            for item in (*topology.exchanges, *topology.queues, *topology.bindings)
+            if item not in self._declared
+        ]
+        if not todo:
+            return
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            for item in todo:
+                try:
+                    await self._declare_one(channel, item)
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise TopologyMismatch(_item_name(item), _precondition_text(exc)) from exc
+                except aiormq.exceptions.AMQPError as exc:
+                    raise TransportError(f"declaring {_item_name(item)} failed: {exc}") from exc
+                self._declared.add(item)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _declare_one(self, channel: AbstractChannel, item: ExchangeSpec | QueueSpec | BindingSpec) -> None:
+        if isinstance(item, ExchangeSpec):
+            await channel.declare_exchange(item.name, item.type.value, durable=True)
+        elif isinstance(item, QueueSpec):
+            await channel.declare_queue(item.name, durable=True, arguments=item.arguments_dict)
+        else:
+            queue = await channel.get_queue(item.queue, ensure=False)
+            await queue.bind(item.exchange, item.routing_key, arguments=dict(item.arguments) or None)
+
+    async def forget(self, topology: Topology) -> None:
+        """Drop ``topology`` from the declare cache, so the next :meth:`declare` asks the broker again."""
+        for item in (*topology.exchanges, *topology.queues, *topology.bindings):
+            self._declared.discard(item)
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        """Bind ``queue`` to ``exchange`` with ``routing_key`` (for reply queues following notifications)."""
+        connection, _ = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            declared = await channel.get_queue(queue, ensure=False)
+            await declared.bind(exchange, routing_key)
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot bind {queue} to {exchange} ({routing_key}): {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def check(self, topology: Topology) -> list[str]:
+        """Compare ``topology`` with the broker without creating anything; return the problems found."""
+        connection, _ = self._require()
+        problems: list[str] = []
+        for item in (*topology.exchanges, *topology.queues):
+            channel = await connection.channel(publisher_confirms=False)
+            try:
+                if isinstance(item, ExchangeSpec):
+                    await channel.declare_exchange(item.name, item.type.value, passive=True)
+                    await channel.declare_exchange(item.name, item.type.value, durable=True)
+                else:
+                    await channel.declare_queue(item.name, passive=True)
+                    await channel.declare_queue(item.name, durable=True, arguments=item.arguments_dict)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                problems.append(f"{item.name}: missing")
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                problems.append(f"{item.name}: {_precondition_text(exc)}")
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return problems
+
+    async def delete(self, topology: Topology) -> None:
+        """Delete every queue and exchange of ``topology`` (for tests and ``fabric topology delete``)."""
+        connection, _ = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            for queue in topology.queues:
+                with contextlib.suppress(aiormq.exceptions.AMQPError):
+                    await channel.queue_delete(queue.name)
+            for exchange in topology.exchanges:
+                with contextlib.suppress(aiormq.exceptions.AMQPError):
+                    await channel.exchange_delete(exchange.name)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._declared.clear()
+
+    async def queue_info(self, queue: str) -> QueueInfo | None:
+        """Message and consumer counts of ``queue`` (passive declare), or None when it does not exist."""
+        connection, _ = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            result = declared.declaration_result
+            return QueueInfo(queue, result.message_count or 0, result.consumer_count or 0)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot inspect queue {queue}: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        content_type: str = "application/msgpack",
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        priority: int | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+        expiration_s: float | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm. Concurrent calls pipeline their confirms.
+
+        Raises:
+            PublishError: the broker nacked the message, returned it as unroutable (``mandatory``), or
+                did not confirm within the publish timeout.
+            TransportError: the connection is down.
+        """
+        _, channel = self._require()
+        message = aio_pika.Message(
+            body,
+            headers=dict(headers) if headers else None,
+            content_type=content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            priority=priority,
+            expiration=expiration_s,
+        )
+        target = self._exchange(channel, exchange)
+        try:
+            confirm = await target.publish(
+                message, routing_key, mandatory=mandatory, timeout=self._publish_timeout_s
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise PublishError(
+                f"message to {exchange or '(default)'}/{routing_key} was returned as unroutable",
+                exchange=exchange,
+                routing_key=routing_key,
+            ) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishError(
+                f"broker refused message to {exchange or '(default)'}/{routing_key}: {exc}",
+                exchange=exchange,
+                routing_key=routing_key,
+            ) from exc
+        except asyncio.TimeoutError as exc:
+            raise PublishError(
+                f"no confirm for message to {exchange}/{routing_key} within {self._publish_timeout_s}s",
+                exchange=exchange,
+                routing_key=routing_key,
+            ) from exc
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, RuntimeError, OSError) as exc:
+            raise TransportError(f"publish to {exchange}/{routing_key} failed: {exc}") from exc
+        if confirm is not None and not _is_ack(confirm):
+            raise PublishError(
+                f"broker nacked message to {exchange}/{routing_key}", exchange=exchange, routing_key=routing_key
+            )
+
+    def _exchange(self, channel: AbstractChannel, name: str) -> AbstractExchange:
+        if name == DEFAULT_EXCHANGE:
+            return channel.default_exchange
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = aio_pika.Exchange(channel, name, durable=True)
+            self._exchanges[name] = exchange
+        return exchange
+
+    # -- consuming --------------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        *,
+        prefetch: int,
+        arguments: Mapping[str, Any] | None = None,
+        exclusive: bool = False,
+    ) -> Consumer:
+        """Consume ``queue`` on a channel of its own with ``prefetch`` unacked deliveries at most.
+
+        The callback runs once per delivery, concurrently up to ``prefetch``; it must settle the delivery.
+        """
+        connection, _ = self._require()
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            declared = await channel.get_queue(queue, ensure=False)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                delivery = Delivery(message)
+                try:
+                    await callback(delivery)
+                except Exception:
+                    # A callback must settle its delivery; if it crashed we requeue so nothing is lost.
+                    log.exception("consumer of %s crashed on message %s; requeueing it", queue, delivery.message_id)
+                    await delivery.nack(requeue=True)
+
+            tag = await declared.consume(on_message, arguments=dict(arguments or {}), exclusive=exclusive)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyMismatch(queue, "queue does not exist (declare the topology first)") from exc
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot consume {queue}: {exc}") from exc
+        consumer = Consumer(declared, tag, channel)
+        self._consumers.append(consumer)
+        return consumer
+
+    async def declare_reply_queue(self) -> str:
+        """Declare an exclusive, server-named queue for replies; it disappears with the connection."""
+        connection, _ = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        return queue.name
+
+
+def _is_ack(confirm: Any) -> bool:
+    return type(confirm).__name__ == "Ack" or not type(confirm).__name__.startswith("N")
+
+
+def _item_name(item: ExchangeSpec | QueueSpec | BindingSpec) -> str:
+    if isinstance(item, BindingSpec):
+        return f"binding {item.exchange} -> {item.queue} ({item.routing_key})"
+    return item.name
+
+
+def _precondition_text(exc: BaseException) -> str:
+    text = str(exc)
+    return f"exists with other arguments than expected ({text}); delete it or fix the settings"
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for error messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

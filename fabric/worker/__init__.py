@@ -1,0 +1,1 @@
+"""The worker runtime: agents, handlers, consume loop, heartbeats."""
