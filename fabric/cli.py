@@ -43,7 +43,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-topology_app = typer.Typer(help="Inspect or create the broker topology (exchanges and queues).", no_args_is_help=True)
+topology_app = typer.Typer(
+    help="Inspect or create the broker topology (exchanges and queues).", no_args_is_help=True
+)
 app.add_typer(topology_app, name="topology")
 
 console = Console()
@@ -195,8 +197,12 @@ def _read_workflow(source: str, workflow_id: str | None) -> dict[str, Any]:
 def submit(
     source: Annotated[str, typer.Argument(help="Workflow file (JSON or YAML), or - for standard input.")],
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Show progress and print the result.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
-    workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id (makes resubmission idempotent).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
+    workflow_id: Annotated[
+        str | None, typer.Option("--id", help="Workflow id (makes resubmission idempotent).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Submit a workflow: a JSON/YAML object with 'tasks', a list of tasks, or a single task.
@@ -265,10 +271,20 @@ def _print_completed(done: Completed) -> None:
     table = Table("task", "status", "attempts", "agent", "result / error")
     for task_id, outcome in done.tasks.items():
         shown = (
-            f"{outcome.error.type}: {outcome.error.message}" if outcome.error else json.dumps(outcome.result, default=repr)
+            f"{outcome.error.type}: {outcome.error.message}"
+            if outcome.error
+            else json.dumps(outcome.result, default=repr)
         )
         table.add_row(task_id, str(outcome.status), str(outcome.attempts), outcome.agent or "-", shown[:200])
     console.print(table)
+    for task_id, outcome in done.tasks.items():
+        if outcome.error and outcome.status in (TaskStatus.FAILED, TaskStatus.DEAD):
+            console.print(
+                f"[red]✗[/] task {task_id} {outcome.status} after {outcome.attempts} attempt(s): "
+                f"{outcome.error.type}: {outcome.error.message}",
+                soft_wrap=True,
+                highlight=False,
+            )
 
 
 @app.command()
@@ -306,7 +322,9 @@ def status(
 def result(
     workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait until it finishes.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Print a finished workflow's results (exit 1 if it failed; 0 and a note while it runs)."""
@@ -360,9 +378,119 @@ def agents(json_out: JsonOpt = False) -> None:
     console.print(table)
 
 
+# -- demo -----------------------------------------------------------------------------------------
+
+
+def demo_workflow(width: int = 8) -> dict[str, Any]:
+    """The demo DAG: a fan-out of summing and sleeping tasks joined at the end."""
+    tasks: list[dict[str, Any]] = [{"id": "fetch", "capability": "demo.echo", "input": [1, 2, 3]}]
+    for i in range(width):
+        tasks.append(
+            {"id": f"score-{i}", "capability": "demo.sum", "input": i, "depends_on": ["fetch"], "priority": 7}
+        )
+        tasks.append(
+            {
+                "id": f"think-{i}",
+                "capability": "demo.sleep",
+                "input": {"seconds": 0.2},
+                "depends_on": ["fetch"],
+            }
+        )
+    tasks.append(
+        {
+            "id": "report",
+            "capability": "demo.sum",
+            "input": 0,
+            "depends_on": [f"score-{i}" for i in range(width)],
+        }
+    )
+    return {"metadata": {"example": "fabric demo"}, "tasks": tasks}
+
+
+@app.command()
+def demo(
+    workers: Annotated[int, typer.Option(help="How many demo workers to start.", min=1, max=8)] = 2,
+) -> None:
+    """Run the demo: start a router and demo workers on the local broker, submit a DAG, print its result.
+
+    Everything it starts is stopped at the end, and its queues (namespace FABRIC_NAMESPACE, default
+    'fabric-demo') are deleted.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    from fabric.topology import spec
+    from fabric.transport.amqp import AmqpConnection
+
+    settings = _settings(namespace=os.environ.get("FABRIC_NAMESPACE", "fabric-demo"))
+    command = [sys.executable, "-m", "fabric.cli"]
+    workdir = Path(tempfile.mkdtemp(prefix="fabric-demo-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
+    env.update(
+        FABRIC_NAMESPACE=settings.namespace,
+        FABRIC_AMQP_URL=settings.amqp_url.get_secret_value(),
+        FABRIC_STORE__URL=f"sqlite:///{workdir / 'fabric.db'}",
+        FABRIC_LOG_LEVEL="WARNING",
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*args: str) -> None:
+        log = (workdir / f"{args[0]}-{len(procs)}.log").open("wb")
+        procs.append(subprocess.Popen([*command, *args], env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    async def ready(amqp: AmqpConnection, queue: str, consumers: int) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            info = await amqp.queue_info(queue)
+            if info is not None and info.consumers >= consumers:
+                return
+            dead = [p for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise TransportError(f"demo processes did not start; see the logs in {workdir}")
+            await asyncio.sleep(0.1)
+
+    async def main() -> Completed:
+        async with AmqpConnection(settings.amqp_url.get_secret_value(), name="fabric-demo") as amqp:
+            err.print(
+                f"starting a router and {workers} demo workers "
+                f"(namespace {settings.namespace!r}, logs in {workdir})"
+            )
+            spawn("router")
+            await ready(amqp, f"{settings.namespace}.router.submit", 1)
+            for _ in range(workers):
+                spawn("worker", "workers.demo:agent")
+            await ready(amqp, f"{settings.namespace}.cap.demo.sum", workers)
+            try:
+                async with FabricClient(settings) as client:
+                    document = demo_workflow()
+                    started = time.monotonic()
+                    done = await _submit_and_watch(client, document, len(document["tasks"]), 120, quiet=False)
+                    elapsed = time.monotonic() - started
+                    err.print(f"{len(done.tasks)} tasks in {elapsed:.2f}s")
+                    return done
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                from workers.demo import agent as demo_agent
+
+                await amqp.delete(spec.build(settings.namespace, demo_agent.capabilities))
+
+    done = _run(main())
+    _print_completed(done)
+    raise typer.Exit(0 if done.status == "succeeded" else 1)
+
+
 # -- topology -------------------------------------------------------------------------------------
 
-CapOpt = Annotated[list[str] | None, typer.Option("--capability", "-c", help="Also cover this capability's queue.")]
+CapOpt = Annotated[
+    list[str] | None, typer.Option("--capability", "-c", help="Also cover this capability's queue.")
+]
 
 
 @topology_app.command("check")

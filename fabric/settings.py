@@ -156,6 +156,7 @@ def load_settings(**overrides: Any) -> FabricSettings:
     Raises:
         ConfigError: a setting is invalid or unknown; the message names it as an environment variable.
     """
+    _check_environment()
     try:
         return FabricSettings(**overrides)
     except ValidationError as exc:
@@ -166,3 +167,18 @@ def load_settings(**overrides: Any) -> FabricSettings:
             shown = "" if isinstance(value, dict) or "amqp_url" in loc.lower() else f" (got {value!r})"
             problems.append(f"FABRIC_{loc}: {err['msg']}{shown}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from exc
+
+
+def _check_environment() -> None:
+    """Refuse FABRIC_* variables that name no setting: a typo must not be silently ignored."""
+    fields = set(FabricSettings.model_fields)
+    unknown = []
+    for name in os.environ:
+        if not name.upper().startswith("FABRIC_"):
+            continue
+        top = name[len("FABRIC_") :].split("__", 1)[0].lower()
+        if top not in fields:
+            unknown.append(name)
+    if unknown:
+        known = ", ".join(f"FABRIC_{f.upper()}" for f in sorted(fields))
+        raise ConfigError(f"unknown setting {', '.join(sorted(unknown))}; known settings: {known}")

@@ -36,7 +36,10 @@ def add(task: Task) -> float:
 
 @agent.handler("demo.flaky")
 async def flaky(task: Task) -> Any:
-    """Fail the first ``fail_times`` attempts (input ``{"fail_times": N, "result": X}``), then return ``result``."""
+    """Fail the first ``fail_times`` attempts, then return ``result``.
+
+    Input: ``{"fail_times": N, "result": X}``.
+    """
     spec = task.input if isinstance(task.input, dict) else {}
     fail_times = int(spec.get("fail_times", 1))
     if task.attempt <= fail_times:

@@ -50,7 +50,9 @@ class FabricClient:
         self.settings = settings or load_settings()
         self.ns = self.settings.namespace
         self.reply_timeout_s = reply_timeout_s
-        self._amqp = AmqpConnection(self.settings.amqp_url.get_secret_value(), name=f"fabric-client:{self.ns}")
+        self._amqp = AmqpConnection(
+            self.settings.amqp_url.get_secret_value(), name=f"fabric-client:{self.ns}"
+        )
         self._reply_queue: str | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._completions: dict[str, asyncio.Future[Completed]] = {}
@@ -77,7 +79,8 @@ class FabricClient:
 
     async def __aexit__(self, *exc: object) -> None:
         self._state = "closed"
-        for future in [*self._pending.values(), *self._completions.values()]:
+        futures: list[asyncio.Future[Any]] = [*self._pending.values(), *self._completions.values()]
+        for future in futures:
             if not future.done():
                 future.cancel()
         await self._amqp.close()
@@ -119,7 +122,9 @@ class FabricClient:
         if not future.done():
             future.set_result(document)
 
-    async def _request(self, exchange: str, routing_key: str, body: bytes, content_type: str, message_id: str | None) -> dict[str, Any]:
+    async def _request(
+        self, exchange: str, routing_key: str, body: bytes, content_type: str, message_id: str | None
+    ) -> dict[str, Any]:
         reply_queue = self._require()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -164,14 +169,22 @@ class FabricClient:
             WaitTimeout: the router did not answer in ``reply_timeout_s``.
         """
         self._require()
-        document = workflow.model_dump(mode="python", exclude_none=True) if isinstance(workflow, Submission) else workflow
+        document = (
+            workflow.model_dump(mode="python", exclude_none=True)
+            if isinstance(workflow, Submission)
+            else workflow
+        )
         message_id = message_id or uuid.uuid4().hex
         workflow_id = document.get("workflow_id")
         if isinstance(workflow_id, str) and on_task is not None:
             # Follow before submitting so no task notification can slip past.
             await self._follow(workflow_id, on_task)
         reply = await self._request(
-            names.submit_exchange(self.ns), names.SUBMIT_ROUTING_KEY, codec.encode(document), codec.MSGPACK, message_id
+            names.submit_exchange(self.ns),
+            names.SUBMIT_ROUTING_KEY,
+            codec.encode(document),
+            codec.MSGPACK,
+            message_id,
         )
         if reply.get("kind") == "rejected":
             raise SubmissionRejected(
@@ -197,7 +210,9 @@ class FabricClient:
             self._followed.add(workflow_id)
             await self._amqp.bind(reply_queue, names.notify_exchange(self.ns), f"workflow.{workflow_id}.*")
 
-    async def wait(self, workflow_id: str, *, timeout_s: float | None = None, on_task: TaskListener | None = None) -> Completed:
+    async def wait(
+        self, workflow_id: str, *, timeout_s: float | None = None, on_task: TaskListener | None = None
+    ) -> Completed:
         """Wait until the workflow finishes and return its ``completed`` document.
 
         Raises:
@@ -236,10 +251,14 @@ class FabricClient:
     async def query(self, method: str, workflow_id: str | None = None) -> Any:
         """Ask the router (``status``, ``result``, ``agents``, ``ping``); returns its ``data``."""
         request = {} if workflow_id is None else {"workflow_id": workflow_id}
-        reply = await self._request(names.rpc_exchange(self.ns), method, codec.encode(request), codec.MSGPACK, None)
+        reply = await self._request(
+            names.rpc_exchange(self.ns), method, codec.encode(request), codec.MSGPACK, None
+        )
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            raise TransportError(f"router could not answer {method}: {error.get('type')}: {error.get('message')}")
+            raise TransportError(
+                f"router could not answer {method}: {error.get('type')}: {error.get('message')}"
+            )
         return reply.get("data")
 
     async def status(self, workflow_id: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The messages of the wire contract (DESIGN.md §3–§6) as pydantic models.
+"""The messages of the wire contract (DESIGN.md §3 to §6) as pydantic models.
 
 Field names are the wire names: anyone can publish a submission from any AMQP client in JSON or msgpack.
 """

@@ -83,7 +83,8 @@ def admit(
         submission = Submission.model_validate(data)
     except ValidationError as exc:
         errors = tuple(
-            {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+            {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors()
         )
         summary = "; ".join(f"{e['loc'] or '(body)'}: {e['msg']}" for e in errors[:5])
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""

@@ -27,14 +27,17 @@ def build_graph(tasks: Sequence[TaskSpec]) -> nx.DiGraph:
             the detail names the offending ids (for a cycle, the cycle itself in order).
 
     Example:
-        >>> g = build_graph([TaskSpec(id="a", capability="x"), TaskSpec(id="b", capability="x", depends_on=["a"])])
+        >>> a = TaskSpec(id="a", capability="x")
+        >>> g = build_graph([a, TaskSpec(id="b", capability="x", depends_on=["a"])])
         >>> list(nx.topological_sort(g))
         ['a', 'b']
     """
     counts = Counter(task.id for task in tasks)
     duplicates = sorted(task_id for task_id, n in counts.items() if n > 1)
     if duplicates:
-        raise GraphError(RejectReason.DUPLICATE_TASK_ID, f"task ids used more than once: {_names(duplicates)}")
+        raise GraphError(
+            RejectReason.DUPLICATE_TASK_ID, f"task ids used more than once: {_names(duplicates)}"
+        )
 
     graph = nx.DiGraph()
     graph.add_nodes_from(task.id for task in tasks)
@@ -45,7 +48,9 @@ def build_graph(tasks: Sequence[TaskSpec]) -> nx.DiGraph:
                 unknown.append(f"{task.id} -> {dep}")
             graph.add_edge(dep, task.id)
     if unknown:
-        raise GraphError(RejectReason.UNKNOWN_DEPENDENCY, f"dependencies on tasks not in the workflow: {_names(unknown)}")
+        raise GraphError(
+            RejectReason.UNKNOWN_DEPENDENCY, f"dependencies on tasks not in the workflow: {_names(unknown)}"
+        )
 
     if not nx.is_directed_acyclic_graph(graph):
         cycle = [edge[0] for edge in nx.find_cycle(graph)]

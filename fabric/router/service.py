@@ -101,7 +101,9 @@ class Router:
         self.settings = settings
         self.ns = settings.namespace
         self._store = store or open_store(
-            settings.store.url, namespace=settings.namespace, sqlite_synchronous=settings.store.sqlite_synchronous
+            settings.store.url,
+            namespace=settings.namespace,
+            sqlite_synchronous=settings.store.sqlite_synchronous,
         )
         self._owns_store = store is None
         self._amqp = amqp or AmqpConnection(
@@ -138,8 +140,12 @@ class Router:
             await self._recover()
             prefetch = self.settings.router
             self._consumers = [
-                await self._amqp.consume(names.submit_queue(self.ns), self._on_submission, prefetch=prefetch.submit_prefetch),
-                await self._amqp.consume(names.events_queue(self.ns), self._on_event, prefetch=prefetch.events_prefetch),
+                await self._amqp.consume(
+                    names.submit_queue(self.ns), self._on_submission, prefetch=prefetch.submit_prefetch
+                ),
+                await self._amqp.consume(
+                    names.events_queue(self.ns), self._on_event, prefetch=prefetch.events_prefetch
+                ),
                 await self._amqp.consume(names.rpc_queue(self.ns), self._on_rpc, prefetch=32),
                 await self._amqp.consume(names.heartbeats_queue(self.ns), self._on_heartbeat, prefetch=64),
             ]
@@ -189,7 +195,11 @@ class Router:
             await self._announce(workflow)
             announced += 1
         if republished or announced:
-            log.info("recovery: published %d pending tasks, announced %d finished workflows", republished, announced)
+            log.info(
+                "recovery: published %d pending tasks, announced %d finished workflows",
+                republished,
+                announced,
+            )
 
     # -- submissions ------------------------------------------------------------------------------
 
@@ -217,10 +227,15 @@ class Router:
         self.stats["rejected"] += 1
         log.info("rejected submission %s: %s: %s", delivery.message_id, refusal.reason, refusal.detail)
         reply = Rejected(
-            workflow_id=refusal.workflow_id, reason=refusal.reason, detail=refusal.detail, errors=list(refusal.errors)
+            workflow_id=refusal.workflow_id,
+            reason=refusal.reason,
+            detail=refusal.detail,
+            errors=list(refusal.errors),
         )
         try:
-            await self._reply(delivery.reply_to, delivery.correlation_id, reply.model_dump(mode="json"), reply_type)
+            await self._reply(
+                delivery.reply_to, delivery.correlation_id, reply.model_dump(mode="json"), reply_type
+            )
         except TransportError as exc:
             await self._requeue_later(delivery, exc)
             return
@@ -237,7 +252,10 @@ class Router:
             self.stats["accepted"] += 1
             accepted = Accepted(workflow_id=workflow.workflow_id, tasks=workflow.task_count)
             await self._reply(
-                workflow.reply_to, workflow.correlation_id, accepted.model_dump(mode="json"), workflow.content_type
+                workflow.reply_to,
+                workflow.correlation_id,
+                accepted.model_dump(mode="json"),
+                workflow.content_type,
             )
         await delivery.ack()
 
@@ -262,7 +280,9 @@ class Router:
         ]
         await self._dispatch(pending)
         accepted = Accepted(workflow_id=existing.workflow_id, tasks=existing.task_count)
-        await self._reply(delivery.reply_to, delivery.correlation_id, accepted.model_dump(mode="json"), new.content_type)
+        await self._reply(
+            delivery.reply_to, delivery.correlation_id, accepted.model_dump(mode="json"), new.content_type
+        )
         if existing.status.terminal:
             document = await self._completion_document(existing)
             await self._reply(delivery.reply_to, delivery.correlation_id, document, new.content_type)
@@ -279,7 +299,10 @@ class Router:
         upstream_ids = {dep for t in tasks for dep in t.depends_on}
         upstream = await self._store.get_tasks(workflow_id, upstream_ids) if upstream_ids else {}
         outcomes = await asyncio.gather(
-            *(self._publish_task(t, {d: upstream[d].result for d in t.depends_on if d in upstream}) for t in tasks),
+            *(
+                self._publish_task(t, {d: upstream[d].result for d in t.depends_on if d in upstream})
+                for t in tasks
+            ),
             return_exceptions=True,
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -316,7 +339,12 @@ class Router:
             if "unroutable" not in str(exc):
                 raise
             # Someone deleted the capability queue since we declared it: declare it again and retry once.
-            log.warning("task %s/%s was unroutable; declaring %s again", task.workflow_id, task.task_id, task.capability)
+            log.warning(
+                "task %s/%s was unroutable; declaring %s again",
+                task.workflow_id,
+                task.task_id,
+                task.capability,
+            )
             await self._amqp.forget(spec.capability(self.ns, task.capability))
             await self._amqp.declare(spec.capability(self.ns, task.capability))
             await self._amqp.publish(names.tasks_exchange(self.ns), task.capability, body, **kwargs)
@@ -326,7 +354,9 @@ class Router:
     async def _on_event(self, delivery: Delivery) -> None:
         self.stats["events"] += 1
         try:
-            event = TaskEvent.model_validate(codec.decode(delivery.body, delivery.content_type or codec.MSGPACK))
+            event = TaskEvent.model_validate(
+                codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
+            )
         except (ProtocolError, ValidationError) as exc:
             await self._park(delivery, "malformed_event", str(exc))
             return
@@ -339,7 +369,9 @@ class Router:
             if task is None:
                 log.warning("event for unknown task %s/%s ignored", event.workflow_id, event.task_id)
             elif task.status.terminal:
-                log.debug("late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id)
+                log.debug(
+                    "late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id
+                )
             elif event.status is EventStatus.STARTED:
                 await self._record_start(task, event)
             elif event.status is EventStatus.SUCCEEDED:
@@ -372,7 +404,8 @@ class Router:
         await self._notify_task(task)
 
     async def _finished(self, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
-        """Record the one terminal state of ``task``, release or fail its dependents, maybe finish the workflow."""
+        """Record the one terminal state of ``task``, release or fail its dependents,
+        and finish the workflow when nothing remains."""
         workflow = await self._store.get_workflow(task.workflow_id)
         if workflow is None:
             log.error("task %s/%s has no workflow record; event ignored", task.workflow_id, task.task_id)
@@ -397,7 +430,9 @@ class Router:
                     released.append(dependent)
                 changed.append(dependent)
         else:
-            cascade_status = TaskStatus.CANCELLED if status is TaskStatus.CANCELLED else TaskStatus.UPSTREAM_FAILED
+            cascade_status = (
+                TaskStatus.CANCELLED if status is TaskStatus.CANCELLED else TaskStatus.UPSTREAM_FAILED
+            )
             changed += await self._cascade(task, cascade_status, now)
         workflow.remaining -= sum(1 for t in changed if t.status.terminal)
         if workflow.remaining <= 0:
@@ -498,11 +533,15 @@ class Router:
             persistent=False,
         )
 
-    async def _reply(self, reply_to: str | None, correlation_id: str | None, doc: dict[str, Any], content_type: str) -> None:
+    async def _reply(
+        self, reply_to: str | None, correlation_id: str | None, doc: dict[str, Any], content_type: str
+    ) -> None:
         if reply_to:
             await self._reply_raw(reply_to, correlation_id, codec.encode(doc, content_type), content_type)
 
-    async def _reply_raw(self, reply_to: str | None, correlation_id: str | None, body: bytes, content_type: str) -> None:
+    async def _reply_raw(
+        self, reply_to: str | None, correlation_id: str | None, body: bytes, content_type: str
+    ) -> None:
         if not reply_to:
             return
         # mandatory=False: a client that went away must not make the router fail; it can ask again.
@@ -521,7 +560,9 @@ class Router:
     async def _on_rpc(self, delivery: Delivery) -> None:
         method = delivery.routing_key
         try:
-            request = codec.decode(delivery.body, delivery.content_type or codec.MSGPACK) if delivery.body else {}
+            request = (
+                codec.decode(delivery.body, delivery.content_type or codec.MSGPACK) if delivery.body else {}
+            )
             if not isinstance(request, dict):
                 raise ProtocolError("request must be a map")
             response: dict[str, Any] = {"ok": True, "data": await self._query(method, request)}
@@ -584,7 +625,9 @@ class Router:
 
     async def _on_heartbeat(self, delivery: Delivery) -> None:
         try:
-            beat = Heartbeat.model_validate(codec.decode(delivery.body, delivery.content_type or codec.MSGPACK))
+            beat = Heartbeat.model_validate(
+                codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
+            )
         except (ProtocolError, ValidationError) as exc:
             log.warning("malformed heartbeat dropped: %s", exc)
             await delivery.ack()
@@ -651,5 +694,7 @@ class Router:
         except TransportError as exc:
             await self._requeue_later(delivery, exc)
             return
-        log.error("parked message %s on %s: %s: %s", delivery.message_id, names.dead_queue(self.ns), reason, detail)
+        log.error(
+            "parked message %s on %s: %s: %s", delivery.message_id, names.dead_queue(self.ns), reason, detail
+        )
         await delivery.ack()

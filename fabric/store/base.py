@@ -138,7 +138,9 @@ class StateStore(Protocol):
 
     async def __aexit__(self, *exc: object) -> None: ...
 
-    async def insert_workflow(self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]) -> WorkflowRecord | None:
+    async def insert_workflow(
+        self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
+    ) -> WorkflowRecord | None:
         """Atomically store a new workflow and its tasks.
 
         Returns:
@@ -150,7 +152,9 @@ class StateStore(Protocol):
         """The workflow record, or None."""
         ...
 
-    async def get_tasks(self, workflow_id: str, task_ids: Iterable[str] | None = None) -> dict[str, TaskRecord]:
+    async def get_tasks(
+        self, workflow_id: str, task_ids: Iterable[str] | None = None
+    ) -> dict[str, TaskRecord]:
         """Tasks of a workflow by id: all of them, or only ``task_ids`` (unknown ids are left out)."""
         ...
 
@@ -168,7 +172,9 @@ class StateStore(Protocol):
         """Finished workflows whose ``completed`` document was not yet published."""
         ...
 
-    async def list_workflows(self, *, status: WorkflowStatus | None = None, limit: int = 100) -> list[WorkflowRecord]:
+    async def list_workflows(
+        self, *, status: WorkflowStatus | None = None, limit: int = 100
+    ) -> list[WorkflowRecord]:
         """Workflows, newest first, optionally only those with ``status``."""
         ...
 

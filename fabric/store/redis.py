@@ -15,6 +15,10 @@ the indexes the router queries by are kept beside them and are only ever written
     {prefix}agents                    hash        agent_id -> msgpack document of the agent
     {prefix}ping                      string      written by :meth:`RedisStore.ping`
 
+Redis does not roll back an ``EXEC`` in which one command fails at run time. The commands here can only
+fail that way on a key of the wrong type (someone else writing under our prefix); an out-of-memory server
+refuses them while they are queued, which aborts the whole transaction (``EXECABORT``).
+
 This is the only module that imports :mod:`redis`; every redis exception is translated into
 :class:`~fabric.errors.StoreError` here, with ``raise ... from exc``.
 """

@@ -116,7 +116,9 @@ def core(ns: str) -> Topology:
         # No x-dead-letter-routing-key: dead-lettering keeps the message's own routing key, which is
         # the capability, so an expired retry lands back on its capability queue.
         queues.append(
-            QueueSpec(queue, _frozen({"x-message-ttl": ttl_ms, "x-dead-letter-exchange": n.tasks_exchange(ns)}))
+            QueueSpec(
+                queue, _frozen({"x-message-ttl": ttl_ms, "x-dead-letter-exchange": n.tasks_exchange(ns)})
+            )
         )
         bindings.append(
             BindingSpec(queue, n.retry_exchange(ns), "", _frozen({"x-match": "all", "fabric-delay": tier}))

@@ -6,7 +6,6 @@ publishing, consuming and settling deliveries; never of aio-pika objects.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -110,7 +109,9 @@ class Delivery:
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError, RuntimeError) as exc:
             # The channel closed under us: the broker will redeliver the message, which is the safe
             # outcome for at-least-once processing.
-            log.warning("could not %s message %s: %s (the broker will redeliver it)", how, self.message_id, exc)
+            log.warning(
+                "could not %s message %s: %s (the broker will redeliver it)", how, self.message_id, exc
+            )
 
 
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
@@ -169,8 +170,11 @@ class AmqpConnection:
     @property
     def connected(self) -> bool:
         conn = self._connection
-        return conn is not None and not conn.is_closed and self._publish_channel is not None and not (
-            self._publish_channel.is_closed
+        return (
+            conn is not None
+            and not conn.is_closed
+            and self._publish_channel is not None
+            and not (self._publish_channel.is_closed)
         )
 
     async def connect(self, timeout_s: float = 15.0) -> None:
@@ -188,7 +192,7 @@ class AmqpConnection:
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-        except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
             raise TransportError(f"cannot connect to the broker at {_safe_url(self._url)}: {exc}") from exc
 
     async def close(self) -> None:
@@ -215,11 +219,12 @@ class AmqpConnection:
             TopologyMismatch: something exists with other arguments (drift); the message says what.
         """
         connection, _ = self._require()
-        todo = [
-            item
-            for item in (*topology.exchanges, *topology.queues, *topology.bindings)
-            if item not in self._declared
+        items: list[ExchangeSpec | QueueSpec | BindingSpec] = [
+            *topology.exchanges,
+            *topology.queues,
+            *topology.bindings,
         ]
+        todo = [item for item in items if item not in self._declared]
         if not todo:
             return
         channel = await connection.channel(publisher_confirms=False)
@@ -236,7 +241,9 @@ class AmqpConnection:
             with contextlib.suppress(Exception):
                 await channel.close()
 
-    async def _declare_one(self, channel: AbstractChannel, item: ExchangeSpec | QueueSpec | BindingSpec) -> None:
+    async def _declare_one(
+        self, channel: AbstractChannel, item: ExchangeSpec | QueueSpec | BindingSpec
+    ) -> None:
         if isinstance(item, ExchangeSpec):
             await channel.declare_exchange(item.name, item.type.value, durable=True)
         elif isinstance(item, QueueSpec):
@@ -267,7 +274,8 @@ class AmqpConnection:
         """Compare ``topology`` with the broker without creating anything; return the problems found."""
         connection, _ = self._require()
         problems: list[str] = []
-        for item in (*topology.exchanges, *topology.queues):
+        items: list[ExchangeSpec | QueueSpec] = [*topology.exchanges, *topology.queues]
+        for item in items:
             channel = await connection.channel(publisher_confirms=False)
             try:
                 if isinstance(item, ExchangeSpec):
@@ -347,7 +355,9 @@ class AmqpConnection:
             body,
             headers=dict(headers) if headers else None,
             content_type=content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            if persistent
+            else aio_pika.DeliveryMode.NOT_PERSISTENT,
             message_id=message_id,
             correlation_id=correlation_id,
             reply_to=reply_to,
@@ -371,7 +381,7 @@ class AmqpConnection:
                 exchange=exchange,
                 routing_key=routing_key,
             ) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise PublishError(
                 f"no confirm for message to {exchange}/{routing_key} within {self._publish_timeout_s}s",
                 exchange=exchange,
@@ -381,7 +391,9 @@ class AmqpConnection:
             raise TransportError(f"publish to {exchange}/{routing_key} failed: {exc}") from exc
         if confirm is not None and not _is_ack(confirm):
             raise PublishError(
-                f"broker nacked message to {exchange}/{routing_key}", exchange=exchange, routing_key=routing_key
+                f"broker nacked message to {exchange}/{routing_key}",
+                exchange=exchange,
+                routing_key=routing_key,
             )
 
     def _exchange(self, channel: AbstractChannel, name: str) -> AbstractExchange:
@@ -420,7 +432,9 @@ class AmqpConnection:
                     await callback(delivery)
                 except Exception:
                     # A callback must settle its delivery; if it crashed we requeue so nothing is lost.
-                    log.exception("consumer of %s crashed on message %s; requeueing it", queue, delivery.message_id)
+                    log.exception(
+                        "consumer of %s crashed on message %s; requeueing it", queue, delivery.message_id
+                    )
                     await delivery.nack(requeue=True)
 
             tag = await declared.consume(on_message, arguments=dict(arguments or {}), exclusive=exclusive)

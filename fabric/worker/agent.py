@@ -6,7 +6,7 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from fabric.topology.names import check_capability
 
@@ -41,7 +41,7 @@ class Task:
         return bool(self.cancelled is not None and self.cancelled.is_set())
 
 
-HandlerFunc = Callable[[Task], Union[Any, Awaitable[Any]]]
+HandlerFunc = Callable[[Task], Any | Awaitable[Any]]
 _F = TypeVar("_F", bound=HandlerFunc)
 
 

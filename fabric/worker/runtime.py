@@ -91,7 +91,10 @@ class Worker:
             raise
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="fabric-heartbeats")
         log.info(
-            "worker %s ready: capabilities %s, concurrency %d", self.agent_id, self.agent.capabilities, self.concurrency
+            "worker %s ready: capabilities %s, concurrency %d",
+            self.agent_id,
+            self.agent.capabilities,
+            self.concurrency,
         )
         return self
 
@@ -114,7 +117,10 @@ class Worker:
             log.info("draining: waiting up to %.0fs for %d running tasks", timeout, len(self._running))
             _, pending = await asyncio.wait(self._running, timeout=timeout)
             if pending:
-                log.warning("drain deadline passed with %d tasks running; the broker will redeliver them", len(pending))
+                log.warning(
+                    "drain deadline passed with %d tasks running; the broker will redeliver them",
+                    len(pending),
+                )
                 for task in pending:
                     task.cancel()
         await self._close()
@@ -151,7 +157,9 @@ class Worker:
         workflow_id = headers.get_str(msg_headers, headers.WORKFLOW_ID)
         task_id = headers.get_str(msg_headers, headers.TASK_ID)
         if not workflow_id or not task_id:
-            await self._park(delivery, "malformed_task", "missing fabric-workflow-id or fabric-task-id header")
+            await self._park(
+                delivery, "malformed_task", "missing fabric-workflow-id or fabric-task-id header"
+            )
             return
         try:
             body = codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
@@ -160,8 +168,10 @@ class Worker:
         except ProtocolError as exc:
             await self._park(delivery, "malformed_task", str(exc))
             return
-        timeout_s = headers.get_float(msg_headers, headers.TIMEOUT_S, None) or handler.timeout_s or (
-            self.settings.worker.default_timeout_s
+        timeout_s = (
+            headers.get_float(msg_headers, headers.TIMEOUT_S, None)
+            or handler.timeout_s
+            or (self.settings.worker.default_timeout_s)
         )
         task = Task(
             input=body.get("input"),
@@ -182,7 +192,9 @@ class Worker:
                 await self._event(task, status, result=result, error=error)
             except TransportError as exc:
                 # The outcome is not confirmed, so the task must not be acked: the broker redelivers it.
-                log.warning("could not report task %s/%s (%s); leaving it to redelivery", workflow_id, task_id, exc)
+                log.warning(
+                    "could not report task %s/%s (%s); leaving it to redelivery", workflow_id, task_id, exc
+                )
                 await delivery.nack(requeue=True)
                 return
         await delivery.ack()
@@ -191,7 +203,7 @@ class Worker:
         """Run the handler once; return the event status, result and error to report."""
         try:
             if handler.is_async:
-                result = await asyncio.wait_for(handler.func(task), task.timeout_s)  # type: ignore[arg-type]
+                result = await asyncio.wait_for(handler.func(task), task.timeout_s)
             else:
                 future = asyncio.get_running_loop().run_in_executor(self._executor, handler.func, task)
                 # A thread cannot be killed: on timeout the task is reported failed and its flag set, so a
@@ -200,10 +212,14 @@ class Worker:
             codec.encode(result)  # a result the wire cannot carry fails the task here, not at the router
         except TimeoutError:
             task.cancelled.set()
-            error = ErrorInfo(type="TimeoutError", message=f"task exceeded its timeout of {task.timeout_s:g}s")
+            error = ErrorInfo(
+                type="TimeoutError", message=f"task exceeded its timeout of {task.timeout_s:g}s"
+            )
             return self._failed(task, error, None)
         except HandlerSignal as signal:
-            return self._failed(task, ErrorInfo(type=type(signal).__name__, message=str(signal)), type(signal).__name__)
+            return self._failed(
+                task, ErrorInfo(type=type(signal).__name__, message=str(signal)), type(signal).__name__
+            )
         except ProtocolError as exc:
             return self._failed(task, ErrorInfo(type="ResultNotSerializable", message=str(exc)), None)
         except Exception as exc:
@@ -215,7 +231,13 @@ class Worker:
     def _failed(self, task: Task, error: ErrorInfo, signal: str | None) -> tuple[EventStatus, Any, ErrorInfo]:
         self.failed += 1
         decision = self._policy.decide(
-            Failure(error=error, attempt=task.attempt, max_attempts=task.max_attempts, capability=task.capability, signal=signal)
+            Failure(
+                error=error,
+                attempt=task.attempt,
+                max_attempts=task.max_attempts,
+                capability=task.capability,
+                signal=signal,
+            )
         )
         status = EventStatus.DEAD if decision.action is Action.ABORT else EventStatus.FAILED
         return status, None, decision.error

@@ -1,0 +1,60 @@
+# The single entry point for developers, pre-commit and CI.  `make` lists the targets.
+PYTHON ?= python3
+PYTEST_ARGS ?=
+STAMP := .make/installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install services demo test test-fast test-fault fmt lint type check up down run-router run-worker clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	@mkdir -p $(@D) && touch $@
+
+install: $(STAMP)  ## install fabric and its dev tools (editable)
+
+services:  ## make sure the local RabbitMQ and Redis answer (starts them if installed here)
+	@./scripts/services.sh
+
+demo: $(STAMP) services  ## run a demo workflow through a router and two workers on the local broker
+	$(PYTHON) -m fabric.cli demo
+
+test: $(STAMP) services  ## run the whole test suite against the real RabbitMQ, Redis and SQLite
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## unit and store contract tests only
+	$(PYTHON) -m pytest tests/unit tests/contract $(PYTEST_ARGS)
+
+test-fault: $(STAMP) services  ## only the long fault scenarios (kill -9, cut connections)
+	$(PYTHON) -m pytest -m fault $(PYTEST_ARGS)
+
+fmt: $(STAMP)  ## format the code
+	$(PYTHON) -m ruff format fabric workers tests
+	$(PYTHON) -m ruff check --fix fabric workers tests
+
+lint: $(STAMP)  ## ruff, format check and the import-linter contracts
+	$(PYTHON) -m ruff check fabric workers tests
+	$(PYTHON) -m ruff format --check fabric workers tests
+	lint-imports
+
+type: $(STAMP)  ## mypy --strict on the package and the example workers
+	$(PYTHON) -m mypy fabric workers
+
+check: lint type test  ## everything CI runs
+
+up:  ## start RabbitMQ, Redis, Jaeger, the router and a worker with Docker Compose
+	docker compose up -d --build
+
+down:  ## stop the compose stack
+	docker compose down
+
+run-router: $(STAMP)  ## run a router against the local broker
+	$(PYTHON) -m fabric.cli router
+
+run-worker: $(STAMP)  ## run a demo worker against the local broker
+	$(PYTHON) -m fabric.cli worker workers.demo:agent
+
+clean:  ## remove caches and local state
+	rm -rf .make .pytest_cache .mypy_cache .ruff_cache .hypothesis fabric.db fabric.db-*

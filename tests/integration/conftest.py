@@ -1,0 +1,43 @@
+"""In-process router and workers on the real broker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from fabric import Agent
+from fabric.router.service import Router
+from fabric.settings import FabricSettings
+from fabric.worker.runtime import Worker
+
+pytestmark = pytest.mark.rabbitmq
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def router(settings: FabricSettings) -> AsyncIterator[Router]:
+    async with Router(settings) as r:
+        yield r
+
+
+@pytest.fixture
+async def start_worker(settings: FabricSettings) -> AsyncIterator[StartWorker]:
+    """Start in-process workers; every one still running is drained at teardown."""
+    started: list[Worker] = []
+
+    async def start(agent: Agent, *, concurrency: int | None = None, agent_id: str | None = None) -> Worker:
+        worker_settings = settings
+        if agent_id:
+            worker_settings = settings.model_copy(
+                update={"worker": settings.worker.model_copy(update={"agent_id": agent_id})}
+            )
+        worker = Worker(agent, worker_settings, concurrency=concurrency)
+        await worker.__aenter__()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        await worker.drain(timeout_s=5)
