@@ -432,6 +432,7 @@ def demo(
         FABRIC_AMQP_URL=settings.amqp_url.get_secret_value(),
         FABRIC_STORE__URL=f"sqlite:///{workdir / 'fabric.db'}",
         FABRIC_LOG_LEVEL="WARNING",
+        FABRIC_HTTP__PORT="0",
     )
     procs: list[subprocess.Popen[bytes]] = []
 

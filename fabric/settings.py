@@ -108,7 +108,7 @@ class FabricSettings(BaseSettings):
     @field_validator("namespace")
     @classmethod
     def _valid_namespace(cls, value: str) -> str:
-        if not _NAMESPACE_RE.match(value):
+        if not _NAMESPACE_RE.fullmatch(value):
             raise ValueError("must match [a-z0-9][a-z0-9_-]{0,63} (it prefixes every queue name)")
         return value
 
@@ -121,20 +121,27 @@ class FabricSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _ProfileSource(settings_cls))
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        return (init_settings, env_settings, _ProfileSource(settings_cls, init_kwargs))
 
 
 class _ProfileSource(PydanticBaseSettingsSource):
-    """Reads ``<config_dir>/<profile>.yaml`` when ``FABRIC_PROFILE`` names a profile."""
+    """Reads ``<config_dir>/<profile>.yaml`` when ``profile`` (or ``FABRIC_PROFILE``) names a profile."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init_kwargs: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._init_kwargs = init_kwargs
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        profile = os.environ.get("FABRIC_PROFILE")
+        profile = self._init_kwargs.get("profile") or os.environ.get("FABRIC_PROFILE")
         if not profile:
             return {}
-        config_dir = Path(os.environ.get("FABRIC_CONFIG_DIR", "configs"))
+        config_dir = Path(
+            self._init_kwargs.get("config_dir") or os.environ.get("FABRIC_CONFIG_DIR", "configs")
+        )
         path = config_dir / f"{profile}.yaml"
         if not path.is_file():
             raise ConfigError(

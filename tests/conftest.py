@@ -124,6 +124,7 @@ def settings(amqp_url: str, namespace: str, tmp_path: Path, broker: AmqpConnecti
         amqp_url=amqp_url,
         store={"url": f"sqlite:///{tmp_path / 'fabric.db'}"},
         worker={"heartbeat_interval_s": 0.5, "drain_timeout_s": 5},
+        http={"port": 0},
     )
 
 
@@ -142,6 +143,7 @@ def subprocess_env(settings: FabricSettings, **extra: str) -> dict[str, str]:
         FABRIC_STORE__URL=settings.store.url,
         FABRIC_WORKER__HEARTBEAT_INTERVAL_S="0.5",
         FABRIC_LOG_LEVEL="INFO",
+        FABRIC_HTTP__PORT="0",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -51,7 +51,7 @@ async def flaky(task: Task) -> Any:
 async def sleep(task: Task) -> float:
     """Sleep ``seconds`` (input ``{"seconds": S}`` or a number) and return it."""
     spec = task.input
-    seconds = float(spec.get("seconds", 1) if isinstance(spec, dict) else (spec or 1))
+    seconds = float(spec.get("seconds", 1) if isinstance(spec, dict) else (1 if spec is None else spec))
     await asyncio.sleep(seconds)
     return seconds
 

@@ -54,7 +54,7 @@ def encode(value: Any, content_type: str = MSGPACK) -> bytes:
         if normalize_content_type(content_type) == JSON:
             return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
         return msgpack.packb(value, use_bin_type=True, default=_msgpack_default)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise ProtocolError(f"cannot encode value as {content_type}: {exc}") from exc
 
 
@@ -77,5 +77,12 @@ def decode(data: bytes, content_type: str | None = MSGPACK) -> Any:
         if kind == JSON:
             return json.loads(data)
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        RecursionError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as exc:
         raise ProtocolError(f"malformed {kind} body: {exc}", data) from exc

@@ -43,7 +43,7 @@ def get_int(headers: Mapping[str, Any] | None, name: str, default: int) -> int:
     raw = get_str(headers, name, "")
     try:
         return int(float(raw)) if raw else default
-    except ValueError:
+    except (ValueError, OverflowError):
         return default
 
 
@@ -62,5 +62,5 @@ def get_list(headers: Mapping[str, Any] | None, name: str) -> list[str]:
         return []
     value = headers[name]
     if isinstance(value, list | tuple):
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value]
     return [get_str(headers, name)]

@@ -32,6 +32,7 @@ from fabric.errors import (
     StoreError,
     TransportError,
 )
+from fabric.health import HealthServer, render_counters, serve_health
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import (
     Accepted,
@@ -112,6 +113,7 @@ class Router:
             publish_timeout_s=settings.router.publish_timeout_s,
         )
         self._consumers: list[Consumer] = []
+        self._health: HealthServer | None = None
         self._locks = _KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._started = False
@@ -149,6 +151,18 @@ class Router:
                 await self._amqp.consume(names.rpc_queue(self.ns), self._on_rpc, prefetch=32),
                 await self._amqp.consume(names.heartbeats_queue(self.ns), self._on_heartbeat, prefetch=64),
             ]
+            http = self.settings.http
+            self._health = await serve_health(
+                http.host,
+                http.port,
+                checks={
+                    "broker": self._check_broker,
+                    "consumers": self._check_consumers,
+                    "store": self._check_store,
+                },
+                metrics=self._metrics,
+                fallback=False,
+            )
         except BaseException:
             await self._shutdown()
             raise
@@ -159,6 +173,8 @@ class Router:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
+        if self._health is not None:
+            await self._health.__aexit__(None, None, None)
         for consumer in self._consumers:
             await consumer.cancel()
         if self._in_flight:
@@ -174,6 +190,26 @@ class Router:
     @property
     def store(self) -> StateStore:
         return self._store
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of the health endpoints (useful when configured as 0)."""
+        return self._health.port if self._health else None
+
+    async def _check_broker(self) -> str | None:
+        return None if self._amqp.connected else "broker connection is down"
+
+    async def _check_consumers(self) -> str | None:
+        idle = [c.queue_name for c in self._consumers if not c.healthy]
+        return f"not consuming {', '.join(idle)}" if idle else None
+
+    async def _check_store(self) -> str | None:
+        await self._store.ping()
+        return None
+
+    def _metrics(self) -> str:
+        values: dict[str, float] = {f"{k}_total": v for k, v in self.stats.items()}
+        return render_counters("fabric_router", values, {"namespace": self.ns})
 
     # -- recovery ---------------------------------------------------------------------------------
 
@@ -205,6 +241,9 @@ class Router:
 
     async def _on_submission(self, delivery: Delivery) -> None:
         self.stats["submissions"] += 1
+        await self._guarded(delivery, self._submission(delivery))
+
+    async def _submission(self, delivery: Delivery) -> None:
         reply_type = codec.normalize_content_type(delivery.content_type) or codec.JSON
         router = self.settings.router
         try:
@@ -221,7 +260,7 @@ class Router:
         except Refusal as refusal:
             await self._refuse(delivery, reply_type, refusal)
             return
-        await self._guarded(delivery, self._accept(delivery, admitted))
+        await self._accept(delivery, admitted)
 
     async def _refuse(self, delivery: Delivery, reply_type: str, refusal: Refusal) -> None:
         self.stats["rejected"] += 1
@@ -353,6 +392,9 @@ class Router:
 
     async def _on_event(self, delivery: Delivery) -> None:
         self.stats["events"] += 1
+        await self._guarded(delivery, self._event(delivery))
+
+    async def _event(self, delivery: Delivery) -> None:
         try:
             event = TaskEvent.model_validate(
                 codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
@@ -360,7 +402,7 @@ class Router:
         except (ProtocolError, ValidationError) as exc:
             await self._park(delivery, "malformed_event", str(exc))
             return
-        await self._guarded(delivery, self._record_event(delivery, event))
+        await self._record_event(delivery, event)
 
     async def _record_event(self, delivery: Delivery, event: TaskEvent) -> None:
         async with self._locks.hold(event.workflow_id):

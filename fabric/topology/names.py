@@ -26,7 +26,7 @@ DELAY_TIERS_MS: dict[str, int] = {
 
 def check_capability(capability: str) -> str:
     """Return ``capability`` if it is a valid capability name, else raise ValueError naming the rule."""
-    if not _CAPABILITY_RE.match(capability):
+    if not _CAPABILITY_RE.fullmatch(capability):
         raise ValueError(f"invalid capability {capability!r}: must match {CAPABILITY_PATTERN}")
     return capability
 

@@ -127,6 +127,11 @@ class Consumer:
         self._channel = channel
         self.active = True
 
+    @property
+    def healthy(self) -> bool:
+        """True while the consumer is subscribed on an open channel."""
+        return self.active and not self._channel.is_closed
+
     async def cancel(self) -> None:
         if not self.active:
             return

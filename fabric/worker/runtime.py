@@ -19,6 +19,7 @@ import time
 from typing import Any, Self
 
 from fabric.errors import HandlerSignal, NotConnectedError, ProtocolError, TransportError
+from fabric.health import HealthServer, render_counters, serve_health
 from fabric.policy import Action, FailFast, Failure, FailurePolicy
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, TaskEvent
@@ -64,6 +65,7 @@ class Worker:
         self._consumers: list[Consumer] = []
         self._running: set[asyncio.Task[Any]] = set()
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._health: HealthServer | None = None
         self._draining = False
         self._started = False
         self._stopped = asyncio.Event()
@@ -86,6 +88,15 @@ class Worker:
                     prefetch=self.concurrency,
                 )
                 self._consumers.append(consumer)
+            http = self.settings.http
+            # Many workers may share a host: a taken port falls back to a free one (logged).
+            self._health = await serve_health(
+                http.host,
+                http.port,
+                checks={"broker": self._check_broker, "consumers": self._check_consumers},
+                metrics=self._metrics,
+                fallback=True,
+            )
         except BaseException:
             await self._close()
             raise
@@ -126,6 +137,8 @@ class Worker:
         await self._close()
 
     async def _close(self) -> None:
+        if self._health is not None:
+            await self._health.__aexit__(None, None, None)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -141,6 +154,28 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._running)
 
+    @property
+    def http_port(self) -> int | None:
+        return self._health.port if self._health else None
+
+    async def _check_broker(self) -> str | None:
+        return None if self._amqp.connected else "broker connection is down"
+
+    async def _check_consumers(self) -> str | None:
+        if self._draining:
+            return "draining"
+        idle = [c.queue_name for c in self._consumers if not c.healthy]
+        return f"not consuming {', '.join(idle)}" if idle else None
+
+    def _metrics(self) -> str:
+        values: dict[str, float] = {
+            "tasks_processed_total": self.processed,
+            "tasks_failed_total": self.failed,
+            "tasks_in_flight": self.in_flight,
+            "concurrency": self.concurrency,
+        }
+        return render_counters("fabric_worker", values, {"agent_id": self.agent_id})
+
     # -- tasks ------------------------------------------------------------------------------------
 
     async def _on_task(self, handler: Handler, delivery: Delivery) -> None:
@@ -149,6 +184,11 @@ class Worker:
         self._running.add(current)
         try:
             await self._process(handler, delivery)
+        except Exception as exc:
+            # A bug in the runtime, not in the handler: park the message rather than loop on it.
+            log.critical("worker failed on task message %s; parking it", delivery.message_id, exc_info=True)
+            if not delivery.settled:
+                await self._park(delivery, "worker_error", f"{type(exc).__name__}: {exc}")
         finally:
             self._running.discard(current)
 
