@@ -10,9 +10,17 @@ Semantics every backend keeps (the contract suite in ``tests/contract`` checks t
   caused it, so a crash at any point either loses the whole change (and the message is redelivered) or
   none of it.
 * The router is the single writer of workflow and task records (its queues use single active consumer);
-  the store therefore needs no compare-and-set: the router reads, decides, and saves.
+  the store therefore needs no compare-and-set: the router reads, decides, and saves. The one exception
+  is :meth:`StateStore.mark_dispatched`, below.
 * ``undispatched`` finds tasks stored as ready (``queued``) whose publish the broker has not confirmed,
   so a restarted router publishes them again.
+* :meth:`StateStore.mark_dispatched` records the broker's publish confirm as a conditional flag flip, not
+  a whole-record save: for each ``(workflow_id, task_id)`` it sets ``dispatched`` only if the *stored*
+  task is still ``queued`` and not dispatched, and touches no other field, no other task, and no unknown
+  key; all keys of one call are written atomically. A confirm can arrive after the task moved on (a
+  standby router publishing from a stale copy, or a result that overtook the confirm), and saving the
+  publisher's copy then would move the task backwards, e.g. from ``running`` or ``succeeded`` to
+  ``queued``. The flip can only ever move a task forwards. Once flipped, the task leaves ``undispatched``.
 """
 
 from __future__ import annotations
@@ -89,6 +97,9 @@ class WorkflowRecord:
     finished_at: float | None = None
     #: True once the ``completed`` document was published to ``reply_to`` and ``{ns}.notify``.
     notified: bool = False
+    #: [reply_to, correlation_id] of clients that resubmitted the workflow while it ran: they get the
+    #: ``completed`` document too (bounded; the first submitter is ``reply_to``).
+    subscribers: list[list[str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -162,6 +173,17 @@ class StateStore(Protocol):
         self, *, workflows: Sequence[WorkflowRecord] = (), tasks: Sequence[TaskRecord] = ()
     ) -> None:
         """Write these records atomically (all or nothing), replacing the stored versions."""
+        ...
+
+    async def mark_dispatched(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Record the broker's publish confirm of these tasks, by ``(workflow_id, task_id)``.
+
+        In one atomic write, sets ``dispatched`` to True on each stored task that is still ``queued`` with
+        ``dispatched`` False, and removes it from what :meth:`undispatched` returns. Every other task, and
+        every other field of the flipped ones, is left exactly as stored (nothing is overwritten with a
+        copy the caller holds); unknown keys are ignored; an empty ``keys`` writes nothing. So a confirm
+        that arrives after the task went ``running`` or ``succeeded`` never moves it backwards.
+        """
         ...
 
     async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:

@@ -94,6 +94,15 @@ class MemoryStore:
         for task in new_tasks:
             self._tasks.setdefault(task.workflow_id, {})[task.task_id] = task
 
+    async def mark_dispatched(self, keys: Sequence[tuple[str, str]]) -> None:
+        self._check_open()
+        # No await in here, so the whole call is atomic. Stored records are private copies: flipping the
+        # flag in place leaves every other field exactly as stored.
+        for workflow_id, task_id in keys:
+            stored = self._tasks.get(workflow_id, {}).get(task_id)
+            if stored is not None and stored.status is TaskStatus.QUEUED and not stored.dispatched:
+                stored.dispatched = True
+
     async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
         self._check_open()
         found = [

@@ -15,6 +15,10 @@ the indexes the router queries by are kept beside them and are only ever written
     {prefix}agents                    hash        agent_id -> msgpack document of the agent
     {prefix}ping                      string      written by :meth:`RedisStore.ping`
 
+Every connection has a connect timeout and a socket (read/write) timeout, and a failed command is retried
+once on a new connection, so a silent network partition makes a store call fail with
+:class:`~fabric.errors.StoreError` after a bounded time instead of blocking it forever.
+
 Redis does not roll back an ``EXEC`` in which one command fails at run time. The commands here can only
 fail that way on a key of the wrong type (someone else writing under our prefix); an out-of-memory server
 refuses them while they are queued, which aborts the whole transaction (``EXECABORT``).
@@ -33,6 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, WatchError
 from redis.typing import EncodableT, FieldT
 
@@ -44,13 +50,21 @@ from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
 #: Separates workflow id and task id in members of the ``undispatched`` index. Neither id may contain it
 #: (DESIGN.md §3 restricts both to ``[A-Za-z0-9_.:-]``).
 _MEMBER_SEP = "\x1f"
-#: How often :meth:`RedisStore.insert_workflow` retries when another client touched the workflow key
-#: between WATCH and EXEC; after that the id is contended and we give up loudly.
+#: How often :meth:`RedisStore.insert_workflow` and :meth:`RedisStore.mark_dispatched` retry when another
+#: client touched a watched key between WATCH and EXEC; after that the keys are contended and we give up
+#: loudly.
 _WATCH_RETRIES = 5
 #: Ids fetched per HMGET / keys deleted per UNLINK, to keep single commands (and server latency) small.
 _CHUNK = 1000
 #: Seconds to wait for a TCP connection before declaring Redis unreachable (a URL option overrides it).
 _CONNECT_TIMEOUT_S = 5.0
+#: Seconds to wait for Redis to answer (or take) one command before declaring it unreachable, so a silent
+#: partition cannot block a store call forever (a URL option overrides it).
+_SOCKET_TIMEOUT_S = 10.0
+#: Retries of a command that failed on a connection error or timeout, each on a new connection. One
+#: retry survives a pooled connection the server closed while idle; redis-py's default (10) would make a
+#: partitioned store call last eleven socket timeouts before it fails.
+_COMMAND_RETRIES = 1
 
 
 class RedisStore:
@@ -59,9 +73,12 @@ class RedisStore:
     Args:
         url: a ``redis://`` or ``rediss://`` (or ``unix://``) URL, as accepted by redis-py.
         prefix: the start of every key this store reads or writes; carries the namespace.
+        socket_timeout: seconds a command may wait for Redis before it fails with StoreError.
+        connect_timeout: seconds a new connection may take before it fails with StoreError.
 
     Raises:
-        ConfigError: ``prefix`` is empty (the store would then own, and purge, the whole database).
+        ConfigError: ``prefix`` is empty (the store would then own, and purge, the whole database), or a
+            timeout is not positive.
 
     Example:
         >>> async with RedisStore("redis://127.0.0.1:6379/0", prefix="fabric:") as store:
@@ -69,10 +86,21 @@ class RedisStore:
         ...     workflows = await store.list_workflows(limit=10)
     """
 
-    def __init__(self, url: str, *, prefix: str = "fabric:") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "fabric:",
+        socket_timeout: float = _SOCKET_TIMEOUT_S,
+        connect_timeout: float = _CONNECT_TIMEOUT_S,
+    ) -> None:
         if not prefix:
             raise ConfigError("RedisStore: prefix must not be empty (it is the namespace of every key)")
+        if socket_timeout <= 0 or connect_timeout <= 0:
+            raise ConfigError("RedisStore: socket_timeout and connect_timeout must be positive")
         self._url = url
+        self._socket_timeout = socket_timeout
+        self._connect_timeout = connect_timeout
         self._safe_url = _redact(url)
         self._prefix = prefix
         self._client: aioredis.Redis | None = None
@@ -90,7 +118,12 @@ class RedisStore:
         if self._client is not None:
             raise NotConnectedError("RedisStore is already open")
         try:
-            client = aioredis.Redis.from_url(self._url, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+            client = aioredis.Redis.from_url(
+                self._url,
+                socket_connect_timeout=self._connect_timeout,
+                socket_timeout=self._socket_timeout,
+                retry=Retry(ExponentialBackoff(cap=1.0, base=0.01), _COMMAND_RETRIES),
+            )
         except ValueError as exc:
             raise ConfigError(f"FABRIC_STORE__URL: invalid Redis URL {self._safe_url}: {exc}") from exc
         try:
@@ -255,6 +288,71 @@ class RedisStore:
                 self._queue_workflows(pipe, workflows)
                 self._queue_tasks(pipe, tasks)
                 await pipe.execute()
+
+    async def mark_dispatched(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Set ``dispatched`` on each of these tasks that is still stored ``queued`` and not dispatched.
+
+        The task hashes of the workflows involved are WATCHed and the stored documents read; only those
+        still queued and undispatched are changed, field ``dispatched`` alone (every other field of the
+        document is written back as read), and written with their removal from the ``undispatched``
+        index in one ``MULTI``/``EXEC``. If another client wrote one of the hashes meanwhile, the
+        documents are read again. Unknown keys are ignored.
+
+        Args:
+            keys: ``(workflow_id, task_id)`` of the tasks whose publish the broker confirmed.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed, a stored document is corrupt, or the hashes stayed contended
+                through every retry; nothing of the call is written.
+        """
+        client = self._conn()
+        wanted: dict[str, dict[str, None]] = {}
+        for workflow_id, task_id in keys:
+            wanted.setdefault(workflow_id, {})[task_id] = None
+        if not wanted:
+            return
+        hashes = {workflow_id: self._tasks_key(workflow_id) for workflow_id in wanted}
+        contention: WatchError | None = None
+        with self._translate("mark_dispatched"):
+            for _ in range(_WATCH_RETRIES):
+                async with client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(*hashes.values())
+                    flipped: dict[str, dict[FieldT, EncodableT]] = {}
+                    members: list[str] = []
+                    for workflow_id, task_ids in wanted.items():
+                        ids = list(task_ids)
+                        for start in range(0, len(ids), _CHUNK):
+                            chunk = ids[start : start + _CHUNK]
+                            blobs = await pipe.hmget(hashes[workflow_id], chunk)
+                            for task_id, blob in zip(chunk, blobs, strict=True):
+                                if blob is None:
+                                    continue  # unknown task: ignored
+                                doc = _decode(blob)
+                                if doc.get("status") != str(TaskStatus.QUEUED) or doc.get("dispatched"):
+                                    continue  # moved on (or confirmed) meanwhile: never move it back
+                                # The document as stored, with this one field changed: no record the
+                                # caller holds, nor a round trip through TaskRecord, rewrites the rest.
+                                doc["dispatched"] = True
+                                flipped.setdefault(workflow_id, {})[task_id] = codec.encode(doc)
+                                members.append(f"{workflow_id}{_MEMBER_SEP}{task_id}")
+                    if not flipped:
+                        return  # nothing to change; leaving the block UNWATCHes
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for workflow_id, mapping in flipped.items():
+                        pipe.hset(hashes[workflow_id], mapping=mapping)
+                    for start in range(0, len(members), _CHUNK):
+                        pipe.zrem(self._undispatched_key, *members[start : start + _CHUNK])
+                    try:
+                        await pipe.execute()
+                    except WatchError as exc:
+                        contention = exc
+                        continue  # a watched hash changed: read the documents again
+                    return
+        raise StoreError(
+            f"mark_dispatched: the task hashes of {len(hashes)} workflow(s) kept changing during "
+            f"{_WATCH_RETRIES} tries"
+        ) from contention
 
     async def put_agent(self, agent: AgentRecord) -> None:
         """Insert or replace an agent record.

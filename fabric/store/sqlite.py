@@ -2,6 +2,8 @@
 
 WAL journal, ``synchronous=FULL`` by default so every committed batch survives a crash or power loss.
 Records are stored as msgpack documents, with the columns the router queries by kept beside them.
+The ``dispatched`` column of a task is authoritative: :meth:`SqliteStore.mark_dispatched` flips only the
+column (never rewriting the document), and every read of a task takes ``dispatched`` from it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ _UPSERT_WORKFLOW = (
     f"{_INSERT_WORKFLOW} ON CONFLICT (workflow_id) DO UPDATE SET status = excluded.status, "
     "notified = excluded.notified, created_at = excluded.created_at, doc = excluded.doc"
 )
+
+
+#: The publish confirm: flips the authoritative column only, and only while the task is queued and not
+#: dispatched, so it never overwrites (or moves backwards) a task that changed meanwhile.
+_MARK_DISPATCHED = (
+    "UPDATE tasks SET dispatched = 1 "
+    "WHERE workflow_id = ? AND task_id = ? AND status = 'queued' AND dispatched = 0"
+)
+#: Columns every task read selects: see :func:`_task_from_row`.
+_TASK_COLUMNS = "doc, dispatched"
 
 
 def _task_row(t: TaskRecord) -> tuple[Any, ...]:
@@ -201,7 +213,9 @@ class SqliteStore:
         self, workflow_id: str, task_ids: Iterable[str] | None = None
     ) -> dict[str, TaskRecord]:
         if task_ids is None:
-            rows = await self._read("SELECT doc FROM tasks WHERE workflow_id = ?", (workflow_id,))
+            rows = await self._read(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE workflow_id = ?", (workflow_id,)
+            )
         else:
             ids = list(dict.fromkeys(task_ids))
             queries = []
@@ -209,10 +223,10 @@ class SqliteStore:
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                sql = f"SELECT doc FROM tasks WHERE workflow_id = ? AND task_id IN ({marks})"
+                sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE workflow_id = ? AND task_id IN ({marks})"
                 queries.append((sql, (workflow_id, *chunk)))
             rows = await self._read_many(queries)
-        tasks = (TaskRecord.from_dict(_decode(r[0])) for r in rows)
+        tasks = (_task_from_row(r) for r in rows)
         return {t.task_id: t for t in tasks}
 
     async def save(
@@ -225,12 +239,20 @@ class SqliteStore:
             ]
         )
 
+    async def mark_dispatched(self, keys: Sequence[tuple[str, str]]) -> None:
+        self._conn()
+        # A repeated key is harmless: its second UPDATE finds the task dispatched and changes nothing.
+        rows = [(workflow_id, task_id) for workflow_id, task_id in keys]
+        if rows:
+            await self._write([(_MARK_DISPATCHED, rows)])
+
     async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
         rows = await self._read(
-            "SELECT doc FROM tasks WHERE status = 'queued' AND dispatched = 0 ORDER BY created_at LIMIT ?",
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = 'queued' AND dispatched = 0 "
+            "ORDER BY created_at LIMIT ?",
             (limit,),
         )
-        return [TaskRecord.from_dict(_decode(r[0])) for r in rows]
+        return [_task_from_row(r) for r in rows]
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         rows = await self._read(
@@ -279,6 +301,13 @@ async def _rollback(db: aiosqlite.Connection) -> None:
     if db.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             await db.execute("ROLLBACK")
+
+
+def _task_from_row(row: sqlite3.Row) -> TaskRecord:
+    """The task of a row selected as ``_TASK_COLUMNS``: its document, with ``dispatched`` from the column."""
+    record = TaskRecord.from_dict(_decode(row[0]))
+    record.dispatched = bool(row[1])
+    return record
 
 
 def _decode(blob: bytes) -> dict[str, Any]:

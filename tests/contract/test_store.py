@@ -7,12 +7,16 @@ and ``store`` fixtures of ``conftest.py``. Times are explicit ``created_at`` val
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from redis.asyncio.client import Pipeline
 
 from fabric.errors import NotConnectedError, ProtocolError, StoreError
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
@@ -429,6 +433,179 @@ async def test_last_version_of_a_task_in_one_batch_wins(store: StateStore) -> No
     assert keys(await store.undispatched()) == [("wf-1", "a"), ("wf-1", "b")]
 
 
+# -- mark_dispatched -----------------------------------------------------------------------------------
+
+
+async def test_mark_dispatched_flips_only_queued_and_undispatched(store: StateStore) -> None:
+    queued = TaskRecord(
+        workflow_id="wf-1",
+        task_id="queued",
+        capability="http.fetch",
+        input=NESTED,
+        dependents=["other"],
+        priority=9,
+        timeout_s=12.5,
+        max_attempts=7,
+        status=TaskStatus.QUEUED,
+        attempts=2,
+        error={"type": "TimeoutError", "message": "attempt 1 timed out"},
+        created_at=10.0,
+        queued_at=11.5,
+    )
+    others = [
+        task("confirmed", dispatched=True, created_at=1.0),
+        task("waiting", status=TaskStatus.WAITING),
+        task("running", status=TaskStatus.RUNNING),
+        task("running-confirmed", status=TaskStatus.RUNNING, dispatched=True, agent="a-1"),
+        task("succeeded", status=TaskStatus.SUCCEEDED, result=NESTED),
+        task("retrying", status=TaskStatus.RETRYING, attempts=1),
+        task("failed", status=TaskStatus.FAILED, error={"type": "E", "message": "m"}),
+        task("not-named", created_at=20.0),
+    ]
+    await store.insert_workflow(workflow(task_count=len(others) + 1), [queued, *others])
+
+    await store.mark_dispatched(
+        [
+            *[("wf-1", t.task_id) for t in [queued, *others] if t.task_id != "not-named"],
+            ("wf-1", "unknown-task"),
+            ("unknown-workflow", "queued"),
+        ]
+    )
+
+    stored = await store.get_tasks("wf-1")
+    # Only the flag of the queued, unconfirmed task changed; every other field is as stored.
+    assert stored["queued"] == TaskRecord.from_dict({**queued.to_dict(), "dispatched": True})
+    # Every other task, including the queued one that was not named, is exactly as stored.
+    assert {t: r for t, r in stored.items() if t != "queued"} == {t.task_id: t for t in others}
+    assert keys(await store.undispatched()) == [("wf-1", "not-named")]
+    assert keys(await store.undispatched(limit=1)) == [("wf-1", "not-named")]
+    # Unknown keys created nothing.
+    assert set(stored) == {"queued", *(t.task_id for t in others)}
+    assert await store.get_tasks("unknown-workflow") == {}
+    assert await store.get_workflow("unknown-workflow") is None
+
+
+@pytest.mark.parametrize(
+    "moved_on",
+    [
+        task("a", status=TaskStatus.RUNNING, agent="a-1", attempts=1, started_at=1_001.0),
+        task("a", status=TaskStatus.RUNNING, dispatched=True, agent="a-1", attempts=1),
+        task("a", status=TaskStatus.SUCCEEDED, result={"ok": NESTED}, finished_at=1_002.0),
+        task("a", status=TaskStatus.SUCCEEDED, dispatched=True, result=[1, 2]),
+        task("a", status=TaskStatus.WAITING, attempts=1),
+    ],
+    ids=["running", "running-confirmed", "succeeded", "succeeded-confirmed", "waiting"],
+)
+async def test_mark_dispatched_never_moves_a_task_backwards(store: StateStore, moved_on: TaskRecord) -> None:
+    # The publisher's copy of "a" is queued and unconfirmed...
+    await store.insert_workflow(workflow(task_count=1), [task("a")])
+    stale = (await store.get_tasks("wf-1"))["a"]
+    assert stale.status is TaskStatus.QUEUED
+    # ...but before the confirm arrives the task moves on (its result overtook the confirm, or another
+    # router's copy was newer).
+    await store.save(tasks=[moved_on])
+
+    await store.mark_dispatched([stale.key])
+
+    assert (await store.get_tasks("wf-1")) == {"a": moved_on}
+    assert await store.undispatched() == []
+
+
+async def test_mark_dispatched_keeps_the_stored_version_not_the_publishers(store: StateStore) -> None:
+    await store.insert_workflow(workflow(task_count=1), [task("a", input={"v": 1})])
+    # Still queued and unconfirmed, but changed since the publisher read it.
+    newer = task("a", input={"v": 2}, attempts=1, queued_at=1_005.0)
+    await store.save(tasks=[newer])
+
+    await store.mark_dispatched([("wf-1", "a")])
+
+    newer.dispatched = True
+    assert await store.get_tasks("wf-1") == {"a": newer}
+
+
+async def test_mark_dispatched_across_workflows_in_one_call(store: StateStore) -> None:
+    await store.insert_workflow(
+        workflow("wf-1", task_count=2), [task("a", "wf-1", created_at=1.0), task("b", "wf-1", created_at=2.0)]
+    )
+    await store.insert_workflow(
+        workflow("wf-2", task_count=2),
+        [task("a", "wf-2", created_at=3.0), task("b", "wf-2", created_at=4.0, status=TaskStatus.RUNNING)],
+    )
+    await store.insert_workflow(workflow("wf-3", task_count=1), [task("a", "wf-3", created_at=5.0)])
+
+    await store.mark_dispatched(
+        [("wf-2", "a"), ("wf-1", "a"), ("wf-2", "b"), ("wf-3", "a"), ("wf-1", "a"), ("wf-9", "a")]
+    )
+
+    assert keys(await store.undispatched()) == [("wf-1", "b")]
+    # The flipped tasks left the index too: older than b, they do not hold on to a place within the limit.
+    assert keys(await store.undispatched(limit=1)) == [("wf-1", "b")]
+    assert {t: r.dispatched for t, r in (await store.get_tasks("wf-1")).items()} == {"a": True, "b": False}
+    assert (await store.get_tasks("wf-2"))["a"].dispatched is True
+    assert (await store.get_tasks("wf-2"))["b"] == task(
+        "b", "wf-2", created_at=4.0, status=TaskStatus.RUNNING
+    )
+    assert (await store.get_tasks("wf-3"))["a"].dispatched is True
+
+
+async def test_mark_dispatched_of_nothing_is_a_no_op(store: StateStore) -> None:
+    await store.mark_dispatched([])
+    tasks = [task("a", created_at=1.0), task("b", created_at=2.0, status=TaskStatus.RUNNING)]
+    await store.insert_workflow(workflow(), tasks)
+
+    await store.mark_dispatched([])
+    await store.mark_dispatched(())
+
+    assert await store.get_tasks("wf-1") == {t.task_id: t for t in tasks}
+    assert keys(await store.undispatched()) == [("wf-1", "a")]
+
+
+async def test_save_after_mark_dispatched_replaces_the_flag(store: StateStore) -> None:
+    await store.insert_workflow(workflow(task_count=1), [task("a")])
+    await store.mark_dispatched([("wf-1", "a")])
+    assert (await store.get_tasks("wf-1", ["a"]))["a"].dispatched is True
+
+    # The router queues the task again for a new attempt: save() writes the whole record, flag included.
+    retry = task("a", attempts=1)
+    await store.save(tasks=[retry])
+    assert await store.get_tasks("wf-1") == {"a": retry}
+    assert await store.undispatched() == [retry]
+
+    await store.mark_dispatched([("wf-1", "a")])
+    retry.dispatched = True
+    assert await store.get_tasks("wf-1") == {"a": retry}
+    assert await store.undispatched() == []
+
+
+async def test_mark_dispatched_racing_a_save_never_moves_the_task_back(store: StateStore) -> None:
+    queued = [task(f"t{n:02}", created_at=float(n)) for n in range(20)]
+    await store.insert_workflow(workflow(task_count=len(queued)), queued)
+    running = [
+        task(t.task_id, created_at=t.created_at, status=TaskStatus.RUNNING, dispatched=True, agent="a-1")
+        for t in queued
+    ]
+
+    # Whichever lands first, the task must end up as saved: a confirm either finds it queued (and the save
+    # then replaces it) or finds it running (and leaves it alone).
+    await asyncio.gather(
+        *(store.mark_dispatched([t.key]) for t in queued),
+        *(store.save(tasks=[t]) for t in running),
+    )
+
+    assert await store.get_tasks("wf-1") == {t.task_id: t for t in running}
+    assert await store.undispatched() == []
+
+
+async def test_mark_dispatched_survives_a_new_store(durable_backend: Backend) -> None:
+    async with durable_backend.make() as first:
+        await first.insert_workflow(workflow(task_count=2), [task("a", created_at=1.0), task("b")])
+        await first.mark_dispatched([("wf-1", "a")])
+
+    async with durable_backend.make() as second:
+        assert (await second.get_tasks("wf-1"))["a"] == task("a", created_at=1.0, dispatched=True)
+        assert keys(await second.undispatched()) == [("wf-1", "b")]
+
+
 # -- unnotified ----------------------------------------------------------------------------------------
 
 
@@ -535,6 +712,8 @@ CALLS: dict[str, Callable[[StateStore], Awaitable[object]]] = {
     "get_tasks": lambda s: s.get_tasks("wf-1"),
     "get_tasks(ids)": lambda s: s.get_tasks("wf-1", ["a"]),
     "save": lambda s: s.save(workflows=[workflow()]),
+    "mark_dispatched": lambda s: s.mark_dispatched([("wf-1", "a")]),
+    "mark_dispatched(none)": lambda s: s.mark_dispatched([]),
     "undispatched": lambda s: s.undispatched(),
     "unnotified": lambda s: s.unnotified(),
     "list_workflows": lambda s: s.list_workflows(),
@@ -662,3 +841,199 @@ async def test_redis_store_refuses_an_empty_prefix() -> None:
 
     with pytest.raises(ConfigError):
         RedisStore("redis://127.0.0.1:6379/0", prefix="")
+
+
+@contextlib.asynccontextmanager
+async def _redis_pair(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two open stores over one fresh prefix (two clients of the same data), purged afterwards."""
+    prefix = f"test-{uuid.uuid4().hex}:"
+    one, other = RedisStore(redis_url, prefix=prefix), RedisStore(redis_url, prefix=prefix)
+    try:
+        await one.__aenter__()
+    except StoreError as exc:
+        unreachable(f"Redis is unreachable: {exc}")
+    try:
+        await other.__aenter__()
+        try:
+            yield one, other
+        finally:
+            await other.__aexit__(None, None, None)
+    finally:
+        await one.purge()
+        await one.__aexit__(None, None, None)
+
+
+@pytest.mark.redis
+async def test_redis_mark_dispatched_rereads_a_task_written_between_read_and_exec(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _redis_pair(redis_url) as (store, other_router):
+        await store.insert_workflow(workflow(task_count=2), [task("a"), task("b", created_at=2.0)])
+        running = task("a", status=TaskStatus.RUNNING, dispatched=True, agent="a-1")
+        hmget = Pipeline.hmget
+        reads = 0
+
+        def hmget_then_race(pipe: Pipeline, *args: Any, **kwargs: Any) -> Any:
+            async def race() -> Any:
+                nonlocal reads
+                reads += 1
+                found = await hmget(pipe, *args, **kwargs)
+                if reads == 1:
+                    # Another client moves "a" on after our read, before our EXEC.
+                    await other_router.save(tasks=[running])
+                return found
+
+            return race()
+
+        monkeypatch.setattr(Pipeline, "hmget", hmget_then_race)
+        await store.mark_dispatched([("wf-1", "a"), ("wf-1", "b")])
+
+        assert reads == 2  # the EXEC was refused and the documents read again
+        assert await store.get_tasks("wf-1") == {
+            "a": running,
+            "b": task("b", created_at=2.0, dispatched=True),
+        }
+        assert await store.undispatched() == []
+
+
+@pytest.mark.redis
+async def test_redis_mark_dispatched_gives_up_loudly_when_always_contended(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _redis_pair(redis_url) as (store, other_router):
+        await store.insert_workflow(workflow(task_count=2), [task("a"), task("b")])
+        hmget = Pipeline.hmget
+
+        def hmget_then_race(pipe: Pipeline, *args: Any, **kwargs: Any) -> Any:
+            async def race() -> Any:
+                found = await hmget(pipe, *args, **kwargs)
+                await other_router.save(tasks=[task("b", attempts=1)])
+                return found
+
+            return race()
+
+        monkeypatch.setattr(Pipeline, "hmget", hmget_then_race)
+        with pytest.raises(StoreError, match="kept changing"):
+            await store.mark_dispatched([("wf-1", "a")])
+        monkeypatch.undo()
+
+        # Nothing of the call was written.
+        assert (await store.get_tasks("wf-1"))["a"] == task("a")
+        assert keys(await store.undispatched()) == [("wf-1", "a"), ("wf-1", "b")]
+
+
+class _Partition:
+    """A TCP proxy to Redis that can go silent both ways, like a partition that sends no RST.
+
+    Connections are accepted (by the kernel) even while cut, so a client connects, sends, and waits.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        parts = urlsplit(target_url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self._db = parts.path or "/0"
+        self.cut = False
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> _Partition:
+        """Start listening; :attr:`url` is then the Redis URL that goes through the proxy."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}{self._db}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for pump in list(self._tasks):
+            pump.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._writers.append(client_writer)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            # Nothing behind the proxy: a black hole that takes everything and never answers.
+            pumps = [self._pump(client_reader, None)]
+        else:
+            self._writers.append(upstream_writer)
+            pumps = [self._pump(client_reader, upstream_writer), self._pump(upstream_reader, client_writer)]
+        for coro in pumps:
+            pump = asyncio.create_task(coro)
+            self._tasks.add(pump)
+            pump.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None) -> None:
+        """Forward ``reader`` to ``writer`` while not cut; drop everything while cut or without a writer."""
+        try:
+            while data := await reader.read(65536):
+                if writer is not None and not self.cut:
+                    writer.write(data)
+                    await writer.drain()
+        except OSError:
+            pass
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+async def test_redis_that_accepts_but_never_answers_fails_open_within_the_timeout() -> None:
+    async with _Partition("redis://127.0.0.1:1/0") as partition:  # nothing behind it: never answers
+        store = RedisStore(
+            partition.url, prefix=f"test-{uuid.uuid4().hex}:", socket_timeout=0.3, connect_timeout=0.3
+        )
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="cannot reach Redis"):
+            await asyncio.wait_for(store.__aenter__(), timeout=10)
+        assert time.monotonic() - started < 5
+        with pytest.raises(NotConnectedError):
+            await store.ping()
+
+
+@pytest.mark.redis
+async def test_redis_silent_partition_fails_store_calls_within_the_timeout(redis_url: str) -> None:
+    prefix = f"test-{uuid.uuid4().hex}:"
+    async with _Partition(redis_url) as partition:
+        store = RedisStore(partition.url, prefix=prefix, socket_timeout=0.3, connect_timeout=0.3)
+        try:
+            await store.__aenter__()
+        except StoreError as exc:
+            unreachable(f"Redis is unreachable: {exc}")
+        try:
+            await store.insert_workflow(workflow(task_count=1), [task("a")])
+            calls: dict[str, Callable[[], Awaitable[object]]] = {
+                "get_workflow": lambda: store.get_workflow("wf-1"),
+                "save": lambda: store.save(tasks=[task("a", status=TaskStatus.RUNNING)]),
+                "insert_workflow": lambda: store.insert_workflow(workflow("wf-2"), []),
+                "mark_dispatched": lambda: store.mark_dispatched([("wf-1", "a")]),
+            }
+            for name, call in calls.items():
+                partition.cut = True
+                started = time.monotonic()
+                with pytest.raises(StoreError, match="failed"):
+                    await asyncio.wait_for(call(), timeout=10)
+                assert time.monotonic() - started < 5, name
+
+            # Once the network is back, the same store works again.
+            partition.cut = False
+            assert (await store.get_tasks("wf-1"))["a"] == task("a")
+        finally:
+            partition.cut = False
+            await store.purge()
+            await store.__aexit__(None, None, None)
+
+
+def test_redis_store_refuses_non_positive_timeouts() -> None:
+    from fabric.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        RedisStore("redis://127.0.0.1:6379/0", socket_timeout=0)
+    with pytest.raises(ConfigError):
+        RedisStore("redis://127.0.0.1:6379/0", connect_timeout=-1)
