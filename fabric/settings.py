@@ -53,6 +53,9 @@ class RouterSettings(_Section):
     default_max_attempts: int = Field(default=3, ge=1, le=100)
     #: How long a publish may wait for the broker's confirm.
     publish_timeout_s: float = Field(default=30.0, gt=0)
+    #: While active, how often the router republishes ready tasks and announces finished workflows
+    #: whose publish failed earlier (a broker hiccup must not strand a workflow until a restart).
+    recovery_interval_s: float = Field(default=15.0, gt=0)
 
 
 class WorkerSettings(_Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any, Self
 
@@ -29,13 +30,15 @@ from fabric.protocol import codec
 from fabric.protocol.messages import Accepted, Completed, Submission
 from fabric.settings import FabricSettings, load_settings
 from fabric.topology import names, spec
-from fabric.transport.amqp import AmqpConnection, Delivery
+from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 
 #: Called with each task notification ({"workflow_id", "task_id", "status", "attempts", "agent", "error"}).
 TaskListener = Callable[[dict[str, Any]], None]
 
 #: How many finished workflows' documents the client remembers for a later ``wait``.
 _COMPLETED_CACHE = 10_000
+#: How many of its own submissions the client remembers (older ones are waited for through notify).
+_SUBMITTED_MEMORY = 100_000
 
 
 class FabricClient:
@@ -53,9 +56,15 @@ class FabricClient:
         self._amqp = AmqpConnection(
             self.settings.amqp_url.get_secret_value(), name=f"fabric-client:{self.ns}"
         )
-        self._reply_queue: str | None = None
+        self._reply: Consumer | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._completions: dict[str, asyncio.Future[Completed]] = {}
+        #: Futures of the workflows someone is waiting for right now.
+        self._waiters: dict[str, asyncio.Future[Completed]] = {}
+        #: Completed documents that arrived while nobody waited (bounded, oldest dropped first).
+        self._finished: OrderedDict[str, Completed] = OrderedDict()
+        #: Workflows this client submitted: their ``completed`` document comes to our reply queue.
+        self._submitted: OrderedDict[str, None] = OrderedDict()
+        self._wait_counts: Counter[str] = Counter()
         self._followed: set[str] = set()
         self._listeners: dict[str, list[TaskListener]] = {}
         self._state = "new"
@@ -69,8 +78,7 @@ class FabricClient:
             # Declaring the core topology lets a client submit before any router ever ran: the
             # submission waits in {ns}.router.submit.
             await self._amqp.declare(spec.core(self.ns))
-            self._reply_queue = await self._amqp.declare_reply_queue()
-            await self._amqp.consume(self._reply_queue, self._on_reply, prefetch=1000)
+            self._reply = await self._amqp.reply_queue(self._on_reply, prefetch=1000)
         except BaseException:
             await self._amqp.close()
             self._state = "closed"
@@ -79,16 +87,16 @@ class FabricClient:
 
     async def __aexit__(self, *exc: object) -> None:
         self._state = "closed"
-        futures: list[asyncio.Future[Any]] = [*self._pending.values(), *self._completions.values()]
+        futures: list[asyncio.Future[Any]] = [*self._pending.values(), *self._waiters.values()]
         for future in futures:
             if not future.done():
                 future.cancel()
         await self._amqp.close()
 
-    def _require(self) -> str:
-        if self._state != "open" or self._reply_queue is None:
+    def _require(self) -> Consumer:
+        if self._state != "open" or self._reply is None:
             raise NotConnectedError("FabricClient is not open: use 'async with FabricClient(...) as client'")
-        return self._reply_queue
+        return self._reply
 
     # -- replies ----------------------------------------------------------------------------------
 
@@ -113,19 +121,20 @@ class FabricClient:
             future.set_result(doc)
 
     def _completed(self, document: Completed) -> None:
-        future = self._completions.get(document.workflow_id)
-        if future is None:
-            if len(self._completions) >= _COMPLETED_CACHE:
-                self._completions.pop(next(iter(self._completions)))
-            future = asyncio.get_running_loop().create_future()
-            self._completions[document.workflow_id] = future
-        if not future.done():
-            future.set_result(document)
+        future = self._waiters.get(document.workflow_id)
+        if future is not None:
+            if not future.done():
+                future.set_result(document)
+            return
+        self._finished[document.workflow_id] = document
+        self._finished.move_to_end(document.workflow_id)
+        while len(self._finished) > _COMPLETED_CACHE:
+            self._finished.popitem(last=False)
 
     async def _request(
         self, exchange: str, routing_key: str, body: bytes, content_type: str, message_id: str | None
     ) -> dict[str, Any]:
-        reply_queue = self._require()
+        reply_queue = self._require().queue_name
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
@@ -141,9 +150,15 @@ class FabricClient:
             )
             return await asyncio.wait_for(future, self.reply_timeout_s)
         except TimeoutError as exc:
+            queued = (
+                f"; the submission stays queued in {names.submit_queue(self.ns)} "
+                "and is admitted when a router runs"
+                if exchange == names.submit_exchange(self.ns)
+                else ""
+            )
             raise WaitTimeout(
                 f"no answer from the router within {self.reply_timeout_s:g}s "
-                f"(is `fabric router` running for namespace {self.ns!r}?)"
+                f"(is `fabric router` running for namespace {self.ns!r}?){queued}"
             ) from exc
         finally:
             self._pending.pop(correlation_id, None)
@@ -194,46 +209,65 @@ class FabricClient:
                 errors=reply.get("errors"),
             )
         accepted = Accepted.model_validate(reply)
-        # The router sends the ``completed`` document to our reply queue too, so waiting needs no binding.
-        self._completions.setdefault(accepted.workflow_id, asyncio.get_running_loop().create_future())
+        # The router sends the ``completed`` document to our reply queue, so waiting needs no binding.
+        self._submitted[accepted.workflow_id] = None
+        while len(self._submitted) > _SUBMITTED_MEMORY:
+            self._submitted.popitem(last=False)
         if on_task is not None and not isinstance(workflow_id, str):
             await self._follow(accepted.workflow_id, on_task)
         return accepted
 
     async def _follow(self, workflow_id: str, on_task: TaskListener | None) -> None:
-        reply_queue = self._require()
-        self._completions.setdefault(workflow_id, asyncio.get_running_loop().create_future())
+        reply = self._require()
         if on_task is not None:
-            self._listeners.setdefault(workflow_id, []).append(on_task)
-            await self._amqp.bind(reply_queue, names.notify_exchange(self.ns), f"task.{workflow_id}.#")
+            listeners = self._listeners.setdefault(workflow_id, [])
+            if on_task not in listeners:
+                listeners.append(on_task)
+                await reply.bind(names.notify_exchange(self.ns), f"task.{workflow_id}.#")
         if workflow_id not in self._followed:
             self._followed.add(workflow_id)
-            await self._amqp.bind(reply_queue, names.notify_exchange(self.ns), f"workflow.{workflow_id}.*")
+            await reply.bind(names.notify_exchange(self.ns), f"workflow.{workflow_id}.*")
 
     async def wait(
         self, workflow_id: str, *, timeout_s: float | None = None, on_task: TaskListener | None = None
     ) -> Completed:
         """Wait until the workflow finishes and return its ``completed`` document.
 
+        Works for workflows submitted by any client: one not submitted through this client is followed
+        through ``{ns}.notify`` and asked for once, in case it finished already.
+
         Raises:
             WorkflowNotFound: the router knows no such workflow.
             WaitTimeout: it did not finish within ``timeout_s``.
         """
-        future = self._completions.get(workflow_id)
+        self._require()
+        finished = self._finished.pop(workflow_id, None)
+        if finished is not None:
+            return finished
+        future = self._waiters.get(workflow_id)
         if future is None:
-            # Not submitted through this client: follow its notifications, then ask once in case it
-            # finished before we started following.
-            await self._follow(workflow_id, on_task)
-            future = self._completions[workflow_id]
-            data = await self.query("result", workflow_id)
-            if data is None:
-                raise WorkflowNotFound(workflow_id)
-            if isinstance(data, dict) and data.get("kind") == "completed":
-                self._completed(Completed.model_validate(data))
+            future = asyncio.get_running_loop().create_future()
+            self._waiters[workflow_id] = future
+        self._wait_counts[workflow_id] += 1
         try:
+            if on_task is not None or workflow_id not in self._submitted:
+                await self._follow(workflow_id, on_task)
+            if workflow_id not in self._submitted:
+                data = await self.query("result", workflow_id)
+                if data is None:
+                    raise WorkflowNotFound(workflow_id)
+                if isinstance(data, dict) and data.get("kind") == "completed":
+                    self._completed(Completed.model_validate(data))
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError as exc:
             raise WaitTimeout(f"workflow {workflow_id} did not finish within {timeout_s:g}s") from exc
+        finally:
+            # The last waiter forgets the workflow; a document arriving later lands in _finished.
+            self._wait_counts[workflow_id] -= 1
+            if self._wait_counts[workflow_id] <= 0:
+                del self._wait_counts[workflow_id]
+                self._waiters.pop(workflow_id, None)
+                self._listeners.pop(workflow_id, None)
 
     async def run(
         self,

@@ -52,10 +52,30 @@ def encode(value: Any, content_type: str = MSGPACK) -> bytes:
     """
     try:
         if normalize_content_type(content_type) == JSON:
-            return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+            try:
+                return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+            except TypeError:
+                # Map keys JSON cannot have (bytes, tuples from msgpack): carry them as text.
+                return json.dumps(_json_keys(value), default=_json_default, separators=(",", ":")).encode()
         return msgpack.packb(value, use_bin_type=True, default=_msgpack_default)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise ProtocolError(f"cannot encode value as {content_type}: {exc}") from exc
+
+
+def _json_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_json_key(k): _json_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_keys(v) for v in value]
+    return value
+
+
+def _json_key(key: Any) -> str | int | float | bool | None:
+    if isinstance(key, str | int | float | bool) or key is None:
+        return key
+    if isinstance(key, bytes | bytearray):
+        return bytes(key).decode("utf-8", "replace")
+    return str(key)
 
 
 def _msgpack_default(value: Any) -> Any:

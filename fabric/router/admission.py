@@ -95,6 +95,14 @@ def admit(
             f"workflow has {len(submission.tasks)} tasks; the limit is {max_tasks}",
             submission.workflow_id,
         )
+    if kind == codec.JSON:
+        # JSON numbers are unbounded; the store and the task messages are msgpack, which is not.
+        try:
+            codec.encode(data)
+        except ProtocolError as exc:
+            raise Refusal(
+                RejectReason.INVALID, f"a value cannot be carried: {exc}", submission.workflow_id
+            ) from exc
     try:
         graph = build_graph(submission.tasks)
     except GraphError as exc:

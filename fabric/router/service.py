@@ -30,6 +30,7 @@ from fabric.errors import (
     ProtocolError,
     PublishError,
     StoreError,
+    TopologyMismatch,
     TransportError,
 )
 from fabric.health import HealthServer, render_counters, serve_health
@@ -59,6 +60,9 @@ log = logging.getLogger("fabric.router")
 #: Pause before a message whose processing failed on a store or broker error is requeued, so an
 #: outage does not turn into a hot redelivery loop.
 _REQUEUE_PAUSE_S = 1.0
+
+#: Most resubmitting clients a workflow remembers to send its completed document to.
+_MAX_SUBSCRIBERS = 16
 
 _FAILED_STATES = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.UPSTREAM_FAILED})
 
@@ -116,6 +120,9 @@ class Router:
         self._health: HealthServer | None = None
         self._locks = _KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._active = False
+        self._agent_first_seen: dict[str, float] = {}
         self._started = False
         self._closed = asyncio.Event()
         #: Counters of what this router did since start (exposed through RPC ``ping``).
@@ -166,6 +173,7 @@ class Router:
         except BaseException:
             await self._shutdown()
             raise
+        self._background(self._recovery_loop(), "periodic recovery")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
 
@@ -173,6 +181,8 @@ class Router:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self._health is not None:
             await self._health.__aexit__(None, None, None)
         for consumer in self._consumers:
@@ -214,22 +224,38 @@ class Router:
     # -- recovery ---------------------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        """Publish tasks stored as ready but never confirmed; announce finished, unannounced workflows."""
-        republished = 0
+        """Publish tasks stored as ready but never confirmed; announce finished, unannounced workflows.
+
+        Runs at start, when this router becomes the active one, periodically while it is active, and
+        never stops start-up: a workflow it cannot repair now is logged and tried again next time.
+        """
+        republished = announced = 0
+        attempted: set[tuple[str, str]] = set()
         while True:
-            batch = await self._store.undispatched(limit=500)
+            batch = [t for t in await self._store.undispatched(limit=500) if t.key not in attempted]
             if not batch:
                 break
-            by_workflow: dict[str, list[TaskRecord]] = {}
-            for task in batch:
-                by_workflow.setdefault(task.workflow_id, []).append(task)
-            for tasks in by_workflow.values():
-                await self._dispatch(tasks)
-            republished += len(batch)
-        announced = 0
-        for workflow in await self._store.unnotified():
-            await self._announce(workflow)
-            announced += 1
+            attempted.update(t.key for t in batch)
+            for workflow_id in dict.fromkeys(t.workflow_id for t in batch):
+                try:
+                    republished += await self._reconcile(workflow_id, announce=False)
+                except Exception as exc:
+                    log.error("recovery of workflow %s failed (will try again): %s", workflow_id, exc)
+        seen: set[str] = set()
+        while True:
+            finished = [w for w in await self._store.unnotified(limit=500) if w.workflow_id not in seen]
+            if not finished:
+                break
+            for workflow in finished:
+                seen.add(workflow.workflow_id)
+                try:
+                    async with self._locks.hold(workflow.workflow_id):
+                        current = await self._store.get_workflow(workflow.workflow_id)
+                        if current is not None and current.status.terminal and not current.notified:
+                            await self._announce(current)
+                            announced += 1
+                except Exception as exc:
+                    log.error("announcing workflow %s failed (will try again): %s", workflow.workflow_id, exc)
         if republished or announced:
             log.info(
                 "recovery: published %d pending tasks, announced %d finished workflows",
@@ -237,11 +263,55 @@ class Router:
                 announced,
             )
 
+    async def _reconcile(self, workflow_id: str, *, announce: bool = True) -> int:
+        """Finish what a failed or interrupted step left undone for one workflow: publish its ready,
+        unconfirmed tasks and announce it if it finished unannounced. Returns the tasks published."""
+        async with self._locks.hold(workflow_id):
+            tasks = await self._store.get_tasks(workflow_id)
+            pending = [t for t in tasks.values() if t.status is TaskStatus.QUEUED and not t.dispatched]
+            await self._dispatch(pending)
+            if announce:
+                workflow = await self._store.get_workflow(workflow_id)
+                if workflow is not None and workflow.status.terminal and not workflow.notified:
+                    await self._announce(workflow)
+            return len(pending)
+
+    async def _recovery_loop(self) -> None:
+        """While this router is the active one, repair what failed steps left behind, every interval."""
+        interval = self.settings.router.recovery_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self._active:
+                try:
+                    await self._recover()
+                except Exception as exc:
+                    log.error("periodic recovery failed: %s", exc)
+
+    def _became_active(self) -> None:
+        """The first submission or event proves this router is the active one (single active consumer):
+        a standby that just took over repairs what its predecessor left."""
+        if self._active:
+            return
+        self._active = True
+        self._background(self._recover(), "recovery on becoming active")
+
+    def _background(self, coro: Any, what: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.error("%s failed: %s", what, exc)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- submissions ------------------------------------------------------------------------------
 
     async def _on_submission(self, delivery: Delivery) -> None:
         self.stats["submissions"] += 1
-        await self._guarded(delivery, self._submission(delivery))
+        self._became_active()
+        await self._guarded(delivery, self._submission(delivery), reply_on_bug=True)
 
     async def _submission(self, delivery: Delivery) -> None:
         reply_type = codec.normalize_content_type(delivery.content_type) or codec.JSON
@@ -318,6 +388,17 @@ class Router:
             if t.status is TaskStatus.QUEUED and not t.dispatched
         ]
         await self._dispatch(pending)
+        subscriber = [delivery.reply_to or "", delivery.correlation_id or ""]
+        if (
+            not existing.status.terminal
+            and delivery.reply_to
+            and delivery.reply_to != existing.reply_to
+            and subscriber not in existing.subscribers
+            and len(existing.subscribers) < _MAX_SUBSCRIBERS
+        ):
+            # This client waits too: it gets the completed document when the workflow finishes.
+            existing.subscribers.append(subscriber)
+            await self._store.save(workflows=[existing])
         accepted = Accepted(workflow_id=existing.workflow_id, tasks=existing.task_count)
         await self._reply(
             delivery.reply_to, delivery.correlation_id, accepted.model_dump(mode="json"), new.content_type
@@ -330,32 +411,59 @@ class Router:
     # -- dispatch ---------------------------------------------------------------------------------
 
     async def _dispatch(self, tasks: Iterable[TaskRecord]) -> None:
-        """Publish ready tasks (confirmed, pipelined), then record them as dispatched in one batch."""
+        """Publish ready tasks (confirmed, pipelined), then flag them dispatched.
+
+        A task whose capability queue cannot be declared (it exists with other arguments) fails with
+        that reason instead of blocking its workflow; other publish failures raise, so the message that
+        caused this is redelivered (or recovery retries), and nothing already confirmed is published twice.
+        """
         tasks = list(tasks)
         if not tasks:
             return
+        undeliverable: dict[str, TopologyMismatch] = {}
+        for capability in dict.fromkeys(t.capability for t in tasks):
+            try:
+                await self._amqp.declare(spec.capability(self.ns, capability))
+            except TopologyMismatch as exc:
+                undeliverable[capability] = exc
+        deliverable = [t for t in tasks if t.capability not in undeliverable]
         workflow_id = tasks[0].workflow_id
-        upstream_ids = {dep for t in tasks for dep in t.depends_on}
+        upstream_ids = {dep for t in deliverable for dep in t.depends_on}
         upstream = await self._store.get_tasks(workflow_id, upstream_ids) if upstream_ids else {}
         outcomes = await asyncio.gather(
             *(
                 self._publish_task(t, {d: upstream[d].result for d in t.depends_on if d in upstream})
-                for t in tasks
+                for t in deliverable
             ),
             return_exceptions=True,
         )
+        confirmed = [t for t, outcome in zip(deliverable, outcomes, strict=True) if outcome is None]
+        for task in confirmed:
+            task.dispatched = True
+        await self._store.mark_dispatched([t.key for t in confirmed])
+        self.stats["dispatched"] += len(confirmed)
+        for task in tasks:
+            if task.capability in undeliverable:
+                await self._fail_by_router(task, "TopologyMismatch", str(undeliverable[task.capability]))
         failures = [o for o in outcomes if isinstance(o, BaseException)]
-        for task, outcome in zip(tasks, outcomes, strict=True):
-            if outcome is None:
-                task.dispatched = True
-        await self._store.save(tasks=[t for t in tasks if t.dispatched])
-        self.stats["dispatched"] += sum(1 for t in tasks if t.dispatched)
         if failures:
-            # Not acked: the broker redelivers the message that caused this, or recovery retries it.
             raise failures[0]
 
+    async def _fail_by_router(self, task: TaskRecord, error_type: str, message: str) -> None:
+        """End ``task`` as failed for a reason found by the router itself (no worker ever ran it)."""
+        log.error("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, error_type, message)
+        event = TaskEvent(
+            workflow_id=task.workflow_id,
+            task_id=task.task_id,
+            attempt=max(task.attempts, 1),
+            agent_id="router",
+            status=EventStatus.FAILED,
+            error=ErrorInfo(type=error_type, message=message),
+            at=time.time(),
+        )
+        await self._finished(task, event, TaskStatus.FAILED)
+
     async def _publish_task(self, task: TaskRecord, upstream: dict[str, Any]) -> None:
-        await self._amqp.declare(spec.capability(self.ns, task.capability))
         attempt = task.attempts + 1
         task_headers: dict[str, Any] = {
             headers.WORKFLOW_ID: task.workflow_id,
@@ -392,6 +500,7 @@ class Router:
 
     async def _on_event(self, delivery: Delivery) -> None:
         self.stats["events"] += 1
+        self._became_active()
         await self._guarded(delivery, self._event(delivery))
 
     async def _event(self, delivery: Delivery) -> None:
@@ -405,12 +514,16 @@ class Router:
         await self._record_event(delivery, event)
 
     async def _record_event(self, delivery: Delivery, event: TaskEvent) -> None:
+        unknown = reconcile = False
         async with self._locks.hold(event.workflow_id):
             found = await self._store.get_tasks(event.workflow_id, [event.task_id])
             task = found.get(event.task_id)
             if task is None:
-                log.warning("event for unknown task %s/%s ignored", event.workflow_id, event.task_id)
+                unknown = True
             elif task.status.terminal:
+                # A redelivered event for a finished task: the router may have died (or a publish
+                # failed) between recording it and releasing dependents or announcing: finish that.
+                reconcile = delivery.redelivered
                 log.debug(
                     "late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id
                 )
@@ -428,6 +541,15 @@ class Router:
                 await self._transition(task, event, TaskStatus.RETRYING)
             elif event.status is EventStatus.ESCALATED:
                 await self._transition(task, event, TaskStatus.ESCALATED)
+        if unknown:
+            # Not acked into silence: a store that lost the workflow (or another fabric's event) is
+            # something an operator must see.
+            await self._park(
+                delivery, "unknown_task", f"no task {event.workflow_id}/{event.task_id} in the state store"
+            )
+            return
+        if reconcile:
+            await self._reconcile(event.workflow_id)
         await delivery.ack()
 
     async def _record_start(self, task: TaskRecord, event: TaskEvent) -> None:
@@ -464,6 +586,8 @@ class Router:
         if status is TaskStatus.SUCCEEDED:
             dependents = await self._store.get_tasks(task.workflow_id, task.dependents)
             for dependent in dependents.values():
+                if dependent.status.terminal:
+                    continue  # already ended (upstream_failed through another dependency)
                 dependent.pending_deps -= 1
                 if dependent.pending_deps <= 0 and dependent.status is TaskStatus.WAITING:
                     dependent.status = TaskStatus.QUEUED
@@ -545,6 +669,10 @@ class Router:
         body = codec.encode(document, workflow.content_type)
         await asyncio.gather(
             self._reply_raw(workflow.reply_to, workflow.correlation_id, body, workflow.content_type),
+            *(
+                self._reply_raw(to, corr or None, body, workflow.content_type)
+                for to, corr in workflow.subscribers
+            ),
             self._amqp.publish(
                 names.notify_exchange(self.ns),
                 names.workflow_notify_key(workflow.workflow_id, str(workflow.status)),
@@ -688,16 +816,17 @@ class Router:
             breakers=beat.breakers,
             last_seen=beat.at,
         )
+        first_seen = self._agent_first_seen.setdefault(beat.agent_id, beat.at)
+        if len(self._agent_first_seen) > 10_000:
+            self._agent_first_seen.clear()  # bounded; first_seen then restarts from the next beat
+        record.first_seen = first_seen
         with contextlib.suppress(StoreError):
-            known = {a.agent_id: a for a in await self._store.list_agents()}
-            if beat.agent_id in known:
-                record.first_seen = known[beat.agent_id].first_seen
             await self._store.put_agent(record)
         await delivery.ack()
 
     # -- failure handling of the router itself ----------------------------------------------------
 
-    async def _guarded(self, delivery: Delivery, work: Any) -> None:
+    async def _guarded(self, delivery: Delivery, work: Any, *, reply_on_bug: bool = False) -> None:
         """Run ``work``; on a store or broker failure requeue the message after a pause, on a bug park it."""
         task = asyncio.current_task()
         if task is not None:
@@ -708,6 +837,22 @@ class Router:
             await self._requeue_later(delivery, exc)
         except Exception as exc:
             log.critical("router failed on message %s; parking it", delivery.message_id, exc_info=True)
+            if reply_on_bug:
+                # The submitter must not wait forever: tell it, and keep the message for inspection.
+                refusal = Rejected(
+                    workflow_id=None,
+                    reason=RejectReason.INVALID,
+                    detail=f"the router could not process this submission ({type(exc).__name__}: {exc}); "
+                    f"it was parked in {names.dead_queue(self.ns)}",
+                )
+                with contextlib.suppress(Exception):
+                    reply_type = codec.normalize_content_type(delivery.content_type) or codec.JSON
+                    await self._reply(
+                        delivery.reply_to,
+                        delivery.correlation_id,
+                        refusal.model_dump(mode="json"),
+                        reply_type,
+                    )
             await self._park(delivery, "router_error", f"{type(exc).__name__}: {exc}")
         finally:
             if task is not None:

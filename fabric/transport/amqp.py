@@ -6,6 +6,7 @@ publishing, consuming and settling deliveries; never of aio-pika objects.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -129,8 +130,26 @@ class Consumer:
 
     @property
     def healthy(self) -> bool:
-        """True while the consumer is subscribed on an open channel."""
-        return self.active and not self._channel.is_closed
+        """True while the broker delivers to this consumer: subscribed on the current, open channel.
+
+        After a reconnect the robust channel re-subscribes; until it has, this is False.
+        """
+        if not self.active or self._channel.is_closed:
+            return False
+        # aio-pika offers the underlying aiormq channel only through a coroutine or a deprecated
+        # property; a health check must stay synchronous and quiet, so read the attribute it wraps.
+        underlay = getattr(self._channel, "_channel", None)
+        underlying = getattr(underlay, "channel", None)
+        return self._tag in getattr(underlying, "consumers", {})
+
+    async def bind(self, exchange: str, routing_key: str) -> None:
+        """Bind this consumer's queue; the binding is restored after a reconnect."""
+        try:
+            await self._queue.bind(exchange, routing_key)
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(
+                f"cannot bind {self.queue_name} to {exchange} ({routing_key}): {exc}"
+            ) from exc
 
     async def cancel(self) -> None:
         if not self.active:
@@ -163,6 +182,7 @@ class AmqpConnection:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._declared: set[ExchangeSpec | QueueSpec | BindingSpec] = set()
         self._consumers: list[Consumer] = []
+        self._declare_lock = asyncio.Lock()
         self._closed = False
 
     async def __aenter__(self) -> AmqpConnection:
@@ -220,6 +240,9 @@ class AmqpConnection:
     async def declare(self, topology: Topology) -> None:
         """Declare every exchange, queue and binding of ``topology`` (idempotent, cached).
 
+        Concurrent callers share one declaration: the cache is checked again under a lock, so a burst
+        of publishes to a new capability opens one channel, not one per publish.
+
         Raises:
             TopologyMismatch: something exists with other arguments (drift); the message says what.
         """
@@ -229,22 +252,25 @@ class AmqpConnection:
             *topology.queues,
             *topology.bindings,
         ]
-        todo = [item for item in items if item not in self._declared]
-        if not todo:
+        if all(item in self._declared for item in items):
             return
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            for item in todo:
-                try:
-                    await self._declare_one(channel, item)
-                except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    raise TopologyMismatch(_item_name(item), _precondition_text(exc)) from exc
-                except aiormq.exceptions.AMQPError as exc:
-                    raise TransportError(f"declaring {_item_name(item)} failed: {exc}") from exc
-                self._declared.add(item)
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+        async with self._declare_lock:
+            todo = [item for item in items if item not in self._declared]
+            if not todo:
+                return
+            channel = await connection.channel(publisher_confirms=False)
+            try:
+                for item in todo:
+                    try:
+                        await self._declare_one(channel, item)
+                    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                        raise TopologyMismatch(_item_name(item), _precondition_text(exc)) from exc
+                    except aiormq.exceptions.AMQPError as exc:
+                        raise TransportError(f"declaring {_item_name(item)} failed: {exc}") from exc
+                    self._declared.add(item)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
 
     async def _declare_one(
         self, channel: AbstractChannel, item: ExchangeSpec | QueueSpec | BindingSpec
@@ -261,19 +287,6 @@ class AmqpConnection:
         """Drop ``topology`` from the declare cache, so the next :meth:`declare` asks the broker again."""
         for item in (*topology.exchanges, *topology.queues, *topology.bindings):
             self._declared.discard(item)
-
-    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
-        """Bind ``queue`` to ``exchange`` with ``routing_key`` (for reply queues following notifications)."""
-        connection, _ = self._require()
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            declared = await channel.get_queue(queue, ensure=False)
-            await declared.bind(exchange, routing_key)
-        except aiormq.exceptions.AMQPError as exc:
-            raise TransportError(f"cannot bind {queue} to {exchange} ({routing_key}): {exc}") from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
 
     async def check(self, topology: Topology) -> list[str]:
         """Compare ``topology`` with the broker without creating anything; return the problems found."""
@@ -418,45 +431,76 @@ class AmqpConnection:
         callback: DeliveryCallback,
         *,
         prefetch: int,
-        arguments: Mapping[str, Any] | None = None,
-        exclusive: bool = False,
     ) -> Consumer:
         """Consume ``queue`` on a channel of its own with ``prefetch`` unacked deliveries at most.
 
         The callback runs once per delivery, concurrently up to ``prefetch``; it must settle the delivery.
+        The consumer is re-subscribed after a reconnect.
+        """
+        consumers = await self.consume_many({queue: callback}, prefetch=prefetch)
+        return consumers[0]
+
+    async def consume_many(
+        self, callbacks: Mapping[str, DeliveryCallback], *, prefetch: int
+    ) -> list[Consumer]:
+        """Consume several queues on one channel sharing one ``prefetch`` limit (channel-wide QoS).
+
+        A worker serving several capabilities holds at most ``prefetch`` unacked tasks in all, so it
+        never hoards work that idle workers could take.
+        """
+        connection, _ = self._require()
+        consumers = []
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            # global_=True: RabbitMQ applies the limit to the channel, shared by all its consumers.
+            await channel.set_qos(prefetch_count=prefetch, global_=len(callbacks) > 1)
+            for queue, callback in callbacks.items():
+                # A passive declare registers the queue with the robust channel, which re-subscribes
+                # its consumers after a reconnect (get_queue(ensure=False) would not).
+                declared = await channel.declare_queue(queue, passive=True)
+                tag = await declared.consume(_guard_callback(queue, callback))
+                consumers.append(Consumer(declared, tag, channel))
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyMismatch(queue, "queue does not exist (declare the topology first)") from exc
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot consume {queue}: {exc}") from exc
+        self._consumers.extend(consumers)
+        return consumers
+
+    async def reply_queue(self, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
+        """Declare an exclusive, auto-named queue and consume it (for replies and followed notifications).
+
+        It disappears with the connection and is declared again, with its bindings and consumer, after a
+        reconnect.
         """
         connection, _ = self._require()
         try:
             channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
-            declared = await channel.get_queue(queue, ensure=False)
-
-            async def on_message(message: AbstractIncomingMessage) -> None:
-                delivery = Delivery(message)
-                try:
-                    await callback(delivery)
-                except Exception:
-                    # A callback must settle its delivery; if it crashed we requeue so nothing is lost.
-                    log.exception(
-                        "consumer of %s crashed on message %s; requeueing it", queue, delivery.message_id
-                    )
-                    await delivery.nack(requeue=True)
-
-            tag = await declared.consume(on_message, arguments=dict(arguments or {}), exclusive=exclusive)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise TopologyMismatch(queue, "queue does not exist (declare the topology first)") from exc
+            declared = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            tag = await declared.consume(_guard_callback(declared.name, callback))
         except aiormq.exceptions.AMQPError as exc:
-            raise TransportError(f"cannot consume {queue}: {exc}") from exc
+            raise TransportError(f"cannot declare a reply queue: {exc}") from exc
         consumer = Consumer(declared, tag, channel)
         self._consumers.append(consumer)
         return consumer
 
-    async def declare_reply_queue(self) -> str:
-        """Declare an exclusive, server-named queue for replies; it disappears with the connection."""
-        connection, _ = self._require()
-        channel = await connection.channel(publisher_confirms=False)
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        return queue.name
+
+def _guard_callback(
+    queue: str, callback: DeliveryCallback
+) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        delivery = Delivery(message)
+        try:
+            await callback(delivery)
+        except Exception:
+            # Callbacks settle their own deliveries and guard their own errors; reaching here is a bug.
+            # Requeueing keeps the message; the pause keeps a persistent bug from spinning hot.
+            log.exception("consumer of %s crashed on message %s; requeueing it", queue, delivery.message_id)
+            await asyncio.sleep(1.0)
+            await delivery.nack(requeue=True)
+
+    return on_message
 
 
 def _is_ack(confirm: Any) -> bool:

@@ -39,10 +39,6 @@ async def test_router_killed_mid_workflow_restarts_without_loss(
     # Follow every task notification, to count terminal states per task across the crash.
     succeeded: Counter[str] = Counter()
     router = await fleet.router("router-1")
-    notes = await broker.declare_reply_queue()
-    await broker.bind(notes, names.notify_exchange(settings.namespace), f"task.{workflow_id}.#")
-
-    await broker.bind(notes, names.notify_exchange(settings.namespace), f"workflow.{workflow_id}.*")
     announced: list[str] = []
 
     async def on_note(delivery: Delivery) -> None:
@@ -53,7 +49,9 @@ async def test_router_killed_mid_workflow_restarts_without_loss(
             succeeded[note["task_id"]] += 1
         await delivery.ack()
 
-    await broker.consume(notes, on_note, prefetch=500)
+    notes = await broker.reply_queue(on_note, prefetch=500)
+    await notes.bind(names.notify_exchange(settings.namespace), f"task.{workflow_id}.#")
+    await notes.bind(names.notify_exchange(settings.namespace), f"workflow.{workflow_id}.*")
     await fleet.worker("w1", concurrency=4, queue="demo.sum")
     await fleet.worker("w2", concurrency=4, queue="demo.sum")
     async with FabricClient(settings, reply_timeout_s=120) as client:
