@@ -31,16 +31,16 @@ test-fault: $(STAMP) services  ## only the long fault scenarios (kill -9, cut co
 	$(PYTHON) -m pytest -m fault $(PYTEST_ARGS)
 
 fmt: $(STAMP)  ## format the code
-	$(PYTHON) -m ruff format fabric workers tests
-	$(PYTHON) -m ruff check --fix fabric workers tests
+	$(PYTHON) -m ruff format fabric workers tests bench
+	$(PYTHON) -m ruff check --fix fabric workers tests bench
 
 lint: $(STAMP)  ## ruff, format check and the import-linter contracts
-	$(PYTHON) -m ruff check fabric workers tests
-	$(PYTHON) -m ruff format --check fabric workers tests
+	$(PYTHON) -m ruff check fabric workers tests bench
+	$(PYTHON) -m ruff format --check fabric workers tests bench
 	lint-imports
 
 type: $(STAMP)  ## mypy --strict on the package and the example workers
-	$(PYTHON) -m mypy fabric workers
+	$(PYTHON) -m mypy fabric workers bench
 
 check: lint type test  ## everything CI runs
 
@@ -58,3 +58,11 @@ run-worker: $(STAMP)  ## run a demo worker against the local broker
 
 clean:  ## remove caches and local state
 	rm -rf .make .pytest_cache .mypy_cache .ruff_cache .hypothesis fabric.db fabric.db-*
+
+.PHONY: bench bench-quick
+BENCH_ARGS ?=
+bench: $(STAMP) services  ## benchmark fabric against the raw aio-pika baseline (3 rounds); writes bench/RESULTS.md
+	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(STAMP) services  ## one tiny benchmark round: a smoke run that checks correctness only
+	$(PYTHON) -m bench.run --quick
