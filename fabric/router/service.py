@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Self
@@ -61,6 +62,9 @@ log = logging.getLogger("fabric.router")
 #: outage does not turn into a hot redelivery loop.
 _REQUEUE_PAUSE_S = 1.0
 
+#: Task notifications in flight at most; beyond, progress signals are dropped rather than queued.
+_MAX_PENDING_NOTES = 10_000
+
 #: Most resubmitting clients a workflow remembers to send its completed document to.
 _MAX_SUBSCRIBERS = 16
 
@@ -86,6 +90,59 @@ class _KeyedLocks:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+
+class _Work:
+    """The records one batch of changes touches: loaded from the store once, saved together."""
+
+    def __init__(self, store: StateStore, workflow_id: str) -> None:
+        self.store = store
+        self.workflow_id = workflow_id
+        self.tasks: dict[str, TaskRecord] = {}
+        self.changed: dict[str, TaskRecord] = {}
+        #: Task notifications to send after the commit, as they were at each change.
+        self.notes: list[dict[str, Any]] = []
+        self.released: list[TaskRecord] = []
+        self.workflow: WorkflowRecord | None = None
+        self.workflow_changed = False
+        self._all_loaded = False
+
+    async def load(self, task_ids: Iterable[str]) -> list[TaskRecord]:
+        """The records of ``task_ids`` (unknown ids left out), reading only those not loaded yet."""
+        ids = list(task_ids)
+        missing = [i for i in ids if i not in self.tasks]
+        if missing and not self._all_loaded:
+            self.tasks.update(await self.store.get_tasks(self.workflow_id, missing))
+        return [self.tasks[i] for i in ids if i in self.tasks]
+
+    async def load_all(self) -> dict[str, TaskRecord]:
+        if not self._all_loaded:
+            stored = await self.store.get_tasks(self.workflow_id)
+            stored.update(self.tasks)  # what this batch changed wins over the stored versions
+            self.tasks = stored
+            self._all_loaded = True
+        return self.tasks
+
+    async def get_workflow(self) -> WorkflowRecord:
+        if self.workflow is None:
+            self.workflow = await self.store.get_workflow(self.workflow_id)
+            if self.workflow is None:
+                raise StoreError(f"workflow {self.workflow_id} has tasks but no workflow record")
+        return self.workflow
+
+    def touch(self, task: TaskRecord, *, notify: bool = True) -> None:
+        self.changed[task.task_id] = task
+        if notify:
+            self.notes.append(
+                {
+                    "workflow_id": task.workflow_id,
+                    "task_id": task.task_id,
+                    "status": str(task.status),
+                    "attempts": task.attempts,
+                    "agent": task.agent,
+                    "error": task.error,
+                }
+            )
 
 
 class Router:
@@ -121,6 +178,8 @@ class Router:
         self._locks = _KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._notes: set[asyncio.Task[None]] = set()
+        self._event_queue: dict[str, list[tuple[Delivery, TaskEvent]]] = {}
         self._active = False
         self._agent_first_seen: dict[str, float] = {}
         self._started = False
@@ -263,18 +322,23 @@ class Router:
                 announced,
             )
 
-    async def _reconcile(self, workflow_id: str, *, announce: bool = True) -> int:
+    async def _reconcile(self, workflow_id: str, *, announce: bool = True, locked: bool = False) -> int:
         """Finish what a failed or interrupted step left undone for one workflow: publish its ready,
-        unconfirmed tasks and announce it if it finished unannounced. Returns the tasks published."""
-        async with self._locks.hold(workflow_id):
-            tasks = await self._store.get_tasks(workflow_id)
-            pending = [t for t in tasks.values() if t.status is TaskStatus.QUEUED and not t.dispatched]
-            await self._dispatch(pending)
-            if announce:
-                workflow = await self._store.get_workflow(workflow_id)
-                if workflow is not None and workflow.status.terminal and not workflow.notified:
-                    await self._announce(workflow)
-            return len(pending)
+        unconfirmed tasks and announce it if it finished unannounced. Returns the tasks published.
+
+        ``locked``: the caller already holds the workflow's lock.
+        """
+        if not locked:
+            async with self._locks.hold(workflow_id):
+                return await self._reconcile(workflow_id, announce=announce, locked=True)
+        tasks = await self._store.get_tasks(workflow_id)
+        pending = [t for t in tasks.values() if t.status is TaskStatus.QUEUED and not t.dispatched]
+        await self._dispatch(pending, known=tasks)
+        if announce:
+            workflow = await self._store.get_workflow(workflow_id)
+            if workflow is not None and workflow.status.terminal and not workflow.notified:
+                await self._announce(workflow)
+        return len(pending)
 
     async def _recovery_loop(self) -> None:
         """While this router is the active one, repair what failed steps left behind, every interval."""
@@ -410,7 +474,9 @@ class Router:
 
     # -- dispatch ---------------------------------------------------------------------------------
 
-    async def _dispatch(self, tasks: Iterable[TaskRecord]) -> None:
+    async def _dispatch(
+        self, tasks: Iterable[TaskRecord], *, known: dict[str, TaskRecord] | None = None
+    ) -> None:
         """Publish ready tasks (confirmed, pipelined), then flag them dispatched.
 
         A task whose capability queue cannot be declared (it exists with other arguments) fails with
@@ -429,7 +495,10 @@ class Router:
         deliverable = [t for t in tasks if t.capability not in undeliverable]
         workflow_id = tasks[0].workflow_id
         upstream_ids = {dep for t in deliverable for dep in t.depends_on}
-        upstream = await self._store.get_tasks(workflow_id, upstream_ids) if upstream_ids else {}
+        upstream = {i: known[i] for i in upstream_ids if i in known} if known else {}
+        missing = upstream_ids - upstream.keys()
+        if missing:
+            upstream.update(await self._store.get_tasks(workflow_id, missing))
         outcomes = await asyncio.gather(
             *(
                 self._publish_task(t, {d: upstream[d].result for d in t.depends_on if d in upstream})
@@ -461,7 +530,12 @@ class Router:
             error=ErrorInfo(type=error_type, message=message),
             at=time.time(),
         )
-        await self._finished(task, event, TaskStatus.FAILED)
+        work = _Work(self._store, task.workflow_id)
+        work.tasks[task.task_id] = task
+        await self._finish(work, task, event, TaskStatus.FAILED)
+        await self._commit(work)
+        if work.workflow is not None and work.workflow.status.terminal:
+            await self._announce(work.workflow, work)
 
     async def _publish_task(self, task: TaskRecord, upstream: dict[str, Any]) -> None:
         attempt = task.attempts + 1
@@ -501,9 +575,6 @@ class Router:
     async def _on_event(self, delivery: Delivery) -> None:
         self.stats["events"] += 1
         self._became_active()
-        await self._guarded(delivery, self._event(delivery))
-
-    async def _event(self, delivery: Delivery) -> None:
         try:
             event = TaskEvent.model_validate(
                 codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
@@ -511,69 +582,105 @@ class Router:
         except (ProtocolError, ValidationError) as exc:
             await self._park(delivery, "malformed_event", str(exc))
             return
-        await self._record_event(delivery, event)
+        # Events of one workflow are applied in batches: whoever gets the workflow's lock takes every
+        # event queued for it meanwhile, loads the records they touch once, and commits them together.
+        self._event_queue.setdefault(event.workflow_id, []).append((delivery, event))
+        current = asyncio.current_task()
+        if current is not None:
+            self._in_flight.add(current)
+        try:
+            async with self._locks.hold(event.workflow_id):
+                batch = self._event_queue.pop(event.workflow_id, [])
+                if batch:
+                    await self._apply_batch(event.workflow_id, batch)
+        finally:
+            if current is not None:
+                self._in_flight.discard(current)
 
-    async def _record_event(self, delivery: Delivery, event: TaskEvent) -> None:
-        unknown = reconcile = False
-        async with self._locks.hold(event.workflow_id):
-            found = await self._store.get_tasks(event.workflow_id, [event.task_id])
-            task = found.get(event.task_id)
-            if task is None:
-                unknown = True
-            elif task.status.terminal:
-                # A redelivered event for a finished task: the router may have died (or a publish
-                # failed) between recording it and releasing dependents or announcing: finish that.
-                reconcile = delivery.redelivered
-                log.debug(
-                    "late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id
-                )
-            elif event.status is EventStatus.STARTED:
-                await self._record_start(task, event)
-            elif event.status is EventStatus.SUCCEEDED:
-                await self._finished(task, event, TaskStatus.SUCCEEDED)
-            elif event.status in (EventStatus.FAILED, EventStatus.DEAD):
-                await self._finished(
-                    task, event, TaskStatus.FAILED if event.status is EventStatus.FAILED else TaskStatus.DEAD
-                )
-            elif event.status is EventStatus.CANCELLED:
-                await self._finished(task, event, TaskStatus.CANCELLED)
-            elif event.status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
-                await self._transition(task, event, TaskStatus.RETRYING)
-            elif event.status is EventStatus.ESCALATED:
-                await self._transition(task, event, TaskStatus.ESCALATED)
-        if unknown:
-            # Not acked into silence: a store that lost the workflow (or another fabric's event) is
-            # something an operator must see.
-            await self._park(
-                delivery, "unknown_task", f"no task {event.workflow_id}/{event.task_id} in the state store"
+    async def _apply_batch(self, workflow_id: str, batch: list[tuple[Delivery, TaskEvent]]) -> None:
+        """Record a batch of events; settle every delivery in it exactly once."""
+        try:
+            work = _Work(self._store, workflow_id)
+            verdicts = [await self._apply_event(work, event, delivery) for delivery, event in batch]
+            await self._commit(work)
+        except (StoreError, TransportError) as exc:
+            log.warning(
+                "could not record %d events of %s (%s); requeueing them", len(batch), workflow_id, exc
             )
+            await asyncio.sleep(_REQUEUE_PAUSE_S)
+            for delivery, _ in batch:
+                await delivery.nack(requeue=True)
             return
+        except Exception:
+            if len(batch) > 1:
+                # One bad event must not park its neighbours: apply them one by one.
+                for item in batch:
+                    await self._apply_batch(workflow_id, [item])
+                return
+            delivery, _ = batch[0]
+            log.critical("router failed on event %s; parking it", delivery.message_id, exc_info=True)
+            await self._park(delivery, "router_error", "".join(traceback.format_exc(limit=3)))
+            return
+        reconcile = False
+        for (delivery, event), verdict in zip(batch, verdicts, strict=True):
+            if verdict == "unknown":
+                # Not acked into silence: a store that lost the workflow (or another fabric's event)
+                # is something an operator must see.
+                await self._park(
+                    delivery,
+                    "unknown_task",
+                    f"no task {event.workflow_id}/{event.task_id} in the state store",
+                )
+            else:
+                reconcile = reconcile or verdict == "reconcile"
+                await delivery.ack()
         if reconcile:
-            await self._reconcile(event.workflow_id)
-        await delivery.ack()
+            await self._reconcile(workflow_id, locked=True)
+        if work.workflow is not None and work.workflow.status.terminal and work.workflow_changed:
+            await self._announce(work.workflow, work)
 
-    async def _record_start(self, task: TaskRecord, event: TaskEvent) -> None:
-        if event.attempt < task.attempts:
-            return  # a stale start from an earlier attempt
-        task.started_at = event.at
-        await self._transition(task, event, TaskStatus.RUNNING)
+    async def _apply_event(self, work: _Work, event: TaskEvent, delivery: Delivery) -> str:
+        """Apply one event to the working set; returns "ok", "unknown", "late" or "reconcile"."""
+        found = await work.load([event.task_id])
+        if not found:
+            return "unknown"
+        task = found[0]
+        if task.status.terminal:
+            # A redelivered event for a finished task: the router may have died (or a publish failed)
+            # between recording it and releasing dependents or announcing: finish that.
+            log.debug("late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id)
+            return "reconcile" if delivery.redelivered else "late"
+        status = event.status
+        if status is EventStatus.STARTED:
+            if event.attempt >= task.attempts:
+                task.started_at = event.at
+                self._transition(work, task, event, TaskStatus.RUNNING)
+        elif status is EventStatus.SUCCEEDED:
+            await self._finish(work, task, event, TaskStatus.SUCCEEDED)
+        elif status is EventStatus.FAILED:
+            await self._finish(work, task, event, TaskStatus.FAILED)
+        elif status is EventStatus.DEAD:
+            await self._finish(work, task, event, TaskStatus.DEAD)
+        elif status is EventStatus.CANCELLED:
+            await self._finish(work, task, event, TaskStatus.CANCELLED)
+        elif status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
+            self._transition(work, task, event, TaskStatus.RETRYING)
+        elif status is EventStatus.ESCALATED:
+            self._transition(work, task, event, TaskStatus.ESCALATED)
+        return "ok"
 
-    async def _transition(self, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
+    def _transition(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
         task.status = status
         task.attempts = max(task.attempts, event.attempt)
         task.agent = event.agent_id
         if event.error is not None:
             task.error = event.error.model_dump()
-        await self._store.save(tasks=[task])
-        await self._notify_task(task)
+        work.touch(task)
 
-    async def _finished(self, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
+    async def _finish(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
         """Record the one terminal state of ``task``, release or fail its dependents,
         and finish the workflow when nothing remains."""
-        workflow = await self._store.get_workflow(task.workflow_id)
-        if workflow is None:
-            log.error("task %s/%s has no workflow record; event ignored", task.workflow_id, task.task_id)
-            return
+        workflow = await work.get_workflow()
         now = time.time()
         task.status = status
         task.attempts = max(task.attempts, event.attempt)
@@ -581,11 +688,10 @@ class Router:
         task.finished_at = event.at
         task.result = event.result if status is TaskStatus.SUCCEEDED else None
         task.error = event.error.model_dump() if event.error is not None else None
-        changed = [task]
-        released: list[TaskRecord] = []
+        work.touch(task)
+        ended = 1
         if status is TaskStatus.SUCCEEDED:
-            dependents = await self._store.get_tasks(task.workflow_id, task.dependents)
-            for dependent in dependents.values():
+            for dependent in await work.load(task.dependents):
                 if dependent.status.terminal:
                     continue  # already ended (upstream_failed through another dependency)
                 dependent.pending_deps -= 1
@@ -593,35 +699,33 @@ class Router:
                     dependent.status = TaskStatus.QUEUED
                     dependent.queued_at = now
                     dependent.dispatched = False
-                    released.append(dependent)
-                changed.append(dependent)
+                    work.released.append(dependent)
+                work.touch(dependent, notify=dependent.status is TaskStatus.QUEUED)
         else:
-            cascade_status = (
-                TaskStatus.CANCELLED if status is TaskStatus.CANCELLED else TaskStatus.UPSTREAM_FAILED
-            )
-            changed += await self._cascade(task, cascade_status, now)
-        workflow.remaining -= sum(1 for t in changed if t.status.terminal)
-        if workflow.remaining <= 0:
-            workflow.remaining = 0
+            cascade = TaskStatus.CANCELLED if status is TaskStatus.CANCELLED else TaskStatus.UPSTREAM_FAILED
+            ended += await self._cascade(work, task, cascade, now)
+        workflow.remaining = max(0, workflow.remaining - ended)
+        work.workflow_changed = True
+        if workflow.remaining == 0:
             workflow.finished_at = now
-            workflow.status = await self._final_status(workflow, changed)
-        await self._store.save(workflows=[workflow], tasks=changed)
-        await self._dispatch(released)
-        await asyncio.gather(*(self._notify_task(t) for t in changed if t.status.terminal or t in released))
-        if workflow.status.terminal:
-            await self._announce(workflow)
+            statuses = {t.status for t in (await work.load_all()).values()}
+            if statuses & _FAILED_STATES:
+                workflow.status = WorkflowStatus.FAILED
+            elif TaskStatus.CANCELLED in statuses:
+                workflow.status = WorkflowStatus.CANCELLED
+            else:
+                workflow.status = WorkflowStatus.SUCCEEDED
 
-    async def _cascade(self, failed: TaskRecord, status: TaskStatus, now: float) -> list[TaskRecord]:
-        """Every task downstream of ``failed`` that has not finished ends with ``status`` (never runs)."""
-        changed: list[TaskRecord] = []
+    async def _cascade(self, work: _Work, failed: TaskRecord, status: TaskStatus, now: float) -> int:
+        """Every task downstream of ``failed`` that has not finished ends with ``status`` (never runs).
+        Returns how many tasks it ended."""
+        ended = 0
         seen = {failed.task_id}
         frontier = deque([failed.dependents])
         while frontier:
             ids = [i for i in frontier.popleft() if i not in seen]
             seen.update(ids)
-            if not ids:
-                continue
-            for dependent in (await self._store.get_tasks(failed.workflow_id, ids)).values():
+            for dependent in await work.load(ids):
                 if not dependent.status.terminal:
                     dependent.status = status
                     dependent.finished_at = now
@@ -629,24 +733,30 @@ class Router:
                         "type": "UpstreamFailed",
                         "message": f"dependency {failed.task_id!r} ended {failed.status}",
                     }
-                    changed.append(dependent)
+                    work.touch(dependent)
+                    ended += 1
                 frontier.append(dependent.dependents)
-        return changed
+        return ended
 
-    async def _final_status(self, workflow: WorkflowRecord, changed: list[TaskRecord]) -> WorkflowStatus:
-        tasks = await self._store.get_tasks(workflow.workflow_id)
-        tasks.update({t.task_id: t for t in changed})
-        statuses = {t.status for t in tasks.values()}
-        if statuses & _FAILED_STATES:
-            return WorkflowStatus.FAILED
-        if TaskStatus.CANCELLED in statuses:
-            return WorkflowStatus.CANCELLED
-        return WorkflowStatus.SUCCEEDED
+    async def _commit(self, work: _Work) -> None:
+        """Save a working set in one atomic batch, then publish the tasks it released (confirmed) and
+        send its task notifications (best effort)."""
+        if not work.changed and not work.workflow_changed:
+            return
+        workflows = [work.workflow] if work.workflow is not None and work.workflow_changed else []
+        await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
+        await self._dispatch(work.released, known=work.tasks)
+        for note in work.notes:
+            self._notify_task(note)
 
     # -- announcements ----------------------------------------------------------------------------
 
-    async def _completion_document(self, workflow: WorkflowRecord) -> dict[str, Any]:
-        tasks = await self._store.get_tasks(workflow.workflow_id)
+    async def _completion_document(
+        self, workflow: WorkflowRecord, work: _Work | None = None
+    ) -> dict[str, Any]:
+        tasks = (
+            await work.load_all() if work is not None else await self._store.get_tasks(workflow.workflow_id)
+        )
         document = Completed(
             workflow_id=workflow.workflow_id,
             status=workflow.status,
@@ -663,9 +773,12 @@ class Router:
         )
         return document.model_dump(mode="python")
 
-    async def _announce(self, workflow: WorkflowRecord) -> None:
-        """Send the ``completed`` document to the submitter and to ``{ns}.notify``, then remember that."""
-        document = await self._completion_document(workflow)
+    async def _announce(self, workflow: WorkflowRecord, work: _Work | None = None) -> None:
+        """Send the ``completed`` document to the submitter and to ``{ns}.notify``, then remember that.
+
+        At least once: a crash after sending and before remembering sends it again on restart.
+        """
+        document = await self._completion_document(workflow, work)
         body = codec.encode(document, workflow.content_type)
         await asyncio.gather(
             self._reply_raw(workflow.reply_to, workflow.correlation_id, body, workflow.content_type),
@@ -684,24 +797,27 @@ class Router:
         workflow.notified = True
         await self._store.save(workflows=[workflow])
         self.stats["completed"] += 1
-        log.info("workflow %s %s", workflow.workflow_id, workflow.status)
+        log.debug("workflow %s %s", workflow.workflow_id, workflow.status)
 
-    async def _notify_task(self, task: TaskRecord) -> None:
-        note = {
-            "workflow_id": task.workflow_id,
-            "task_id": task.task_id,
-            "status": str(task.status),
-            "attempts": task.attempts,
-            "agent": task.agent,
-            "error": task.error,
-        }
-        await self._amqp.publish(
+    def _notify_task(self, note: dict[str, Any]) -> None:
+        """Publish a task's new status to ``{ns}.notify`` without waiting: a progress signal, not a record."""
+        if len(self._notes) >= _MAX_PENDING_NOTES:
+            return  # the broker is slow: drop progress signals rather than hold memory
+        publish = self._amqp.publish(
             names.notify_exchange(self.ns),
-            names.task_notify_key(task.workflow_id, task.task_id, str(task.status)),
+            names.task_notify_key(note["workflow_id"], note["task_id"], note["status"]),
             codec.encode(note),
             mandatory=False,
             persistent=False,
         )
+        note_task = asyncio.create_task(publish)
+        self._notes.add(note_task)
+        note_task.add_done_callback(self._note_done)
+
+    def _note_done(self, task: asyncio.Task[None]) -> None:
+        self._notes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task notification not sent: %s", task.exception())
 
     async def _reply(
         self, reply_to: str | None, correlation_id: str | None, doc: dict[str, Any], content_type: str
