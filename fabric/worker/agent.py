@@ -56,7 +56,7 @@ class Handler:
 
 
 class Agent:
-    """A named set of capability handlers. Sync handlers run in a thread pool, off the event loop.
+    """A named set of capability handlers. Sync handlers run on threads of their own, off the event loop.
 
     Example:
         >>> agent = Agent("summarizer")

@@ -3,12 +3,16 @@
 For every task message: publish ``started``; run the handler under the concurrency limit and the
 attempt's time limit; publish the outcome event and wait for the broker's confirm; only then ack the
 task message (DESIGN.md §6). If the process dies anywhere before the ack, the broker redelivers the task.
+
+All capability queues are consumed on one channel with one prefetch limit, so a worker never holds more
+than ``concurrency`` unacked tasks in all. Sync handlers run on daemon threads of their own: a thread
+cannot be killed, so one stuck past its timeout keeps its concurrency slot until it returns, and never
+keeps the process from exiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -16,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
 from fabric.errors import HandlerSignal, NotConnectedError, ProtocolError, TransportError
@@ -29,6 +34,10 @@ from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 from fabric.worker.agent import Agent, Handler, Task
 
 log = logging.getLogger("fabric.worker")
+
+#: Pause before a task whose events could not be published goes back to the queue, so a broker that
+#: keeps refusing publishes does not turn the task into a hot redelivery loop.
+NACK_PAUSE_S = 1.0
 
 
 class Worker:
@@ -59,11 +68,12 @@ class Worker:
             settings.amqp_url.get_secret_value(), name=f"fabric-worker:{self.agent_id}"
         )
         self._slots = asyncio.Semaphore(self.concurrency)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix=f"fabric-{agent.name}"
-        )
+        # Deliveries waiting for a free slot; drain() cancels these waits and the tasks go back unstarted.
+        self._slot_waits: set[asyncio.Task[bool]] = set()
         self._consumers: list[Consumer] = []
         self._running: set[asyncio.Task[Any]] = set()
+        #: Sync handlers still running on their threads after their task ended (timed out, cancelled).
+        self.overdue_threads = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._health: HealthServer | None = None
         self._draining = False
@@ -81,13 +91,17 @@ class Worker:
         try:
             await self._amqp.connect()
             await self._amqp.declare(spec.build(self.ns, self.agent.capabilities))
-            for capability in self.agent.capabilities:
-                consumer = await self._amqp.consume(
-                    names.capability_queue(self.ns, capability),
-                    functools.partial(self._on_task, self.agent.handlers[capability]),
-                    prefetch=self.concurrency,
-                )
-                self._consumers.append(consumer)
+            # One channel, one prefetch for every capability: at most `concurrency` unacked tasks in all,
+            # so the tasks this worker cannot start yet stay in their queues for idle workers.
+            self._consumers = await self._amqp.consume_many(
+                {
+                    names.capability_queue(self.ns, capability): functools.partial(
+                        self._on_task, self.agent.handlers[capability]
+                    )
+                    for capability in self.agent.capabilities
+                },
+                prefetch=self.concurrency,
+            )
             http = self.settings.http
             # Many workers may share a host: a taken port falls back to a free one (logged).
             self._health = await serve_health(
@@ -123,6 +137,9 @@ class Worker:
         self._draining = True
         for consumer in self._consumers:
             await consumer.cancel()
+        # Tasks received but not started (waiting for a slot) go back to their queues now, unstarted.
+        for wait in list(self._slot_waits):
+            wait.cancel()
         timeout = self.settings.worker.drain_timeout_s if timeout_s is None else timeout_s
         if self._running:
             log.info("draining: waiting up to %.0fs for %d running tasks", timeout, len(self._running))
@@ -134,6 +151,13 @@ class Worker:
                 )
                 for task in pending:
                     task.cancel()
+                # Let the cancelled tasks nack their deliveries before the connection closes.
+                await asyncio.wait(pending, timeout=1.0)
+        if self.overdue_threads:
+            log.warning(
+                "%d sync handlers are still running past their task; their threads end with the process",
+                self.overdue_threads,
+            )
         await self._close()
 
     async def _close(self) -> None:
@@ -144,7 +168,6 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._heartbeat_task
         await self._amqp.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -172,6 +195,7 @@ class Worker:
             "tasks_processed_total": self.processed,
             "tasks_failed_total": self.failed,
             "tasks_in_flight": self.in_flight,
+            "handler_threads_overdue": self.overdue_threads,
             "concurrency": self.concurrency,
         }
         return render_counters("fabric_worker", values, {"agent_id": self.agent_id})
@@ -193,6 +217,17 @@ class Worker:
             self._running.discard(current)
 
     async def _process(self, handler: Handler, delivery: Delivery) -> None:
+        try:
+            await self._process_delivery(handler, delivery)
+        except BaseException as exc:
+            # An Exception here is a runtime bug, and _on_task parks the message. Anything else
+            # (cancelled at the drain deadline, interrupted) must not leave the delivery unsettled, or it
+            # blocks a prefetch slot until the connection closes: back to the queue it goes.
+            if not isinstance(exc, Exception) and not delivery.settled:
+                await delivery.nack(requeue=True)
+            raise
+
+    async def _process_delivery(self, handler: Handler, delivery: Delivery) -> None:
         msg_headers = delivery.headers
         workflow_id = headers.get_str(msg_headers, headers.WORKFLOW_ID)
         task_id = headers.get_str(msg_headers, headers.TASK_ID)
@@ -225,48 +260,121 @@ class Worker:
             timeout_s=timeout_s,
             cancelled=threading.Event(),
         )
-        async with self._slots:
+        slot = await self._take_slot()
+        if slot is None:
+            # Draining: a task not started yet is another worker's to run.
+            log.info("draining: returning task %s/%s to its queue unstarted", workflow_id, task_id)
+            await delivery.nack(requeue=True)
+            return
+        try:
             try:
                 await self._event(task, EventStatus.STARTED)
-                status, result, error = await self._run(handler, task)
+                status, result, error = await self._run(handler, task, slot)
                 await self._event(task, status, result=result, error=error)
             except TransportError as exc:
-                # The outcome is not confirmed, so the task must not be acked: the broker redelivers it.
+                # The outcome is not confirmed, so the task must not be acked: the broker redelivers it,
+                # after a pause so a broker refusing publishes does not spin it in a hot loop.
                 log.warning(
                     "could not report task %s/%s (%s); leaving it to redelivery", workflow_id, task_id, exc
                 )
+                slot.release()
+                await asyncio.sleep(NACK_PAUSE_S)
                 await delivery.nack(requeue=True)
                 return
-        await delivery.ack()
+            await delivery.ack()
+        finally:
+            slot.release()
 
-    async def _run(self, handler: Handler, task: Task) -> tuple[EventStatus, Any, ErrorInfo | None]:
+    async def _take_slot(self) -> _Slot | None:
+        """Wait for a concurrency slot; None when the worker is draining (then no slot is taken)."""
+        if self._draining:
+            return None
+        if self._slots.locked():
+            wait = asyncio.ensure_future(self._slots.acquire())
+            self._slot_waits.add(wait)
+            try:
+                await wait
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if wait.cancelled() and current is not None and current.cancelling() == 0:
+                    return None  # drain() cancelled the wait: nothing was acquired
+                if wait.done() and not wait.cancelled():
+                    self._slots.release()  # acquired just before this task itself was cancelled
+                raise
+            finally:
+                self._slot_waits.discard(wait)
+        else:
+            await self._slots.acquire()
+        slot = _Slot(self._slots)
+        if self._draining:
+            slot.release()
+            return None
+        return slot
+
+    async def _run(
+        self, handler: Handler, task: Task, slot: _Slot
+    ) -> tuple[EventStatus, Any, ErrorInfo | None]:
         """Run the handler once; return the event status, result and error to report."""
+        deadline = asyncio.timeout(task.timeout_s)
         try:
-            if handler.is_async:
-                result = await asyncio.wait_for(handler.func(task), task.timeout_s)
-            else:
-                future = asyncio.get_running_loop().run_in_executor(self._executor, handler.func, task)
-                # A thread cannot be killed: on timeout the task is reported failed and its flag set, so a
-                # cooperative handler stops; a handler that never checks keeps its thread until it returns.
-                result = await asyncio.wait_for(future, task.timeout_s)
-            codec.encode(result)  # a result the wire cannot carry fails the task here, not at the router
-        except TimeoutError:
-            task.cancelled.set()
-            error = ErrorInfo(
-                type="TimeoutError", message=f"task exceeded its timeout of {task.timeout_s:g}s"
-            )
+            async with deadline:
+                result = await self._call(handler, task, slot)
+        except TimeoutError as exc:
+            if deadline.expired():
+                task.cancelled.set()
+                error = ErrorInfo(
+                    type="TimeoutError", message=f"task exceeded its timeout of {task.timeout_s:g}s"
+                )
+            else:  # the handler's own TimeoutError (a call it made timed out), not the task's limit
+                error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+            log.info("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, error.type, error.message)
             return self._failed(task, error, None)
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling() > 0:
+                task.cancelled.set()
+                raise  # the worker itself is being cancelled (drain deadline)
+            # The handler raised CancelledError of its own accord: a handler failure like any other.
+            log.info("task %s/%s failed: handler raised CancelledError", task.workflow_id, task.task_id)
+            message = str(exc) or "the handler raised CancelledError"
+            return self._failed(task, ErrorInfo(type="CancelledError", message=message), None)
         except HandlerSignal as signal:
             return self._failed(
                 task, ErrorInfo(type=type(signal).__name__, message=str(signal)), type(signal).__name__
             )
-        except ProtocolError as exc:
-            return self._failed(task, ErrorInfo(type="ResultNotSerializable", message=str(exc)), None)
         except Exception as exc:
             log.info("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, type(exc).__name__, exc)
             return self._failed(task, ErrorInfo(type=type(exc).__name__, message=str(exc)), None)
+        problem = _unserializable(result)
+        if problem is not None:
+            return self._failed(task, ErrorInfo(type="ResultNotSerializable", message=problem), None)
         self.processed += 1
         return EventStatus.SUCCEEDED, result, None
+
+    async def _call(self, handler: Handler, task: Task, slot: _Slot) -> Any:
+        """Call the handler: async ones on the event loop, sync ones on a daemon thread of their own."""
+        if handler.is_async:
+            return await handler.func(task)
+        thread = _HandlerThread(handler.func, task, name=f"fabric-{handler.capability}-{task.task_id}")
+        try:
+            return await thread.result
+        finally:
+            if not thread.finished:
+                # Timed out or cancelled: a thread cannot be killed. Its flag asks a cooperative handler
+                # to stop; until the thread returns it keeps its concurrency slot, so the tasks after
+                # it wait for a slot instead of timing out behind it.
+                task.cancelled.set()
+                self.overdue_threads += 1
+                log.warning(
+                    "sync handler of task %s/%s is still running; its slot stays taken until it returns",
+                    task.workflow_id,
+                    task.task_id,
+                )
+                slot.hold_until(thread)
+                thread.when_finished(self._thread_returned)
+
+    def _thread_returned(self) -> None:
+        self.overdue_threads -= 1
 
     def _failed(self, task: Task, error: ErrorInfo, signal: str | None) -> tuple[EventStatus, Any, ErrorInfo]:
         self.failed += 1
@@ -317,6 +425,7 @@ class Worker:
                 message_id=delivery.message_id,
             )
         except TransportError:
+            await asyncio.sleep(NACK_PAUSE_S)  # no hot loop while the broker refuses publishes
             await delivery.nack(requeue=True)
             return
         log.error("parked task message %s: %s: %s", delivery.message_id, reason, detail)
@@ -353,3 +462,89 @@ class Worker:
             except TransportError as exc:
                 log.warning("heartbeat not sent: %s", exc)
             await asyncio.sleep(interval)
+
+
+class _Slot:
+    """One taken concurrency slot, given back once: when its task ends or, for a sync handler still
+    running after its task ended, when the handler's thread returns."""
+
+    __slots__ = ("_held", "_hold", "_slots")
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = True
+        self._hold = False
+
+    def hold_until(self, thread: _HandlerThread) -> None:
+        """Keep the slot past :meth:`release` until ``thread`` returns."""
+        self._hold = True
+        thread.when_finished(self._give_back)
+
+    def release(self) -> None:
+        if not self._hold:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
+class _HandlerThread:
+    """A sync handler running on a daemon thread of its own; :attr:`result` resolves on the event loop.
+
+    One thread per call, so a handler stuck past its timeout never leaves the next tasks without a
+    thread; a daemon thread, so a stuck handler never keeps the process from exiting.
+    """
+
+    def __init__(self, func: Callable[[Task], Any], task: Task, *, name: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.result: asyncio.Future[Any] = self._loop.create_future()
+        self.finished = False
+        self._on_finish: list[Callable[[], None]] = []
+        threading.Thread(target=self._main, args=(func, task), name=name, daemon=True).start()
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the event loop once the thread has returned (at once if it has)."""
+        if self.finished:
+            callback()
+        else:
+            self._on_finish.append(callback)
+
+    def _main(self, func: Callable[[Task], Any], task: Task) -> None:
+        try:
+            value = func(task)
+        except BaseException as exc:
+            self._hand_over(False, exc)
+        else:
+            self._hand_over(True, value)
+
+    def _hand_over(self, ok: bool, value: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the worker is gone
+            self._loop.call_soon_threadsafe(self._finish, ok, value)
+
+    def _finish(self, ok: bool, value: Any) -> None:
+        self.finished = True
+        if not self.result.done():  # not cancelled by a timeout
+            if ok:
+                self.result.set_result(value)
+            else:
+                self.result.set_exception(value)
+        callbacks, self._on_finish = self._on_finish, []
+        for callback in callbacks:
+            callback()
+
+
+def _unserializable(result: Any) -> str | None:
+    """Why ``result`` cannot travel to the router intact, or None when it can.
+
+    Encoding alone is not enough: a map with a tuple key encodes (as an array key) but does not decode.
+    """
+    try:
+        codec.decode(codec.encode(result))
+    except ProtocolError as exc:
+        return (
+            f"the handler's result ({type(result).__name__}) cannot be sent as msgpack: {exc}; return "
+            "None, bool, numbers, str, bytes, lists and dicts with str or int keys"
+        )
+    return None
