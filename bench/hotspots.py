@@ -138,10 +138,10 @@ def summarise(raw: Path) -> Hotspots:
 
 
 def _thread_label(thread: str, frames: list[str]) -> str:
-    """``thread (123): MainThread`` -> a readable role; the SQLite thread is named after aiosqlite."""
+    """``thread (123): MainThread`` -> a readable role (the store's thread is named fabric-sqlite)."""
     name = thread.split("): ", 1)[-1] if "): " in thread else thread
-    if "_connection_worker_thread" in name or any("aiosqlite/core" in f for f in frames[:6]):
-        return "aiosqlite thread (SQLite calls, C time shows as _connection_worker_thread)"
+    if name.startswith("fabric-sqlite"):
+        return "fabric-sqlite thread (SQLite calls)"
     if name == "MainThread":
         return "MainThread (event loop)"
     return name or "other"

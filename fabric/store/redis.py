@@ -60,6 +60,8 @@ _CHUNK = 1000
 _CONNECT_TIMEOUT_S = 5.0
 #: Seconds to wait for Redis to answer (or take) one command before declaring it unreachable, so a silent
 #: partition cannot block a store call forever (a URL option overrides it).
+#: Connections to Redis at most; more concurrent calls wait for one.
+_MAX_CONNECTIONS = 64
 _SOCKET_TIMEOUT_S = 10.0
 #: Retries of a command that failed on a connection error or timeout, each on a new connection. One
 #: retry survives a pooled connection the server closed while idle; redis-py's default (10) would make a
@@ -118,12 +120,17 @@ class RedisStore:
         if self._client is not None:
             raise NotConnectedError("RedisStore is already open")
         try:
-            client = aioredis.Redis.from_url(
+            # A blocking pool: a burst of concurrent calls beyond the pool waits for a connection
+            # instead of failing with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self._url,
+                max_connections=_MAX_CONNECTIONS,
+                timeout=self._socket_timeout,
                 socket_connect_timeout=self._connect_timeout,
                 socket_timeout=self._socket_timeout,
                 retry=Retry(ExponentialBackoff(cap=1.0, base=0.01), _COMMAND_RETRIES),
             )
+            client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         except ValueError as exc:
             raise ConfigError(f"FABRIC_STORE__URL: invalid Redis URL {self._safe_url}: {exc}") from exc
         try:

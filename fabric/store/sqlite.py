@@ -4,6 +4,18 @@ WAL journal, ``synchronous=FULL`` by default so every committed batch survives a
 Records are stored as msgpack documents, with the columns the router queries by kept beside them.
 The ``dispatched`` column of a task is authoritative: :meth:`SqliteStore.mark_dispatched` flips only the
 column (never rewriting the document), and every read of a task takes ``dispatched`` from it.
+
+Threading and group commit: one connection (stdlib :mod:`sqlite3`) lives on one dedicated thread, and
+every store call is one hop to it: a read runs its queries there, a write transaction runs there from
+``BEGIN IMMEDIATE`` to ``COMMIT`` in one function call, so nothing else ever runs on the connection in
+the middle of a transaction and a read never sees a partial one. Writes (``insert_workflow``, ``save``,
+``mark_dispatched``, ``put_agent``, ``ping``) are encoded by their caller, then queued; one flusher hands
+everything queued (up to :data:`_MAX_BATCH_OPS` calls) to the thread, which applies the calls in the
+order they were issued, each inside its own ``SAVEPOINT``, and commits them with one ``COMMIT`` (one
+fsync). A call that fails is rolled back to its savepoint alone and only its caller gets
+:class:`~fabric.errors.StoreError`. Every caller returns only after the ``COMMIT`` that holds its write,
+so each write is as durable as ``synchronous`` makes it. Writes issued while a batch commits wait for the
+next batch; there are no timers, so a lone write commits at once.
 """
 
 from __future__ import annotations
@@ -11,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
-
-import aiosqlite
+from typing import Any, Self, TypeVar
 
 from fabric.errors import NotConnectedError, ProtocolError, StoreError
 from fabric.protocol import codec
@@ -91,8 +104,40 @@ def _workflow_row(w: WorkflowRecord) -> tuple[Any, ...]:
     return (w.workflow_id, str(w.status), int(w.notified), w.created_at, codec.encode(w.to_dict()))
 
 
+_SELECT_WORKFLOW_DOC = "SELECT doc FROM workflows WHERE workflow_id = ?"
+_PUT_AGENT = "INSERT OR REPLACE INTO agents (agent_id, last_seen, doc) VALUES (?, ?, ?)"
+_PING = "INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', 'ok')"
+
+#: At most this many write calls share one transaction...
+_MAX_BATCH_OPS = 1000
+#: ...and, unless a single call is bigger, at most this many rows.
+_MAX_BATCH_ROWS = 20_000
+
+_T = TypeVar("_T")
+
+#: One write call as it runs on the SQLite thread: its statements, and what its caller gets back.
+_Apply = Callable[[sqlite3.Connection], Any]
+#: How one write call ended: ``(True, result)``, or ``(False, exception)`` (``ok`` first, then the value).
+_Outcome = tuple[bool, Any]
+
+
+@dataclass(slots=True)
+class _Write:
+    """A write call waiting for the flusher."""
+
+    apply: _Apply
+    rows: int
+    future: asyncio.Future[Any]
+
+
+#: A batch of write calls handed to the thread, and its outcomes to come.
+_Batch = tuple[list[_Write], asyncio.Future[list[_Outcome]]]
+
+
 class SqliteStore:
     """State in one SQLite file.
+
+    Closing the store commits the writes already queued, then closes the connection and its thread.
 
     Example:
         >>> async with SqliteStore("fabric.db") as store:
@@ -102,111 +147,72 @@ class SqliteStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self._path = str(path)
         self._synchronous = synchronous
-        self._db: aiosqlite.Connection | None = None
-        # One connection serves every coroutine: without this lock a second coroutine's BEGIN fails inside
-        # the first one's transaction, and its reads see (or lose to a ROLLBACK) uncommitted rows.
-        self._lock = asyncio.Lock()
+        self._session: _Session | None = None
 
     async def __aenter__(self) -> Self:
-        if self._db is not None:
+        if self._session is not None:
             raise NotConnectedError("SqliteStore is already open")
-        db: aiosqlite.Connection | None = None
+        # One thread, for the life of the store: the connection is used on no other thread.
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fabric-sqlite")
         try:
             if self._path != ":memory:":
                 Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self._path, isolation_level=None)
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute(f"PRAGMA synchronous={self._synchronous}")
-            await db.execute("PRAGMA busy_timeout=10000")
-            await db.executescript(_SCHEMA)
-            await db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,)
+            db = await asyncio.get_running_loop().run_in_executor(
+                thread, _connect, self._path, self._synchronous
             )
         except (sqlite3.Error, OSError) as exc:
-            if db is not None:
-                # A half-opened store must not stay open (nor make the next __aenter__ say "already open").
-                await db.close()
+            # A half-opened store must not stay open (nor make the next __aenter__ say "already open").
+            thread.shutdown(wait=False)
             raise StoreError(f"cannot open SQLite store at {self._path}: {exc}") from exc
-        self._db = db
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        self._session = _Session(db, thread)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            async with self._lock:
-                await db.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def _require(self) -> _Session:
+        if self._session is None:
             raise NotConnectedError("SqliteStore is not open: use 'async with SqliteStore(...)'")
-        return self._db
+        return self._session
 
-    async def _write(self, statements: Sequence[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
-        db = self._conn()
-        try:
-            async with self._lock:
-                await self._write_locked(db, statements)
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite write failed: {exc}") from exc
-
-    @staticmethod
-    async def _write_locked(
-        db: aiosqlite.Connection, statements: Sequence[tuple[str, Sequence[tuple[Any, ...]]]]
-    ) -> None:
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in statements:
-                if rows:
-                    await db.executemany(sql, rows)
-            await db.execute("COMMIT")
-        except BaseException:
-            await _rollback(db)
-            raise
-
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return await self._read_many([(sql, params)])
 
-    async def _read_many(self, queries: Iterable[tuple[str, Sequence[Any]]]) -> list[sqlite3.Row]:
-        """Rows of several queries, run back to back while no other coroutine uses the connection."""
-        db = self._conn()
-        rows: list[sqlite3.Row] = []
+    async def _read_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[Any, ...]]:
+        """Rows of several queries, read in one hop from one snapshot of committed data."""
+        session = self._require()
         try:
-            async with self._lock:
-                for sql, params in queries:
-                    async with db.execute(sql, params) as cursor:
-                        rows += await cursor.fetchall()
+            return await session.run(_fetch, queries)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed: {exc}") from exc
-        return rows
 
     async def insert_workflow(
         self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
     ) -> WorkflowRecord | None:
-        db = self._conn()
-        # Encode before the transaction: a record that cannot be encoded fails here, having written nothing.
+        session = self._require()
+        # Encode before queueing: a record that cannot be encoded fails here, having written nothing.
         workflow_row = _workflow_row(workflow)
         task_rows = [_task_row(t) for t in tasks]
-        try:
-            async with self._lock:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    async with db.execute(
-                        "SELECT doc FROM workflows WHERE workflow_id = ?", (workflow.workflow_id,)
-                    ) as cursor:
-                        row = await cursor.fetchone()
-                    if row is None:
-                        await db.execute(_INSERT_WORKFLOW, workflow_row)
-                        await db.executemany(_INSERT_TASK, task_rows)
-                    await db.execute("COMMIT" if row is None else "ROLLBACK")
-                except BaseException:
-                    await _rollback(db)
-                    raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite write failed: {exc}") from exc
-        return None if row is None else WorkflowRecord.from_dict(_decode(row[0]))
+        workflow_id = workflow.workflow_id
+
+        def apply(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute(_SELECT_WORKFLOW_DOC, (workflow_id,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            db.execute(_INSERT_WORKFLOW, workflow_row)
+            db.executemany(_INSERT_TASK, task_rows)
+            return None
+
+        existing: bytes | None = await session.write(apply, 1 + len(task_rows))
+        return None if existing is None else WorkflowRecord.from_dict(_decode(existing))
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
-        rows = await self._read("SELECT doc FROM workflows WHERE workflow_id = ?", (workflow_id,))
+        rows = await self._read(_SELECT_WORKFLOW_DOC, (workflow_id,))
         return WorkflowRecord.from_dict(_decode(rows[0][0])) if rows else None
 
     async def get_tasks(
@@ -217,7 +223,10 @@ class SqliteStore:
                 f"SELECT {_TASK_COLUMNS} FROM tasks WHERE workflow_id = ?", (workflow_id,)
             )
         else:
+            self._require()
             ids = list(dict.fromkeys(task_ids))
+            if not ids:
+                return {}
             queries = []
             # Stay well under SQLite's limit on bound parameters.
             for start in range(0, len(ids), 500):
@@ -232,19 +241,31 @@ class SqliteStore:
     async def save(
         self, *, workflows: Sequence[WorkflowRecord] = (), tasks: Sequence[TaskRecord] = ()
     ) -> None:
-        await self._write(
-            [
-                (_UPSERT_WORKFLOW, [_workflow_row(w) for w in workflows]),
-                (_UPSERT_TASK, [_task_row(t) for t in tasks]),
-            ]
-        )
+        session = self._require()
+        workflow_rows = [_workflow_row(w) for w in workflows]
+        task_rows = [_task_row(t) for t in tasks]
+        if not workflow_rows and not task_rows:
+            return
+
+        def apply(db: sqlite3.Connection) -> None:
+            if workflow_rows:
+                db.executemany(_UPSERT_WORKFLOW, workflow_rows)
+            if task_rows:
+                db.executemany(_UPSERT_TASK, task_rows)
+
+        await session.write(apply, len(workflow_rows) + len(task_rows))
 
     async def mark_dispatched(self, keys: Sequence[tuple[str, str]]) -> None:
-        self._conn()
+        session = self._require()
         # A repeated key is harmless: its second UPDATE finds the task dispatched and changes nothing.
         rows = [(workflow_id, task_id) for workflow_id, task_id in keys]
-        if rows:
-            await self._write([(_MARK_DISPATCHED, rows)])
+        if not rows:
+            return
+
+        def apply(db: sqlite3.Connection) -> None:
+            db.executemany(_MARK_DISPATCHED, rows)
+
+        await session.write(apply, len(rows))
 
     async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
         rows = await self._read(
@@ -275,24 +296,231 @@ class SqliteStore:
         return [WorkflowRecord.from_dict(_decode(r[0])) for r in rows]
 
     async def put_agent(self, agent: AgentRecord) -> None:
-        await self._write(
-            [
-                (
-                    "INSERT OR REPLACE INTO agents (agent_id, last_seen, doc) VALUES (?, ?, ?)",
-                    [(agent.agent_id, agent.last_seen, codec.encode(agent.to_dict()))],
-                )
-            ]
-        )
+        session = self._require()
+        row = (agent.agent_id, agent.last_seen, codec.encode(agent.to_dict()))
+
+        def apply(db: sqlite3.Connection) -> None:
+            db.execute(_PUT_AGENT, row)
+
+        await session.write(apply, 1)
 
     async def list_agents(self) -> list[AgentRecord]:
         rows = await self._read("SELECT doc FROM agents ORDER BY agent_id")
         return [AgentRecord.from_dict(_decode(r[0])) for r in rows]
 
     async def ping(self) -> None:
-        await self._write([("INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', ?)", [("ok",)])])
+        await self._require().write(_ping, 1)
 
 
-async def _rollback(db: aiosqlite.Connection) -> None:
+class _Session:
+    """One open store: the connection, the one thread that uses it, and the writes queued for it.
+
+    Everything but the functions run on the thread (below, after the class) is used from the event loop.
+    """
+
+    def __init__(self, db: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
+        self._db = db
+        self._thread = thread
+        self._queue: deque[_Write] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(db, *args)`` on the SQLite thread, after everything handed to it before."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, self._db, *args)
+
+    async def write(self, apply: _Apply, rows: int) -> Any:
+        """Queue a write call; return its result once the transaction that holds it has committed.
+
+        ``rows`` only sizes batches. A caller cancelled before the flusher took its call writes nothing;
+        once taken, the call commits (or fails) with its batch whether or not anyone still waits.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Write(apply, rows, future))
+        if self._flusher is None:
+            # Nothing is committing: hand this write to the thread now, not an event loop turn later.
+            self._flusher = asyncio.create_task(self._flush(self._start()))
+        return await future
+
+    def _start(self) -> _Batch | None:
+        """Hand the next batch to the thread; None when nothing is left to write."""
+        while batch := self._take():
+            try:
+                running = asyncio.get_running_loop().run_in_executor(
+                    self._thread, _commit, self._db, [w.apply for w in batch]
+                )
+            except Exception as exc:  # the thread is gone (a cancelled close shut it down)
+                for w in batch:
+                    _settle(w.future, (False, exc))
+                continue
+            return batch, running
+        return None
+
+    async def _flush(self, started: _Batch | None) -> None:
+        """Wait for each batch to commit and settle its callers; meanwhile new writes queue for the next."""
+        try:
+            while started is not None:
+                batch, running = started
+                try:
+                    outcomes = await running
+                except Exception as exc:
+                    # Only if the thread itself failed (_commit reports the errors of calls as outcomes).
+                    outcomes = [(False, exc)] * len(batch)
+                except BaseException:
+                    for w in batch:
+                        unsure = StoreError("SQLite store shut down before this write was confirmed")
+                        _settle(w.future, (False, unsure))
+                    raise
+                for w, outcome in zip(batch, outcomes, strict=True):
+                    _settle(w.future, outcome)
+                started = self._start()
+        finally:
+            self._flusher = None
+            # Writes are left over only when this task was cancelled (the event loop is going away).
+            while self._queue:
+                not_written = StoreError("SQLite store shut down before the write was made")
+                _settle(self._queue.popleft().future, (False, not_written))
+
+    def _take(self) -> list[_Write]:
+        """The next batch: calls in the order they were issued, skipping those whose caller gave up."""
+        batch: list[_Write] = []
+        rows = 0
+        while self._queue and len(batch) < _MAX_BATCH_OPS:
+            write = self._queue[0]
+            if batch and rows + write.rows > _MAX_BATCH_ROWS:
+                break
+            self._queue.popleft()
+            if not write.future.cancelled():
+                batch.append(write)
+                rows += write.rows
+        return batch
+
+    async def close(self) -> None:
+        """Commit the writes already queued, then close the connection and end the thread."""
+        try:
+            if self._flusher is not None:
+                await asyncio.shield(self._flusher)
+        finally:
+            # Handed to the thread after every read and batch before it, so it runs last.
+            closing = asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
+            self._thread.shutdown(wait=False)
+            with contextlib.suppress(sqlite3.Error):
+                await closing
+
+
+def _settle(future: asyncio.Future[Any], outcome: _Outcome) -> None:
+    """Hand one caller the outcome of its write call, with errors translated into StoreError."""
+    if future.done():  # its caller was cancelled
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    elif isinstance(value, StoreError):
+        future.set_exception(value)
+    else:
+        # Whatever went wrong on the SQLite thread (sqlite3.Error; OverflowError binding an int SQLite cannot
+        # hold; the thread refusing work) reaches the caller as a StoreError, each caller its own.
+        error = StoreError(f"SQLite write failed: {value}")
+        error.__cause__ = value
+        future.set_exception(error)
+
+
+# -- run on the SQLite thread only ---------------------------------------------------------------------
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions, every BEGIN here is explicit. check_same_thread
+    # stays on: the connection belongs to the thread that opens it.
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(_SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,))
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _fetch(db: sqlite3.Connection, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[Any, ...]]:
+    """Rows of ``queries``; several of them share one read transaction, so one snapshot."""
+    if len(queries) == 1:
+        sql, params = queries[0]
+        return db.execute(sql, params).fetchall()
+    rows: list[tuple[Any, ...]] = []
+    db.execute("BEGIN")
+    try:
+        for sql, params in queries:
+            rows += db.execute(sql, params).fetchall()
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
+    return rows
+
+
+def _commit(db: sqlite3.Connection, calls: Sequence[_Apply]) -> list[_Outcome]:
+    """Apply write calls in order in one transaction, each inside its own savepoint, and commit once.
+
+    A call that fails is rolled back to its savepoint and reported as failed; the others go on. If its
+    error ended the whole transaction (SQLite does so on SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM, ...),
+    the calls before it were rolled back with it: the failed call is set aside and the rest run again in a
+    new transaction. When ``BEGIN``, a savepoint statement or ``COMMIT`` fails, no call is to blame and
+    nothing of the batch is committed: each call that had not failed on its own fails with that error.
+    """
+    outcomes: list[_Outcome] = [(False, None)] * len(calls)
+    todo = list(range(len(calls)))
+    while todo:
+        done: dict[int, _Outcome] = {}
+        culprit: int | None = None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for i in todo:
+                db.execute("SAVEPOINT call")
+                try:
+                    done[i] = (True, calls[i](db))
+                except Exception as exc:
+                    done[i] = (False, exc)
+                    if not _rollback_to_savepoint(db):
+                        culprit = i
+                        break
+                else:
+                    db.execute("RELEASE call")
+            if culprit is None:
+                db.execute("COMMIT")
+        except Exception as exc:
+            _rollback(db)
+            for i in todo:
+                own = done.get(i)
+                outcomes[i] = own if own is not None and not own[0] else (False, exc)
+            return outcomes
+        except BaseException:
+            _rollback(db)
+            raise
+        if culprit is None:
+            for i in todo:
+                outcomes[i] = done[i]
+            return outcomes
+        _rollback(db)
+        outcomes[culprit] = done[culprit]
+        todo.remove(culprit)
+    return outcomes
+
+
+def _rollback_to_savepoint(db: sqlite3.Connection) -> bool:
+    """Undo the failed call alone; False when its error ended the transaction (or undoing it failed)."""
+    if not db.in_transaction:
+        return False
+    try:
+        db.execute("ROLLBACK TO call")
+        db.execute("RELEASE call")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _rollback(db: sqlite3.Connection) -> None:
     """End a failed transaction, so that the connection can start the next one.
 
     A failed COMMIT may leave the transaction open (SQLITE_BUSY) or may already have rolled it back
@@ -300,10 +528,14 @@ async def _rollback(db: aiosqlite.Connection) -> None:
     """
     if db.in_transaction:
         with contextlib.suppress(sqlite3.Error):
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
 
 
-def _task_from_row(row: sqlite3.Row) -> TaskRecord:
+def _ping(db: sqlite3.Connection) -> None:
+    db.execute(_PING)
+
+
+def _task_from_row(row: tuple[Any, ...]) -> TaskRecord:
     """The task of a row selected as ``_TASK_COLUMNS``: its document, with ``dispatched`` from the column."""
     record = TaskRecord.from_dict(_decode(row[0]))
     record.dispatched = bool(row[1])
