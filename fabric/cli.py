@@ -316,6 +316,15 @@ def status(
             f"{error.get('type')}: {error.get('message')}" if error else "",
         )
     console.print(table)
+    for task_id, task in doc["tasks"].items():
+        for entry in task.get("history") or []:
+            error = entry.get("error") or {}
+            console.print(
+                f"  {task_id} attempt {entry.get('attempt')} on {entry.get('agent')}: "
+                f"{error.get('type')}: {error.get('message')}",
+                soft_wrap=True,
+                highlight=False,
+            )
 
 
 @app.command()

@@ -1,17 +1,42 @@
-"""Failure policy: pure decisions about a failed attempt. No I/O.
+"""Failure policy: pure decisions about a failed attempt. No I/O, no clock, randomness injected.
 
 The worker asks :meth:`FailurePolicy.decide` what to do with every failed attempt (handler error,
-timeout, explicit signal) and carries the decision out. Today's default, :class:`FailFast`, ends the task
-as ``failed`` with its error; the retry/reassign/escalate/abort policy of DESIGN.md §8 plugs in here.
+timeout, explicit signal) and carries the decision out:
+
+* ``retry``: the task message goes to ``{ns}.retry`` with header ``fabric-delay: <tier>`` and waits in
+  ``{ns}.delay.<tier>`` until its TTL dead-letters it back to its capability queue, attempt + 1. No
+  delay is ever held in a fabric process.
+* ``abort``: the task message is parked on ``{ns}.dead`` with the reason; the task ends ``dead``.
+* ``fail``: the task ends ``failed`` at once (:class:`FailFast`, for tests and for callers that want
+  no retries).
+
+:class:`RetryPolicy` is the default: unknown errors and timeouts retry with exponential backoff on the
+delay tiers (1s, 5s, 30s, 2m, 10m, 1h) until ``max_attempts``, then park as ``exhausted``.
 """
 
 from __future__ import annotations
 
 import enum
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from fabric.protocol.messages import ErrorInfo
+
+#: Delay tiers (name -> milliseconds), shortest first; the same as the ``{ns}.delay.<tier>`` queues.
+DEFAULT_TIERS_MS: Mapping[str, int] = {
+    "1s": 1_000,
+    "5s": 5_000,
+    "30s": 30_000,
+    "2m": 120_000,
+    "10m": 600_000,
+    "1h": 3_600_000,
+}
+
+
+#: Error types a retry cannot fix: the same input gives the same failure.
+NOT_RETRIED = frozenset({"ResultNotSerializable"})
 
 
 class Action(enum.StrEnum):
@@ -26,9 +51,21 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Decision:
+    """The policy's verdict on a failed attempt.
+
+    Attributes:
+        action: what to do.
+        error: the error to record.
+        tier: with ``retry``, the delay tier (queue) the message waits in.
+        delay_ms: with ``retry``, the message's own expiration inside that tier (jittered, never above
+            the tier's TTL, so it never waits behind a longer message).
+        reason: with ``abort``, why (the ``fabric-dead-reason`` header).
+    """
+
     action: Action
     error: ErrorInfo
-    delay_s: float | None = None
+    tier: str | None = None
+    delay_ms: int | None = None
     reason: str | None = None
 
 
@@ -42,6 +79,10 @@ class Failure:
     capability: str
     #: The control-flow signal the handler raised (``Retry``, ``Abort``...), by class name, if any.
     signal: str | None = None
+    #: ``Retry(delay_s=...)``: the delay the handler asked for.
+    requested_delay_s: float | None = None
+    #: ``Abort(reason)``: the reason the handler gave.
+    requested_reason: str | None = None
 
 
 class FailurePolicy(Protocol):
@@ -53,3 +94,59 @@ class FailFast:
 
     def decide(self, failure: Failure) -> Decision:
         return Decision(Action.FAIL, failure.error)
+
+
+class RetryPolicy:
+    """Retry with exponential backoff on the delay tiers until ``max_attempts``, then park.
+
+    The n-th retry waits in the n-th tier (1s, 5s, 30s, 2m, 10m, then 1h for every later one), each
+    message expiring after a random ``(1 - jitter)`` to ``1`` of its tier so that retries of many tasks
+    failing together spread out. ``Retry(delay_s=...)`` picks the shortest tier at least that long.
+    ``Abort(reason)`` parks at once. ``Reassign`` and ``Escalate`` are retried like other errors until
+    their own handling exists (issue 4).
+
+    Args:
+        tiers_ms: delay tiers, shortest first.
+        jitter: fraction of a tier the expiration may be shortened by (0..0.5).
+        random_fraction: a source of numbers in [0, 1), injected for tests.
+
+    Example:
+        >>> policy = RetryPolicy(random_fraction=lambda: 0.0)
+        >>> policy.decide(Failure(ErrorInfo(type="E", message="m"), 1, 3, "cap")).tier
+        '1s'
+    """
+
+    def __init__(
+        self,
+        tiers_ms: Mapping[str, int] = DEFAULT_TIERS_MS,
+        *,
+        jitter: float = 0.2,
+        random_fraction: Callable[[], float] = random.random,
+    ) -> None:
+        if not tiers_ms:
+            raise ValueError("RetryPolicy needs at least one delay tier")
+        if not 0 <= jitter <= 0.5:
+            raise ValueError("jitter must be between 0 and 0.5")
+        self._tiers = sorted(tiers_ms.items(), key=lambda item: item[1])
+        self._jitter = jitter
+        self._random = random_fraction
+
+    def decide(self, failure: Failure) -> Decision:
+        if failure.signal == "Abort":
+            return Decision(Action.ABORT, failure.error, reason=failure.requested_reason or "aborted")
+        if failure.error.type in NOT_RETRIED:
+            return Decision(Action.ABORT, failure.error, reason="not_retryable")
+        if failure.attempt >= failure.max_attempts:
+            return Decision(Action.ABORT, failure.error, reason="exhausted")
+        if failure.signal == "Retry" and failure.requested_delay_s is not None:
+            name, ttl_ms = self._tier_at_least(failure.requested_delay_s * 1000)
+        else:
+            name, ttl_ms = self._tiers[min(failure.attempt, len(self._tiers)) - 1]
+        delay_ms = max(1, round(ttl_ms * (1 - self._jitter * self._random())))
+        return Decision(Action.RETRY, failure.error, tier=name, delay_ms=delay_ms)
+
+    def _tier_at_least(self, delay_ms: float) -> tuple[str, int]:
+        for name, ttl_ms in self._tiers:
+            if ttl_ms >= delay_ms:
+                return name, ttl_ms
+        return self._tiers[-1]

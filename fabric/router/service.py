@@ -675,6 +675,7 @@ class Router:
         task.agent = event.agent_id
         if event.error is not None:
             task.error = event.error.model_dump()
+            _remember_failure(task, event)
         work.touch(task)
 
     async def _finish(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
@@ -688,6 +689,8 @@ class Router:
         task.finished_at = event.at
         task.result = event.result if status is TaskStatus.SUCCEEDED else None
         task.error = event.error.model_dump() if event.error is not None else None
+        if event.error is not None:
+            _remember_failure(task, event)
         work.touch(task)
         ended = 1
         if status is TaskStatus.SUCCEEDED:
@@ -899,6 +902,7 @@ class Router:
                     "attempts": t.attempts,
                     "agent": t.agent,
                     "error": t.error,
+                    "history": t.history,
                     "queued_at": t.queued_at,
                     "started_at": t.started_at,
                     "finished_at": t.finished_at,
@@ -1001,3 +1005,19 @@ class Router:
             "parked message %s on %s: %s: %s", delivery.message_id, names.dead_queue(self.ns), reason, detail
         )
         await delivery.ack()
+
+
+#: Failed attempts remembered per task (the first ones and the latest ones are kept).
+_MAX_HISTORY = 20
+
+
+def _remember_failure(task: TaskRecord, event: TaskEvent) -> None:
+    """Add a failed attempt to the task's history, once per attempt, bounded."""
+    if any(entry.get("attempt") == event.attempt for entry in task.history):
+        return
+    assert event.error is not None
+    task.history.append(
+        {"attempt": event.attempt, "agent": event.agent_id, "error": event.error.model_dump(), "at": event.at}
+    )
+    if len(task.history) > _MAX_HISTORY:
+        del task.history[_MAX_HISTORY // 2]

@@ -56,6 +56,8 @@ class TaskRecord:
     agent: str | None = None
     result: Any = None
     error: dict[str, str] | None = None
+    #: One entry per failed attempt: {"attempt", "agent", "error": {"type", "message"}, "at"}.
+    history: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     queued_at: float | None = None
     started_at: float | None = None

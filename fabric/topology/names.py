@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from fabric.policy import DEFAULT_TIERS_MS
 from fabric.protocol.messages import CAPABILITY_PATTERN
 
 _CAPABILITY_RE = re.compile(CAPABILITY_PATTERN)
@@ -14,14 +15,7 @@ SUBMIT_ROUTING_KEY = "workflow"
 #: Backoff tiers of the retry ladder: name -> delay in milliseconds. Each tier is its own queue with a
 #: fixed per-queue TTL, because RabbitMQ expires messages only at the head of a queue: a short delay
 #: sharing a queue with a long one would wait behind it.
-DELAY_TIERS_MS: dict[str, int] = {
-    "1s": 1_000,
-    "5s": 5_000,
-    "30s": 30_000,
-    "2m": 120_000,
-    "10m": 600_000,
-    "1h": 3_600_000,
-}
+DELAY_TIERS_MS = DEFAULT_TIERS_MS
 
 
 def check_capability(capability: str) -> str:

@@ -21,11 +21,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Self
 
-from fabric.errors import HandlerSignal, NotConnectedError, ProtocolError, TransportError
+from fabric.errors import Abort, HandlerSignal, NotConnectedError, ProtocolError, Retry, TransportError
 from fabric.health import HealthServer, render_counters, serve_health
-from fabric.policy import Action, FailFast, Failure, FailurePolicy
+from fabric.policy import Action, Decision, Failure, FailurePolicy, RetryPolicy
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, TaskEvent
 from fabric.settings import FabricSettings
@@ -63,7 +64,7 @@ class Worker:
         self.ns = settings.namespace
         self.concurrency = concurrency or settings.worker.concurrency
         self.agent_id = settings.worker.agent_id or f"{agent.name}@{socket.gethostname()}:{os.getpid()}"
-        self._policy = policy or FailFast()
+        self._policy = policy or RetryPolicy()
         self._amqp = AmqpConnection(
             settings.amqp_url.get_secret_value(), name=f"fabric-worker:{self.agent_id}"
         )
@@ -269,8 +270,14 @@ class Worker:
         try:
             try:
                 await self._event(task, EventStatus.STARTED)
-                status, result, error = await self._run(handler, task, slot)
-                await self._event(task, status, result=result, error=error)
+                outcome = await self._run(handler, task, slot)
+                # The retry or the parked copy is confirmed before the event, and both before the ack:
+                # a crash in between repeats a step, it never loses the task.
+                if outcome.status is EventStatus.RETRYING and outcome.decision is not None:
+                    await self._retry_later(delivery, task, outcome.decision)
+                elif outcome.status is EventStatus.DEAD and outcome.decision is not None:
+                    await self._park_task(delivery, task, outcome.decision)
+                await self._event(task, outcome.status, result=outcome.result, error=outcome.error)
             except TransportError as exc:
                 # The outcome is not confirmed, so the task must not be acked: the broker redelivers it,
                 # after a pause so a broker refusing publishes does not spin it in a hot loop.
@@ -311,10 +318,8 @@ class Worker:
             return None
         return slot
 
-    async def _run(
-        self, handler: Handler, task: Task, slot: _Slot
-    ) -> tuple[EventStatus, Any, ErrorInfo | None]:
-        """Run the handler once; return the event status, result and error to report."""
+    async def _run(self, handler: Handler, task: Task, slot: _Slot) -> _Outcome:
+        """Run the handler once; return what to report (and, for a failure, the policy's decision)."""
         deadline = asyncio.timeout(task.timeout_s)
         try:
             async with deadline:
@@ -339,9 +344,7 @@ class Worker:
             message = str(exc) or "the handler raised CancelledError"
             return self._failed(task, ErrorInfo(type="CancelledError", message=message), None)
         except HandlerSignal as signal:
-            return self._failed(
-                task, ErrorInfo(type=type(signal).__name__, message=str(signal)), type(signal).__name__
-            )
+            return self._failed(task, ErrorInfo(type=type(signal).__name__, message=str(signal)), signal)
         except Exception as exc:
             log.info("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, type(exc).__name__, exc)
             return self._failed(task, ErrorInfo(type=type(exc).__name__, message=str(exc)), None)
@@ -349,7 +352,7 @@ class Worker:
         if problem is not None:
             return self._failed(task, ErrorInfo(type="ResultNotSerializable", message=problem), None)
         self.processed += 1
-        return EventStatus.SUCCEEDED, result, None
+        return _Outcome(EventStatus.SUCCEEDED, result=result)
 
     async def _call(self, handler: Handler, task: Task, slot: _Slot) -> Any:
         """Call the handler: async ones on the event loop, sync ones on a daemon thread of their own."""
@@ -376,7 +379,7 @@ class Worker:
     def _thread_returned(self) -> None:
         self.overdue_threads -= 1
 
-    def _failed(self, task: Task, error: ErrorInfo, signal: str | None) -> tuple[EventStatus, Any, ErrorInfo]:
+    def _failed(self, task: Task, error: ErrorInfo, signal: HandlerSignal | None) -> _Outcome:
         self.failed += 1
         decision = self._policy.decide(
             Failure(
@@ -384,11 +387,71 @@ class Worker:
                 attempt=task.attempt,
                 max_attempts=task.max_attempts,
                 capability=task.capability,
-                signal=signal,
+                signal=type(signal).__name__ if signal is not None else None,
+                requested_delay_s=signal.delay_s if isinstance(signal, Retry) else None,
+                requested_reason=signal.reason if isinstance(signal, Abort) else None,
             )
         )
-        status = EventStatus.DEAD if decision.action is Action.ABORT else EventStatus.FAILED
-        return status, None, decision.error
+        if decision.action is Action.RETRY:
+            return _Outcome(EventStatus.RETRYING, error=decision.error, decision=decision)
+        if decision.action is Action.FAIL:
+            return _Outcome(EventStatus.FAILED, error=decision.error, decision=decision)
+        # abort (and, until they have their own handling, reassign/escalate once out of retries)
+        return _Outcome(EventStatus.DEAD, error=decision.error, decision=decision)
+
+    async def _retry_later(self, delivery: Delivery, task: Task, decision: Decision) -> None:
+        """Send the task message through ``{ns}.retry`` to wait in its delay tier, attempt + 1.
+
+        The wait happens in the broker: ``{ns}.delay.<tier>`` dead-letters the message back to
+        ``{ns}.tasks`` with its capability routing key when it expires.
+        """
+        retry_headers = dict(delivery.headers)
+        retry_headers[headers.DELAY] = decision.tier
+        retry_headers[headers.ATTEMPT] = task.attempt + 1
+        retry_headers[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
+        await self._amqp.publish(
+            names.retry_exchange(self.ns),
+            task.capability,
+            delivery.body,
+            headers=retry_headers,
+            content_type=delivery.content_type or codec.MSGPACK,
+            message_id=f"{task.workflow_id}/{task.task_id}/{task.attempt + 1}",
+            priority=delivery.priority,
+            expiration_s=(decision.delay_ms or 0) / 1000,
+        )
+        log.info(
+            "task %s/%s attempt %d failed (%s); retry %d in %s",
+            task.workflow_id,
+            task.task_id,
+            task.attempt,
+            decision.error.type,
+            task.attempt + 1,
+            decision.tier,
+        )
+
+    async def _park_task(self, delivery: Delivery, task: Task, decision: Decision) -> None:
+        """Park a task that will not run again on ``{ns}.dead``, with why and its last error."""
+        parked = dict(delivery.headers)
+        parked[headers.DEAD_REASON] = decision.reason or "aborted"
+        parked[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
+        parked["fabric-original-routing-key"] = delivery.routing_key
+        parked["fabric-agent-id"] = self.agent_id
+        await self._amqp.publish(
+            names.dead_exchange(self.ns),
+            delivery.routing_key,
+            delivery.body,
+            headers=parked,
+            content_type=delivery.content_type or codec.MSGPACK,
+            message_id=delivery.message_id,
+        )
+        log.warning(
+            "task %s/%s parked after %d attempt(s): %s: %s",
+            task.workflow_id,
+            task.task_id,
+            task.attempt,
+            decision.reason,
+            decision.error.type,
+        )
 
     async def _event(
         self, task: Task, status: EventStatus, *, result: Any = None, error: ErrorInfo | None = None
@@ -548,3 +611,13 @@ def _unserializable(result: Any) -> str | None:
             "None, bool, numbers, str, bytes, lists and dicts with str or int keys"
         )
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What one run of a handler comes to: the event to report, and the policy's decision on a failure."""
+
+    status: EventStatus
+    result: Any = None
+    error: ErrorInfo | None = None
+    decision: Decision | None = None

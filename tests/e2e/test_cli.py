@@ -51,7 +51,12 @@ async def test_failed_workflow_exits_nonzero_and_says_why(fleet: Fleet) -> None:
     await fleet.worker("w1")
     workflow = {
         "tasks": [
-            {"id": "fetch", "capability": "demo.fail", "input": "upstream API returned 503"},
+            {
+                "id": "fetch",
+                "capability": "demo.fail",
+                "input": "upstream API returned 503",
+                "max_attempts": 1,
+            },
             {"id": "summarize", "capability": "demo.echo", "depends_on": ["fetch"]},
         ]
     }

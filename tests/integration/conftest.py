@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from fabric import Agent
+from fabric.policy import FailurePolicy
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
 from fabric.worker.runtime import Worker
@@ -27,13 +28,19 @@ async def start_worker(settings: FabricSettings) -> AsyncIterator[StartWorker]:
     """Start in-process workers; every one still running is drained at teardown."""
     started: list[Worker] = []
 
-    async def start(agent: Agent, *, concurrency: int | None = None, agent_id: str | None = None) -> Worker:
+    async def start(
+        agent: Agent,
+        *,
+        concurrency: int | None = None,
+        agent_id: str | None = None,
+        policy: FailurePolicy | None = None,
+    ) -> Worker:
         worker_settings = settings
         if agent_id:
             worker_settings = settings.model_copy(
                 update={"worker": settings.worker.model_copy(update={"agent_id": agent_id})}
             )
-        worker = Worker(agent, worker_settings, concurrency=concurrency)
+        worker = Worker(agent, worker_settings, concurrency=concurrency, policy=policy)
         await worker.__aenter__()
         started.append(worker)
         return worker

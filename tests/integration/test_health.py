@@ -51,7 +51,12 @@ async def test_router_and_worker_health(
 
     before = samples((await http_get(router.http_port, "/metrics"))[1])
     await client.run(
-        {"tasks": [{"id": "a", "capability": "demo.echo"}, {"id": "b", "capability": "demo.fail"}]},
+        {
+            "tasks": [
+                {"id": "a", "capability": "demo.echo"},
+                {"id": "b", "capability": "demo.fail", "max_attempts": 1},
+            ]
+        },
         timeout_s=60,
     )
     port = router.http_port

@@ -26,7 +26,7 @@ async def test_upstream_failed_task_is_counted_once(
     done = await client.run(
         {
             "tasks": [
-                {"id": "a", "capability": "demo.fail", "input": "no"},
+                {"id": "a", "capability": "demo.fail", "input": "no", "max_attempts": 1},
                 {"id": "b", "capability": "demo.sleep", "input": {"seconds": 0.5}},
                 {"id": "c", "capability": "demo.echo", "depends_on": ["a", "b"]},
                 {"id": "d", "capability": "demo.sleep", "input": {"seconds": 1.5}},

@@ -20,7 +20,7 @@ DIAMOND = {
     "tasks": [
         {"id": "a", "capability": "demo.sum", "input": 1},
         {"id": "b", "capability": "demo.sum", "input": 10, "depends_on": ["a"]},
-        {"id": "c", "capability": "demo.fail", "input": "nope", "depends_on": ["a"]},
+        {"id": "c", "capability": "demo.fail", "input": "nope", "depends_on": ["a"], "max_attempts": 1},
         {"id": "d", "capability": "demo.sum", "input": 0, "depends_on": ["b", "c"]},
     ]
 }
@@ -46,7 +46,7 @@ async def test_workflow_on_each_store(store_settings: FabricSettings, start_work
         done = await client.run({"workflow_id": f"wf-{uuid.uuid4().hex[:6]}", **DIAMOND}, timeout_s=60)
         assert done.status == "failed"
         assert done.tasks["b"].result == 11
-        assert done.tasks["c"].status == "failed"
+        assert done.tasks["c"].status == "dead"  # out of attempts: parked
         assert done.tasks["d"].status == "upstream_failed"
         stored = await router.store.get_workflow(done.workflow_id)
         assert stored is not None

@@ -143,7 +143,9 @@ async def test_handler_raising_cancelled_error_fails_its_task_and_the_worker_goe
 
     # Concurrency 1: a delivery left unsettled would block every task after it.
     worker = await start_worker(agent, concurrency=1)
-    done = await client.run({"tasks": [{"id": "c", "capability": "wr.cancel"}]}, timeout_s=20)
+    done = await client.run(
+        {"tasks": [{"id": "c", "capability": "wr.cancel", "max_attempts": 1}]}, timeout_s=20
+    )
     assert done.status == "failed"
     error = done.tasks["c"].error
     assert error is not None
@@ -172,7 +174,8 @@ async def test_sync_handlers_past_their_timeout_keep_their_slots_and_later_tasks
     slow = await client.run(
         {
             "tasks": [
-                {"id": f"slow{i}", "capability": "wr.nap", "input": 3, "timeout_s": 0.5} for i in range(2)
+                {"id": f"slow{i}", "capability": "wr.nap", "input": 3, "timeout_s": 0.5, "max_attempts": 1}
+                for i in range(2)
             ]
         },
         timeout_s=20,
@@ -262,7 +265,8 @@ async def test_drain_returns_a_task_waiting_behind_an_overdue_sync_handler(
     try:
         first = await start_worker(agent, concurrency=1, agent_id="first")
         timed_out = await client.run(
-            {"tasks": [{"id": "stuck", "capability": "wr.stuck", "timeout_s": 0.3}]}, timeout_s=20
+            {"tasks": [{"id": "stuck", "capability": "wr.stuck", "timeout_s": 0.3, "max_attempts": 1}]},
+            timeout_s=20,
         )
         assert timed_out.status == "failed"
         assert first.overdue_threads == 1
@@ -355,7 +359,9 @@ async def test_handlers_own_timeout_error_is_not_reported_as_the_task_timeout(
             raise TimeoutError("the model API did not answer in 2s")
 
     await start_worker(agent, concurrency=1)
-    done = await client.run({"tasks": [{"id": "c", "capability": "wr.call", "timeout_s": 30}]}, timeout_s=20)
+    done = await client.run(
+        {"tasks": [{"id": "c", "capability": "wr.call", "timeout_s": 30, "max_attempts": 1}]}, timeout_s=20
+    )
     error = done.tasks["c"].error
     assert error is not None
     assert (error.type, error.message) == ("TimeoutError", "the model API did not answer in 2s")
@@ -372,7 +378,9 @@ async def test_sync_handler_exceeding_its_timeout_is_reported_as_the_task_timeou
         task.cancelled.wait(30)  # cooperative: stops once the timeout sets the flag
 
     worker = await start_worker(agent, concurrency=1)
-    done = await client.run({"tasks": [{"id": "s", "capability": "wr.slow", "timeout_s": 0.3}]}, timeout_s=20)
+    done = await client.run(
+        {"tasks": [{"id": "s", "capability": "wr.slow", "timeout_s": 0.3, "max_attempts": 1}]}, timeout_s=20
+    )
     error = done.tasks["s"].error
     assert error is not None
     assert (error.type, error.message) == ("TimeoutError", "task exceeded its timeout of 0.3s")

@@ -93,7 +93,7 @@ async def test_failing_handler_fails_task_and_dependents(
         {
             "tasks": [
                 {"id": "ok", "capability": "demo.echo", "input": "fine"},
-                {"id": "bad", "capability": "demo.fail", "input": "the model said no"},
+                {"id": "bad", "capability": "demo.fail", "input": "the model said no", "max_attempts": 1},
                 {"id": "after", "capability": "demo.echo", "depends_on": ["bad", "ok"]},
                 {"id": "later", "capability": "demo.echo", "depends_on": ["after"]},
             ]
@@ -103,7 +103,7 @@ async def test_failing_handler_fails_task_and_dependents(
     assert done.status == "failed"
     assert done.tasks["ok"].status == "succeeded"
     bad = done.tasks["bad"]
-    assert bad.status == "failed"
+    assert bad.status == "dead"  # its one attempt failed: parked on {ns}.dead
     assert bad.error is not None
     assert (bad.error.type, bad.error.message) == ("ValueError", "the model said no")
     assert done.tasks["after"].status == "upstream_failed"
@@ -116,7 +116,17 @@ async def test_handler_timeout_fails_the_task_and_the_worker_keeps_serving(
 ) -> None:
     worker = await start_worker(demo, concurrency=2)
     slow = await client.run(
-        {"tasks": [{"id": "s", "capability": "demo.sleep", "input": {"seconds": 30}, "timeout_s": 0.5}]},
+        {
+            "tasks": [
+                {
+                    "id": "s",
+                    "capability": "demo.sleep",
+                    "input": {"seconds": 30},
+                    "timeout_s": 0.5,
+                    "max_attempts": 1,
+                }
+            ]
+        },
         timeout_s=60,
     )
     assert slow.status == "failed"
