@@ -261,11 +261,14 @@ class Worker:
             timeout_s=timeout_s,
             cancelled=threading.Event(),
         )
+        if delivery.redelivered:
+            await self._lost_attempt(delivery, task)
+            return
         slot = await self._take_slot()
         if slot is None:
             # Draining: a task not started yet is another worker's to run.
             log.info("draining: returning task %s/%s to its queue unstarted", workflow_id, task_id)
-            await delivery.nack(requeue=True)
+            await self._return_unstarted(delivery)
             return
         try:
             try:
@@ -398,6 +401,56 @@ class Worker:
             return _Outcome(EventStatus.FAILED, error=decision.error, decision=decision)
         # abort (and, until they have their own handling, reassign/escalate once out of retries)
         return _Outcome(EventStatus.DEAD, error=decision.error, decision=decision)
+
+    async def _lost_attempt(self, delivery: Delivery, task: Task) -> None:
+        """A redelivered task message: a consumer got this attempt before and never settled it, because
+        its worker died (or lost the broker connection) while running it. That counts as an attempt,
+        so a task that kills its worker every time is parked as ``worker_lost`` instead of looping."""
+        error = ErrorInfo(
+            type="WorkerLost",
+            message=f"attempt {task.attempt} was lost: its worker died or lost the broker connection "
+            "while running it",
+        )
+        decision = self._policy.decide(
+            Failure(
+                error=error, attempt=task.attempt, max_attempts=task.max_attempts, capability=task.capability
+            )
+        )
+        try:
+            if decision.action is Action.RETRY:
+                await self._retry_later(delivery, task, decision)
+                status = EventStatus.RETRYING
+            else:
+                decision = Decision(Action.ABORT, error, reason="worker_lost")
+                await self._park_task(delivery, task, decision)
+                status = EventStatus.DEAD
+            await self._event(task, status, error=error)
+        except TransportError as exc:
+            log.warning("could not handle lost attempt of %s/%s (%s)", task.workflow_id, task.task_id, exc)
+            await asyncio.sleep(NACK_PAUSE_S)
+            await delivery.nack(requeue=True)
+            return
+        await delivery.ack()
+
+    async def _return_unstarted(self, delivery: Delivery) -> None:
+        """Give a task this worker will not start back to its queue as a fresh message.
+
+        A nack would mark it redelivered, and a redelivered task counts as a lost attempt.
+        """
+        try:
+            await self._amqp.publish(
+                names.tasks_exchange(self.ns),
+                delivery.routing_key,
+                delivery.body,
+                headers=delivery.headers,
+                content_type=delivery.content_type or codec.MSGPACK,
+                message_id=delivery.message_id,
+                priority=delivery.priority,
+            )
+        except TransportError:
+            await delivery.nack(requeue=True)
+            return
+        await delivery.ack()
 
     async def _retry_later(self, delivery: Delivery, task: Task, decision: Decision) -> None:
         """Send the task message through ``{ns}.retry`` to wait in its delay tier, attempt + 1.
