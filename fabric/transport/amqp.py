@@ -382,11 +382,22 @@ class AmqpConnection:
             priority=priority,
             expiration=expiration_s,
         )
+        if channel.is_closed:
+            # Reconnecting: the robust connection reopens the channel; wait for it rather than fail a
+            # publish that would go through a moment later.
+            await self._wait_for_channel(channel)
         target = self._exchange(channel, exchange)
         try:
-            confirm = await target.publish(
-                message, routing_key, mandatory=mandatory, timeout=self._publish_timeout_s
-            )
+            try:
+                confirm = await target.publish(
+                    message, routing_key, mandatory=mandatory, timeout=self._publish_timeout_s
+                )
+            except aiormq.exceptions.ChannelInvalidStateError:
+                # The channel closed before the message went out: once it is back, send it again.
+                await self._wait_for_channel(channel)
+                confirm = await target.publish(
+                    message, routing_key, mandatory=mandatory, timeout=self._publish_timeout_s
+                )
         except aiormq.exceptions.PublishError as exc:
             raise PublishError(
                 f"message to {exchange or '(default)'}/{routing_key} was returned as unroutable",
@@ -413,6 +424,17 @@ class AmqpConnection:
                 exchange=exchange,
                 routing_key=routing_key,
             )
+
+    async def _wait_for_channel(self, channel: AbstractChannel) -> None:
+        """Wait (up to the publish timeout) for a closed robust channel to be reopened."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._publish_timeout_s
+        while channel.is_closed and not self._closed:
+            if loop.time() > deadline:
+                raise TransportError(
+                    f"the broker connection did not come back within {self._publish_timeout_s:g}s"
+                )
+            await asyncio.sleep(0.05)
 
     def _exchange(self, channel: AbstractChannel, name: str) -> AbstractExchange:
         if name == DEFAULT_EXCHANGE:

@@ -10,6 +10,8 @@ import pytest
 from fabric import FabricClient
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
+from fabric.topology import names, spec
+from fabric.transport.amqp import AmqpConnection
 from fabric.worker.runtime import Worker
 from tests.conftest import eventually
 from tests.proxy import TcpProxy
@@ -66,3 +68,21 @@ async def test_everything_reconnects_after_the_network_drops(
         )
         assert second.status == "succeeded"
         assert second.tasks["c"].result == 5  # its input 3 plus b's result 2
+
+
+async def test_a_publish_during_a_reconnect_waits_for_it(
+    settings: FabricSettings, proxy: TcpProxy, broker: AmqpConnection
+) -> None:
+    ns = settings.namespace
+    cut_url = through(settings, proxy).amqp_url.get_secret_value()
+    async with AmqpConnection(cut_url, name="reconnecting publisher") as amqp:
+        await amqp.declare(spec.core(ns))
+        await proxy.cut()
+        await eventually(lambda: not amqp.connected, what="the publisher to notice the cut")
+        # Not an error: the publish waits for the robust connection to come back, then goes out.
+        await amqp.publish(
+            names.submit_exchange(ns), names.SUBMIT_ROUTING_KEY, b"{}", content_type="application/json"
+        )
+    info = await broker.queue_info(names.submit_queue(ns))
+    assert info is not None
+    assert info.messages == 1
