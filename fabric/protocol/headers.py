@@ -23,6 +23,10 @@ DELAY = "fabric-delay"
 DEAD_REASON = "fabric-dead-reason"
 #: The last error of a parked task, "Type: message".
 LAST_ERROR = "fabric-last-error"
+#: The routing key a parked message was published with (its capability, for a task).
+ORIGINAL_ROUTING_KEY = "fabric-original-routing-key"
+#: The agent that parked a task message.
+AGENT_ID = "fabric-agent-id"
 #: W3C trace context.
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -64,3 +68,15 @@ def get_list(headers: Mapping[str, Any] | None, name: str) -> list[str]:
     if isinstance(value, list | tuple):
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value]
     return [get_str(headers, name)]
+
+
+def parked(
+    original: Mapping[str, Any] | None, *, reason: str, last_error: str, routing_key: str, **extra: Any
+) -> dict[str, Any]:
+    """Headers of a message parked on ``{ns}.dead``: its own, plus why, its last error and its route."""
+    result = dict(original or {})
+    result[DEAD_REASON] = reason
+    result[LAST_ERROR] = last_error[:1000]
+    result[ORIGINAL_ROUTING_KEY] = routing_key
+    result.update(extra)
+    return result

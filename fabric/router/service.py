@@ -985,10 +985,9 @@ class Router:
 
     async def _park(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Move a message the router cannot process to ``{ns}.dead`` with the reason, then ack it."""
-        parked_headers = dict(delivery.headers)
-        parked_headers[headers.DEAD_REASON] = reason
-        parked_headers[headers.LAST_ERROR] = detail[:1000]
-        parked_headers["fabric-original-routing-key"] = delivery.routing_key
+        parked_headers = headers.parked(
+            delivery.headers, reason=reason, last_error=detail, routing_key=delivery.routing_key
+        )
         try:
             await self._amqp.publish(
                 names.dead_exchange(self.ns),

@@ -27,16 +27,41 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 
 
+class _Record:
+    """to_dict/from_dict for the record dataclasses: enums stored as their text, unknown keys of
+    records written by a newer fabric ignored, fields missing from older records defaulted."""
+
+    __slots__ = ()
+    #: Fields holding an enum, restored from text by from_dict.
+    _enums: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name in self._enums:
+            data[name] = str(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        for name, kind in cls._enums.items():
+            setattr(record, name, kind(getattr(record, name)))
+        return record
+
+
 @dataclass(slots=True)
-class TaskRecord:
+class TaskRecord(_Record):
     """Everything the router knows of one task."""
+
+    _enums: ClassVar[dict[str, Callable[[Any], Any]]] = {"status": TaskStatus}
 
     workflow_id: str
     task_id: str
@@ -67,22 +92,12 @@ class TaskRecord:
     def key(self) -> tuple[str, str]:
         return (self.workflow_id, self.task_id)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["status"] = str(self.status)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}
-        record = cls(**{k: v for k, v in data.items() if k in known})
-        record.status = TaskStatus(record.status)
-        return record
-
 
 @dataclass(slots=True)
-class WorkflowRecord:
+class WorkflowRecord(_Record):
     """Everything the router knows of one workflow, except its tasks."""
+
+    _enums: ClassVar[dict[str, Callable[[Any], Any]]] = {"status": WorkflowStatus}
 
     workflow_id: str
     fingerprint: str
@@ -103,21 +118,9 @@ class WorkflowRecord:
     #: ``completed`` document too (bounded; the first submitter is ``reply_to``).
     subscribers: list[list[str]] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["status"] = str(self.status)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}
-        record = cls(**{k: v for k, v in data.items() if k in known})
-        record.status = WorkflowStatus(record.status)
-        return record
-
 
 @dataclass(slots=True)
-class AgentRecord:
+class AgentRecord(_Record):
     """An agent as last seen through its heartbeats."""
 
     agent_id: str
@@ -133,14 +136,6 @@ class AgentRecord:
     breakers: dict[str, str] = field(default_factory=dict)
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @runtime_checkable

@@ -484,11 +484,13 @@ class Worker:
 
     async def _park_task(self, delivery: Delivery, task: Task, decision: Decision) -> None:
         """Park a task that will not run again on ``{ns}.dead``, with why and its last error."""
-        parked = dict(delivery.headers)
-        parked[headers.DEAD_REASON] = decision.reason or "aborted"
-        parked[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
-        parked["fabric-original-routing-key"] = delivery.routing_key
-        parked["fabric-agent-id"] = self.agent_id
+        parked = headers.parked(
+            delivery.headers,
+            reason=decision.reason or "aborted",
+            last_error=f"{decision.error.type}: {decision.error.message}",
+            routing_key=delivery.routing_key,
+            **{headers.AGENT_ID: self.agent_id},
+        )
         await self._amqp.publish(
             names.dead_exchange(self.ns),
             delivery.routing_key,
@@ -527,10 +529,9 @@ class Worker:
         )
 
     async def _park(self, delivery: Delivery, reason: str, detail: str) -> None:
-        parked = dict(delivery.headers)
-        parked[headers.DEAD_REASON] = reason
-        parked[headers.LAST_ERROR] = detail[:1000]
-        parked["fabric-original-routing-key"] = delivery.routing_key
+        parked = headers.parked(
+            delivery.headers, reason=reason, last_error=detail, routing_key=delivery.routing_key
+        )
         try:
             await self._amqp.publish(
                 names.dead_exchange(self.ns),
