@@ -7,12 +7,14 @@ Exit codes: 0 success; 1 the workflow failed or was cancelled; 2 bad usage, inpu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -43,6 +45,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+dead_app = typer.Typer(
+    help="Inspect, replay or purge messages parked on the {ns}.dead queue.", no_args_is_help=True
+)
+app.add_typer(dead_app, name="dead")
 topology_app = typer.Typer(
     help="Inspect or create the broker topology (exchanges and queues).", no_args_is_help=True
 )
@@ -494,6 +500,159 @@ def demo(
     done = _run(main())
     _print_completed(done)
     raise typer.Exit(0 if done.status == "succeeded" else 1)
+
+
+# -- dead letters ---------------------------------------------------------------------------------
+
+
+def _parked_view(index: int, delivery: Any) -> dict[str, Any]:
+    from fabric.protocol import headers as h
+
+    hdrs = delivery.headers
+    parked_ms = h.get_int(hdrs, h.PARKED_AT_MS, 0)
+    parked_at = parked_ms / 1000 if parked_ms else None
+    return {
+        "id": delivery.message_id or f"#{index}",
+        "reason": h.get_str(hdrs, h.DEAD_REASON, "?"),
+        "workflow_id": h.get_str(hdrs, h.WORKFLOW_ID) or None,
+        "task_id": h.get_str(hdrs, h.TASK_ID) or None,
+        "attempt": h.get_int(hdrs, h.ATTEMPT, 0) or None,
+        "capability": h.get_str(hdrs, h.ORIGINAL_ROUTING_KEY) or delivery.routing_key,
+        "last_error": h.get_str(hdrs, h.LAST_ERROR),
+        "parked_at": parked_at,
+        "age_s": None if parked_at is None else round(time.time() - parked_at, 1),
+    }
+
+
+LimitOpt = Annotated[int, typer.Option(help="Look at this many parked messages at most.", min=1)]
+
+
+@contextlib.asynccontextmanager
+async def _parked(
+    settings: FabricSettings, limit: int = 100_000
+) -> AsyncIterator[list[tuple[dict[str, Any], Any]]]:
+    """The parked messages of the namespace with their summaries; unsettled ones go back on exit."""
+    from fabric.topology import names
+    from fabric.transport.amqp import AmqpConnection
+
+    async with (
+        AmqpConnection(settings.amqp_url.get_secret_value(), name="fabric-cli") as amqp,
+        amqp.browse(names.dead_queue(settings.namespace), limit=limit) as deliveries,
+    ):
+        yield [(_parked_view(i, d), d) for i, d in enumerate(deliveries)]
+
+
+@dead_app.command("list")
+def dead_list(limit: LimitOpt = 1000, json_out: JsonOpt = False) -> None:
+    """List parked messages: why each was parked, its task, attempts and last error. Changes nothing."""
+    settings = _settings()
+
+    async def main() -> list[dict[str, Any]]:
+        async with _parked(settings, limit) as parked:
+            return [view for view, _ in parked]
+
+    found = _run(main())
+    if json_out:
+        console.print_json(data=found)
+        return
+    table = Table("id", "reason", "task", "attempt", "age", "last error")
+    for row in found:
+        task = f"{row['workflow_id']}/{row['task_id']}" if row["task_id"] else row["capability"]
+        age = "-" if row["age_s"] is None else f"{row['age_s']:.0f}s"
+        table.add_row(
+            row["id"], row["reason"], task, str(row["attempt"] or "-"), age, row["last_error"][:120]
+        )
+    console.print(table)
+    console.print(f"{len(found)} parked message(s) in namespace {settings.namespace!r}")
+
+
+@dead_app.command("show")
+def dead_show(message_id: Annotated[str, typer.Argument(help="The id shown by `fabric dead list`.")]) -> None:
+    """Show one parked message: every header and its decoded body."""
+    from fabric.protocol import codec
+
+    settings = _settings()
+
+    async def main() -> dict[str, Any] | None:
+        async with _parked(settings) as parked:
+            for view, delivery in parked:
+                if view["id"] == message_id:
+                    try:
+                        body: Any = codec.decode(delivery.body, delivery.content_type)
+                    except FabricError:
+                        body = repr(delivery.body[:2000])
+                    return {**view, "headers": delivery.headers, "body": body}
+        return None
+
+    found = _run(main())
+    if found is None:
+        _die(f"no parked message with id {message_id!r} (see `fabric dead list`)", 5)
+    console.print_json(data=found, default=repr)
+
+
+@dead_app.command("replay")
+def dead_replay(
+    message_id: Annotated[str | None, typer.Argument(help="The id shown by `fabric dead list`.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Replay every parked task.")] = False,
+    capability: Annotated[str | None, typer.Option(help="With --all: only this capability's tasks.")] = None,
+) -> None:
+    """Run parked tasks again from attempt 1 (the router records the replay), then remove them from the
+    dead queue. Their skipped dependents wait again and their workflow runs on."""
+    if (message_id is None) == (not all_):
+        _die("give one message id, or --all", 2)
+    settings = _settings()
+
+    async def main() -> tuple[int, list[str]]:
+        replayed, skipped = 0, []
+        async with FabricClient(settings) as client, _parked(settings) as parked:
+            for view, delivery in parked:
+                if message_id is not None and view["id"] != message_id:
+                    continue
+                if capability is not None and view["capability"] != capability:
+                    continue
+                if not view["task_id"]:
+                    skipped.append(f"{view['id']}: not a task message ({view['reason']})")
+                    continue
+                try:
+                    await client.replay(view["workflow_id"], view["task_id"])
+                except (TransportError, WorkflowNotFound) as exc:
+                    skipped.append(f"{view['id']}: {exc}")
+                    continue
+                await delivery.ack()  # the router republished the task from its record
+                replayed += 1
+        return replayed, skipped
+
+    replayed, skipped = _run(main())
+    for line in skipped:
+        err.print(f"[yellow]skipped[/] {line}", highlight=False)
+    console.print(f"replayed {replayed} task(s)")
+    if message_id is not None and not replayed:
+        raise typer.Exit(5 if not skipped else 1)
+
+
+@dead_app.command("purge")
+def dead_purge(
+    older_than: Annotated[
+        float,
+        typer.Option("--older-than", help="Only messages parked more than this many seconds ago.", min=0),
+    ],
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete them.")] = False,
+) -> None:
+    """Delete parked messages older than --older-than seconds (they are gone for good). Needs --yes."""
+    if not yes:
+        _die("purging deletes parked messages for good; add --yes to confirm", 2)
+    settings = _settings()
+
+    async def main() -> int:
+        purged = 0
+        async with _parked(settings) as parked:
+            for view, delivery in parked:
+                if view["age_s"] is not None and view["age_s"] > older_than:
+                    await delivery.ack()
+                    purged += 1
+        return purged
+
+    console.print(f"purged {_run(main())} parked message(s)")
 
 
 # -- topology -------------------------------------------------------------------------------------

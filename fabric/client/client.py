@@ -282,9 +282,11 @@ class FabricClient:
 
     # -- queries ----------------------------------------------------------------------------------
 
-    async def query(self, method: str, workflow_id: str | None = None) -> Any:
-        """Ask the router (``status``, ``result``, ``agents``, ``ping``); returns its ``data``."""
-        request = {} if workflow_id is None else {"workflow_id": workflow_id}
+    async def query(self, method: str, workflow_id: str | None = None, **params: Any) -> Any:
+        """Ask the router (``status``, ``result``, ``agents``, ``ping``, ``replay``); returns its ``data``."""
+        request: dict[str, Any] = dict(params)
+        if workflow_id is not None:
+            request["workflow_id"] = workflow_id
         reply = await self._request(
             names.rpc_exchange(self.ns), method, codec.encode(request), codec.MSGPACK, None
         )
@@ -302,6 +304,18 @@ class FabricClient:
             WorkflowNotFound: no such workflow.
         """
         data = await self.query("status", workflow_id)
+        if data is None:
+            raise WorkflowNotFound(workflow_id)
+        return dict(data)
+
+    async def replay(self, workflow_id: str, task_id: str) -> dict[str, Any]:
+        """Run a dead or failed task again from attempt 1; its skipped dependents wait again.
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+            TransportError: the router refused (no such task, or the task is not dead/failed).
+        """
+        data = await self.query("replay", workflow_id, task_id=task_id)
         if data is None:
             raise WorkflowNotFound(workflow_id)
         return dict(data)

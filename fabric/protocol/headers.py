@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,9 @@ DEAD_REASON = "fabric-dead-reason"
 LAST_ERROR = "fabric-last-error"
 #: The routing key a parked message was published with (its capability, for a task).
 ORIGINAL_ROUTING_KEY = "fabric-original-routing-key"
+#: When a message was parked, in milliseconds since the epoch (an integer: AMQP floats in headers are
+#: sent as 32-bit and would lose a minute of precision).
+PARKED_AT_MS = "fabric-parked-at-ms"
 #: The agent that parked a task message.
 AGENT_ID = "fabric-agent-id"
 #: W3C trace context.
@@ -78,5 +82,6 @@ def parked(
     result[DEAD_REASON] = reason
     result[LAST_ERROR] = last_error[:1000]
     result[ORIGINAL_ROUTING_KEY] = routing_key
+    result[PARKED_AT_MS] = int(time.time() * 1000)
     result.update(extra)
     return result

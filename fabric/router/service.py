@@ -876,11 +876,62 @@ class Router:
             return None
         if method == "status":
             return await self.status_document(workflow)
+        if method == "replay":
+            return await self._replay(workflow, str(request["task_id"]))
         if method == "result":
             if not workflow.status.terminal:
                 return {"kind": "running", "workflow_id": workflow_id, "status": str(workflow.status)}
             return await self._completion_document(workflow)
         raise KeyError(f"unknown query {method!r}")
+
+    async def _replay(self, workflow: WorkflowRecord, task_id: str) -> dict[str, Any]:
+        """Run a dead or failed task again from its first attempt (an operator's ``fabric dead replay``).
+
+        Its dependents that never ran because of it wait again, and a finished workflow runs again
+        (it will announce its new completion). The replay is kept in the task's history.
+        """
+        async with self._locks.hold(workflow.workflow_id):
+            workflow = await self._store.get_workflow(workflow.workflow_id) or workflow
+            tasks = await self._store.get_tasks(workflow.workflow_id)
+            task = tasks.get(task_id)
+            if task is None:
+                raise KeyError(f"workflow {workflow.workflow_id} has no task {task_id!r}")
+            if task.status not in (TaskStatus.DEAD, TaskStatus.FAILED):
+                raise ValueError(
+                    f"task {task_id} is {task.status}; only dead or failed tasks can be replayed"
+                )
+            now = time.time()
+            task.history.append(
+                {
+                    "attempt": task.attempts,
+                    "agent": "operator",
+                    "error": {"type": "Replayed", "message": f"replayed after {task.attempts} attempt(s)"},
+                    "at": now,
+                }
+            )
+            task.status, task.attempts, task.dispatched = TaskStatus.QUEUED, 0, False
+            task.error = task.result = task.agent = task.finished_at = None
+            task.queued_at = now
+            changed = {task.task_id: task}
+            revived = True
+            while revived:  # until no downstream task can be revived any more
+                revived = False
+                for other in tasks.values():
+                    if other.status is not TaskStatus.UPSTREAM_FAILED:
+                        continue
+                    deps = [tasks[d] for d in other.depends_on if d in tasks]
+                    if any(d.status in _FAILED_STATES for d in deps):
+                        continue
+                    other.status, other.error, other.finished_at = TaskStatus.WAITING, None, None
+                    other.pending_deps = sum(1 for d in deps if d.status is not TaskStatus.SUCCEEDED)
+                    changed[other.task_id] = other
+                    revived = True
+            workflow.status, workflow.finished_at, workflow.notified = WorkflowStatus.RUNNING, None, False
+            workflow.remaining = sum(1 for t in tasks.values() if not t.status.terminal)
+            await self._store.save(workflows=[workflow], tasks=list(changed.values()))
+            await self._dispatch([task], known=tasks)
+        log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(changed))
+        return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": sorted(changed)}
 
     async def status_document(self, workflow: WorkflowRecord) -> dict[str, Any]:
         tasks = await self._store.get_tasks(workflow.workflow_id)

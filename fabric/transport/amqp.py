@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -488,6 +488,34 @@ class AmqpConnection:
             raise TransportError(f"cannot consume {queue}: {exc}") from exc
         self._consumers.extend(consumers)
         return consumers
+
+    @contextlib.asynccontextmanager
+    async def browse(self, queue: str, *, limit: int) -> AsyncIterator[list[Delivery]]:
+        """Take up to ``limit`` messages of ``queue`` (basic.get) for inspection.
+
+        Inside the block, ack the ones to remove; every message left unsettled goes back to the queue
+        at its place when the block ends.
+        """
+        connection, _ = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        deliveries: list[Delivery] = []
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            while len(deliveries) < limit:
+                message = await declared.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                deliveries.append(Delivery(message))
+            yield deliveries
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyMismatch(queue, "queue does not exist") from exc
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot read {queue}: {exc}") from exc
+        finally:
+            for delivery in deliveries:
+                await delivery.nack(requeue=True)
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def reply_queue(self, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
         """Declare an exclusive, auto-named queue and consume it (for replies and followed notifications).
