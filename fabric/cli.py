@@ -378,11 +378,14 @@ def agents(json_out: JsonOpt = False) -> None:
     if json_out:
         console.print_json(data=found)
         return
-    table = Table("agent id", "capabilities", "in flight", "processed", "failed", "health", "last seen")
+    table = Table(
+        "agent id", "state", "capabilities", "in flight", "processed", "failed", "health", "last seen"
+    )
     now = time.time()
     for a in found:
         table.add_row(
             a["agent_id"],
+            a.get("state", "?"),
             ", ".join(a["capabilities"]),
             f"{a['in_flight']}/{a['concurrency']}",
             str(a["processed"]),

@@ -166,6 +166,8 @@ class Heartbeat(BaseModel):
     failed: int = 0
     health: Literal["ok", "draining", "degraded"] = "ok"
     breakers: dict[str, str] = Field(default_factory=dict)
+    #: Seconds between this agent's heartbeats: three missed ones and the router calls it lost.
+    interval_s: float = 5.0
     at: float
 
 

@@ -869,7 +869,7 @@ class Router:
         if method == "ping":
             return {"namespace": self.ns, "stats": dict(self.stats)}
         if method == "agents":
-            return [a.to_dict() for a in await self._store.list_agents()]
+            return [self._agent_view(a) for a in await self._store.list_agents()]
         workflow_id = str(request["workflow_id"])
         workflow = await self._store.get_workflow(workflow_id)
         if workflow is None:
@@ -933,6 +933,16 @@ class Router:
         log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(changed))
         return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": sorted(changed)}
 
+    @staticmethod
+    def _agent_view(agent: AgentRecord, now: float | None = None) -> dict[str, Any]:
+        """An agent with its state: ``alive``, or ``lost`` after three missed heartbeats."""
+        now = time.time() if now is None else now
+        silent_s = now - agent.last_seen
+        view = agent.to_dict()
+        view["state"] = "lost" if silent_s > 3 * agent.interval_s + 1 else "alive"
+        view["silent_s"] = round(silent_s, 1)
+        return view
+
     async def status_document(self, workflow: WorkflowRecord) -> dict[str, Any]:
         tasks = await self._store.get_tasks(workflow.workflow_id)
         counts: dict[str, int] = {}
@@ -985,6 +995,7 @@ class Router:
             failed=beat.failed,
             health=beat.health,
             breakers=beat.breakers,
+            interval_s=beat.interval_s,
             last_seen=beat.at,
         )
         first_seen = self._agent_first_seen.setdefault(beat.agent_id, beat.at)

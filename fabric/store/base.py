@@ -134,6 +134,7 @@ class AgentRecord(_Record):
     failed: int = 0
     health: str = "ok"
     breakers: dict[str, str] = field(default_factory=dict)
+    interval_s: float = 5.0
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
 

@@ -555,6 +555,7 @@ class Worker:
         host = socket.gethostname()
         while True:
             beat = Heartbeat(
+                interval_s=interval,
                 agent_id=self.agent_id,
                 agent=self.agent.name,
                 host=host,

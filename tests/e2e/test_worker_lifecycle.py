@@ -57,5 +57,13 @@ async def test_worker_killed_mid_task_its_task_runs_elsewhere(fleet: Fleet, sett
         doomed.wait(30)
         await fleet.worker("survivor", concurrency=1)
         done = await client.wait(accepted.workflow_id, timeout_s=60)
+
+        async def registry() -> dict[str, str] | None:
+            states = {a["agent_id"]: a["state"] for a in await client.query("agents")}
+            return states if states.get("doomed") == "lost" and states.get("survivor") == "alive" else None
+
+        # Heartbeats every 0.5 s here: three missed and the registry calls the agent lost.
+        await eventually(registry, timeout=30, what="doomed marked lost, survivor alive")
     assert done.status == "succeeded"
     assert done.tasks["long"].agent == "survivor"
+    assert done.tasks["long"].attempts == 2, "the lost attempt counts"
