@@ -366,6 +366,34 @@ def result(
 
 
 @app.command()
+def why(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    task_id: Annotated[str | None, typer.Argument(help="Only this task.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Say why each unfinished task is not running yet: waiting_on, queued, no_agent, running_on,
+    backoff_until, ..."""
+    settings = _settings()
+
+    async def main() -> list[dict[str, Any]]:
+        async with FabricClient(settings) as client:
+            return await client.why(workflow_id, task_id)
+
+    answers = _run(main())
+    if json_out:
+        console.print_json(data=answers)
+        return
+    if not answers:
+        console.print(f"workflow {workflow_id}: every task has finished")
+    for answer in answers:
+        console.print(
+            f"{answer['task_id']}: [bold]{answer['reason']}[/] {answer['detail']}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+@app.command()
 def agents(json_out: JsonOpt = False) -> None:
     """List the agents seen through their heartbeats, with load and health."""
     settings = _settings()

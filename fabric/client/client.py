@@ -308,6 +308,21 @@ class FabricClient:
             raise WorkflowNotFound(workflow_id)
         return dict(data)
 
+    async def why(self, workflow_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Why each unfinished task (or ``task_id``) is not running yet, or where it runs.
+
+        Each answer has ``task_id``, ``status``, ``reason`` (``waiting_on``, ``queued``, ``no_agent``,
+        ``running_on``, ``backoff_until``, ...) and a human ``detail``.
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+        """
+        params = {} if task_id is None else {"task_id": task_id}
+        data = await self.query("why", workflow_id, **params)
+        if data is None:
+            raise WorkflowNotFound(workflow_id)
+        return list(data)
+
     async def replay(self, workflow_id: str, task_id: str) -> dict[str, Any]:
         """Run a dead or failed task again from attempt 1; its skipped dependents wait again.
 

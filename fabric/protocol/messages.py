@@ -150,6 +150,8 @@ class TaskEvent(BaseModel):
     error: ErrorInfo | None = None
     #: Seconds since the epoch (UTC) when the worker saw this happen.
     at: float
+    #: With ``retrying``: when the next attempt is due (seconds since the epoch).
+    retry_at: float | None = None
 
 
 class Heartbeat(BaseModel):

@@ -670,6 +670,7 @@ class Router:
         return "ok"
 
     def _transition(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
+        task.retry_at = event.retry_at if status is TaskStatus.RETRYING else None
         task.status = status
         task.attempts = max(task.attempts, event.attempt)
         task.agent = event.agent_id
@@ -876,6 +877,8 @@ class Router:
             return None
         if method == "status":
             return await self.status_document(workflow)
+        if method == "why":
+            return await self._why(workflow, request.get("task_id"))
         if method == "replay":
             return await self._replay(workflow, str(request["task_id"]))
         if method == "result":
@@ -932,6 +935,73 @@ class Router:
             await self._dispatch([task], known=tasks)
         log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(changed))
         return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": sorted(changed)}
+
+    async def _why(self, workflow: WorkflowRecord, task_id: str | None) -> list[dict[str, Any]]:
+        """For each unfinished task (or the one asked about): why it is not running, or where it runs."""
+        tasks = await self._store.get_tasks(workflow.workflow_id)
+        if task_id is not None:
+            if task_id not in tasks:
+                raise KeyError(f"workflow {workflow.workflow_id} has no task {task_id!r}")
+            selected = [tasks[task_id]]
+        else:
+            selected = [t for t in tasks.values() if not t.status.terminal]
+        alive: dict[str, list[str]] = {}
+        for agent in await self._store.list_agents():
+            view = self._agent_view(agent)
+            if view["state"] == "alive":
+                for capability in agent.capabilities:
+                    alive.setdefault(capability, []).append(agent.agent_id)
+        depths: dict[str, Any] = {}
+        answers = []
+        for task in selected:
+            answer: dict[str, Any] = {"task_id": task.task_id, "status": str(task.status)}
+            if task.status.terminal:
+                answer.update(reason="finished", detail=f"ended {task.status}")
+            elif task.status is TaskStatus.WAITING:
+                pending = [d for d in task.depends_on if tasks[d].status is not TaskStatus.SUCCEEDED]
+                answer.update(
+                    reason="waiting_on", waiting_on=pending, detail=f"waiting on {', '.join(pending)}"
+                )
+            elif task.status is TaskStatus.QUEUED:
+                if task.capability not in depths:
+                    depths[task.capability] = await self._amqp.queue_info(
+                        names.capability_queue(self.ns, task.capability)
+                    )
+                info = depths[task.capability]
+                depth = info.messages if info is not None else 0
+                if task.capability not in alive:
+                    answer.update(
+                        reason="no_agent",
+                        detail=f"no live agent has capability {task.capability!r} "
+                        f"({depth} task(s) wait for one)",
+                    )
+                else:
+                    answer.update(
+                        reason="queued",
+                        queue_depth=depth,
+                        agents=alive[task.capability],
+                        detail=f"{depth} task(s) queued for {task.capability!r} "
+                        f"(priority {task.priority} here), {len(alive[task.capability])} live agent(s)",
+                    )
+            elif task.status is TaskStatus.RUNNING:
+                answer.update(
+                    reason="running_on",
+                    agent=task.agent,
+                    since=task.started_at,
+                    detail=f"running on {task.agent} (attempt {task.attempts})",
+                )
+            elif task.status is TaskStatus.RETRYING:
+                error = task.error or {}
+                answer.update(
+                    reason="backoff_until",
+                    until=task.retry_at,
+                    detail=f"attempt {task.attempts} failed ({error.get('type')}: {error.get('message')}); "
+                    f"next attempt in {max(0.0, (task.retry_at or 0) - time.time()):.0f}s",
+                )
+            else:
+                answer.update(reason=str(task.status), detail=f"{task.status}: waits for an operator")
+            answers.append(answer)
+        return answers
 
     @staticmethod
     def _agent_view(agent: AgentRecord, now: float | None = None) -> dict[str, Any]:

@@ -85,6 +85,8 @@ class TaskRecord(_Record):
     history: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     queued_at: float | None = None
+    #: While ``retrying``: when the next attempt is due.
+    retry_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
 

@@ -280,7 +280,13 @@ class Worker:
                     await self._retry_later(delivery, task, outcome.decision)
                 elif outcome.status is EventStatus.DEAD and outcome.decision is not None:
                     await self._park_task(delivery, task, outcome.decision)
-                await self._event(task, outcome.status, result=outcome.result, error=outcome.error)
+                await self._event(
+                    task,
+                    outcome.status,
+                    result=outcome.result,
+                    error=outcome.error,
+                    retry_in_s=_retry_in_s(outcome.decision),
+                )
             except TransportError as exc:
                 # The outcome is not confirmed, so the task must not be acked: the broker redelivers it,
                 # after a pause so a broker refusing publishes does not spin it in a hot loop.
@@ -424,7 +430,7 @@ class Worker:
                 decision = Decision(Action.ABORT, error, reason="worker_lost")
                 await self._park_task(delivery, task, decision)
                 status = EventStatus.DEAD
-            await self._event(task, status, error=error)
+            await self._event(task, status, error=error, retry_in_s=_retry_in_s(decision))
         except TransportError as exc:
             log.warning("could not handle lost attempt of %s/%s (%s)", task.workflow_id, task.task_id, exc)
             await asyncio.sleep(NACK_PAUSE_S)
@@ -509,9 +515,17 @@ class Worker:
         )
 
     async def _event(
-        self, task: Task, status: EventStatus, *, result: Any = None, error: ErrorInfo | None = None
+        self,
+        task: Task,
+        status: EventStatus,
+        *,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        retry_in_s: float | None = None,
     ) -> None:
+        now = time.time()
         event = TaskEvent(
+            retry_at=None if retry_in_s is None else now + retry_in_s,
             workflow_id=task.workflow_id,
             task_id=task.task_id,
             attempt=task.attempt,
@@ -519,7 +533,7 @@ class Worker:
             status=status,
             result=result,
             error=error,
-            at=time.time(),
+            at=now,
         )
         await self._amqp.publish(
             names.events_exchange(self.ns),
@@ -676,3 +690,9 @@ class _Outcome:
     result: Any = None
     error: ErrorInfo | None = None
     decision: Decision | None = None
+
+
+def _retry_in_s(decision: Decision | None) -> float | None:
+    if decision is None or decision.action is not Action.RETRY or decision.delay_ms is None:
+        return None
+    return decision.delay_ms / 1000
