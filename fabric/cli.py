@@ -366,6 +366,28 @@ def result(
 
 
 @app.command()
+def cancel(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    task: Annotated[str | None, typer.Option("--task", help="Only this task and what depends on it.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel a workflow, or one task and everything downstream of it. Running tasks are stopped."""
+    settings = _settings()
+
+    async def main() -> dict[str, Any]:
+        async with FabricClient(settings) as client:
+            return await client.cancel(workflow_id, task)
+
+    done = _run(main())
+    if json_out:
+        console.print_json(data=done)
+    else:
+        console.print(
+            f"cancelled {len(done['cancelled'])} task(s); workflow {workflow_id} is {done['status']}"
+        )
+
+
+@app.command()
 def why(
     workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
     task_id: Annotated[str | None, typer.Argument(help="Only this task.")] = None,

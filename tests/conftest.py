@@ -7,6 +7,7 @@ import asyncio
 import functools
 import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -165,3 +166,19 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def cli(settings: FabricSettings, *args: str, timeout: float = 120) -> tuple[int, str, str]:
+    """Run the fabric CLI without blocking the event loop (an in-process router may have to answer it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fabric.cli",
+        *args,
+        env=subprocess_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

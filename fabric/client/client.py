@@ -308,6 +308,21 @@ class FabricClient:
             raise WorkflowNotFound(workflow_id)
         return dict(data)
 
+    async def cancel(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
+        """Cancel a workflow (or one task and everything downstream of it).
+
+        Unfinished tasks end ``cancelled`` at once; running ones are stopped in their workers (an async
+        handler is cancelled, a sync one sees ``task.is_cancelled``).
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+        """
+        params = {} if task_id is None else {"task_id": task_id}
+        data = await self.query("cancel", workflow_id, **params)
+        if data is None:
+            raise WorkflowNotFound(workflow_id)
+        return dict(data)
+
     async def why(self, workflow_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
         """Why each unfinished task (or ``task_id``) is not running yet, or where it runs.
 

@@ -877,6 +877,8 @@ class Router:
             return None
         if method == "status":
             return await self.status_document(workflow)
+        if method == "cancel":
+            return await self._cancel(workflow, request.get("task_id"))
         if method == "why":
             return await self._why(workflow, request.get("task_id"))
         if method == "replay":
@@ -935,6 +937,58 @@ class Router:
             await self._dispatch([task], known=tasks)
         log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(changed))
         return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": sorted(changed)}
+
+    async def _cancel(self, workflow: WorkflowRecord, task_id: str | None) -> dict[str, Any]:
+        """Cancel a workflow, or one task and everything downstream of it.
+
+        Unfinished tasks end ``cancelled`` at once (so nothing waits on a worker that may be gone);
+        workers are told on ``{ns}.control`` to stop the running ones and skip queued ones.
+        """
+        async with self._locks.hold(workflow.workflow_id):
+            work = _Work(self._store, workflow.workflow_id)
+            tasks = await work.load_all()
+            current = await work.get_workflow()
+            if task_id is not None:
+                if task_id not in tasks:
+                    raise KeyError(f"workflow {workflow.workflow_id} has no task {task_id!r}")
+                targets, frontier = {task_id}, [task_id]
+                while frontier:
+                    for dependent in tasks[frontier.pop()].dependents:
+                        if dependent not in targets:
+                            targets.add(dependent)
+                            frontier.append(dependent)
+            else:
+                targets = set(tasks)
+            now = time.time()
+            cancelled = []
+            for tid in sorted(targets):
+                task = tasks[tid]
+                if task.status.terminal:
+                    continue
+                task.status, task.finished_at = TaskStatus.CANCELLED, now
+                task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
+                work.touch(task)
+                cancelled.append(tid)
+            if cancelled:
+                current.remaining = max(0, current.remaining - len(cancelled))
+                work.workflow_changed = True
+                if current.remaining == 0:
+                    current.finished_at = now
+                    statuses = {t.status for t in tasks.values()}
+                    current.status = (
+                        WorkflowStatus.FAILED if statuses & _FAILED_STATES else WorkflowStatus.CANCELLED
+                    )
+                await self._commit(work)
+                control: dict[str, Any] = {"kind": "cancel", "workflow_id": workflow.workflow_id}
+                if task_id is not None:
+                    control["task_ids"] = cancelled
+                await self._amqp.publish(
+                    names.control_exchange(self.ns), "", codec.encode(control), mandatory=False
+                )
+                if current.status.terminal:
+                    await self._announce(current, work)
+        log.warning("cancelled %d task(s) of workflow %s", len(cancelled), workflow.workflow_id)
+        return {"workflow_id": workflow.workflow_id, "cancelled": cancelled, "status": str(current.status)}
 
     async def _why(self, workflow: WorkflowRecord, task_id: str | None) -> list[dict[str, Any]]:
         """For each unfinished task (or the one asked about): why it is not running, or where it runs."""

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -76,6 +77,10 @@ class Worker:
         #: Sync handlers still running on their threads after their task ended (timed out, cancelled).
         self.overdue_threads = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
+        #: Workflows and tasks an operator cancelled (bounded): their tasks are skipped or stopped.
+        self._cancelled: OrderedDict[tuple[str, str | None], None] = OrderedDict()
+        #: Tasks running now, with the asyncio future of an async handler (to cancel it).
+        self._current: dict[tuple[str, str], tuple[Task, asyncio.Future[Any] | None]] = {}
         self._health: HealthServer | None = None
         self._draining = False
         self._started = False
@@ -103,6 +108,9 @@ class Worker:
                 },
                 prefetch=self.concurrency,
             )
+            # Cancellations and runtime tuning are broadcast on {ns}.control to every worker.
+            control = await self._amqp.reply_queue(self._on_control, prefetch=16)
+            await control.bind(names.control_exchange(self.ns), "")
             http = self.settings.http
             # Many workers may share a host: a taken port falls back to a free one (logged).
             self._health = await serve_health(
@@ -261,6 +269,15 @@ class Worker:
             timeout_s=timeout_s,
             cancelled=threading.Event(),
         )
+        if self._is_cancelled(task):
+            try:
+                await self._event(task, EventStatus.CANCELLED, error=_CANCELLED)
+            except TransportError:
+                await asyncio.sleep(NACK_PAUSE_S)
+                await delivery.nack(requeue=True)
+                return
+            await delivery.ack()
+            return
         if delivery.redelivered:
             await self._lost_attempt(delivery, task)
             return
@@ -274,6 +291,8 @@ class Worker:
             try:
                 await self._event(task, EventStatus.STARTED)
                 outcome = await self._run(handler, task, slot)
+                if self._is_cancelled(task):
+                    outcome = _Outcome(EventStatus.CANCELLED, error=_CANCELLED)
                 # The retry or the parked copy is confirmed before the event, and both before the ack:
                 # a crash in between repeats a step, it never loses the task.
                 if outcome.status is EventStatus.RETRYING and outcome.decision is not None:
@@ -348,6 +367,8 @@ class Worker:
             if current is not None and current.cancelling() > 0:
                 task.cancelled.set()
                 raise  # the worker itself is being cancelled (drain deadline)
+            if self._is_cancelled(task):
+                return _Outcome(EventStatus.CANCELLED, error=_CANCELLED)
             # The handler raised CancelledError of its own accord: a handler failure like any other.
             log.info("task %s/%s failed: handler raised CancelledError", task.workflow_id, task.task_id)
             message = str(exc) or "the handler raised CancelledError"
@@ -365,12 +386,20 @@ class Worker:
 
     async def _call(self, handler: Handler, task: Task, slot: _Slot) -> Any:
         """Call the handler: async ones on the event loop, sync ones on a daemon thread of their own."""
+        key = (task.workflow_id, task.task_id)
         if handler.is_async:
-            return await handler.func(task)
+            running = asyncio.ensure_future(handler.func(task))
+            self._current[key] = (task, running)
+            try:
+                return await running
+            finally:
+                self._current.pop(key, None)
         thread = _HandlerThread(handler.func, task, name=f"fabric-{handler.capability}-{task.task_id}")
+        self._current[key] = (task, None)
         try:
             return await thread.result
         finally:
+            self._current.pop(key, None)
             if not thread.finished:
                 # Timed out or cancelled: a thread cannot be killed. Its flag asks a cooperative handler
                 # to stop; until the thread returns it keeps its concurrency slot, so the tasks after
@@ -407,6 +436,36 @@ class Worker:
             return _Outcome(EventStatus.FAILED, error=decision.error, decision=decision)
         # abort (and, until they have their own handling, reassign/escalate once out of retries)
         return _Outcome(EventStatus.DEAD, error=decision.error, decision=decision)
+
+    def _is_cancelled(self, task: Task) -> bool:
+        return (task.workflow_id, None) in self._cancelled or (
+            task.workflow_id,
+            task.task_id,
+        ) in self._cancelled
+
+    async def _on_control(self, delivery: Delivery) -> None:
+        """A broadcast on ``{ns}.control``: ``{"kind": "cancel", "workflow_id", "task_ids"?}``."""
+        await delivery.ack()
+        try:
+            message = codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
+        except ProtocolError as exc:
+            log.warning("malformed control message ignored: %s", exc)
+            return
+        if not isinstance(message, dict) or message.get("kind") != "cancel":
+            return
+        workflow_id = str(message.get("workflow_id"))
+        task_ids = message.get("task_ids")
+        keys = [(workflow_id, None)] if not task_ids else [(workflow_id, str(t)) for t in task_ids]
+        for key in keys:
+            self._cancelled[key] = None
+        while len(self._cancelled) > _MAX_CANCELLED:
+            self._cancelled.popitem(last=False)
+        for (wf, task_id), (task, running) in list(self._current.items()):
+            if wf == workflow_id and (not task_ids or task_id in task_ids):
+                task.cancelled.set()  # a sync handler sees it through task.is_cancelled
+                if running is not None:
+                    running.cancel()
+                log.info("cancelling running task %s/%s", wf, task_id)
 
     async def _lost_attempt(self, delivery: Delivery, task: Task) -> None:
         """A redelivered task message: a consumer got this attempt before and never settled it, because
@@ -690,6 +749,12 @@ class _Outcome:
     result: Any = None
     error: ErrorInfo | None = None
     decision: Decision | None = None
+
+
+#: Cancellations a worker remembers (oldest forgotten first).
+_MAX_CANCELLED = 10_000
+#: The error recorded on a task an operator cancelled.
+_CANCELLED = ErrorInfo(type="Cancelled", message="cancelled by an operator")
 
 
 def _retry_in_s(decision: Decision | None) -> float | None:

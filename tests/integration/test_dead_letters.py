@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 
 import pytest
 
 from fabric import Agent, FabricClient, Task
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
-from tests.conftest import eventually, subprocess_env
+from tests.conftest import cli, eventually
 from tests.integration.conftest import StartWorker
 from workers.demo import agent as demo
 
 pytestmark = pytest.mark.rabbitmq
-
-
-async def cli(settings: FabricSettings, *args: str) -> tuple[int, str, str]:
-    """Run the fabric CLI without blocking the event loop the in-process router runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fabric.cli",
-        *args,
-        env=subprocess_env(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_list_show_replay_and_purge(
