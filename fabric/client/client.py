@@ -253,9 +253,7 @@ class FabricClient:
             if on_task is not None or workflow_id not in self._submitted:
                 await self._follow(workflow_id, on_task)
             if workflow_id not in self._submitted:
-                data = await self.query("result", workflow_id)
-                if data is None:
-                    raise WorkflowNotFound(workflow_id)
+                data = await self._about("result", workflow_id)
                 if isinstance(data, dict) and data.get("kind") == "completed":
                     self._completed(Completed.model_validate(data))
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -297,15 +295,21 @@ class FabricClient:
             )
         return reply.get("data")
 
+    async def _about(self, method: str, workflow_id: str, task_id: str | None = None) -> Any:
+        """Ask the router about one workflow (and optionally one task); WorkflowNotFound if unknown."""
+        params = {} if task_id is None else {"task_id": task_id}
+        data = await self.query(method, workflow_id, **params)
+        if data is None:
+            raise WorkflowNotFound(workflow_id)
+        return data
+
     async def status(self, workflow_id: str) -> dict[str, Any]:
         """The workflow's status and every task's status, attempts, agent and error.
 
         Raises:
             WorkflowNotFound: no such workflow.
         """
-        data = await self.query("status", workflow_id)
-        if data is None:
-            raise WorkflowNotFound(workflow_id)
+        data = await self._about("status", workflow_id)
         return dict(data)
 
     async def cancel(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
@@ -317,10 +321,7 @@ class FabricClient:
         Raises:
             WorkflowNotFound: no such workflow.
         """
-        params = {} if task_id is None else {"task_id": task_id}
-        data = await self.query("cancel", workflow_id, **params)
-        if data is None:
-            raise WorkflowNotFound(workflow_id)
+        data = await self._about("cancel", workflow_id, task_id)
         return dict(data)
 
     async def why(self, workflow_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
@@ -332,10 +333,7 @@ class FabricClient:
         Raises:
             WorkflowNotFound: no such workflow.
         """
-        params = {} if task_id is None else {"task_id": task_id}
-        data = await self.query("why", workflow_id, **params)
-        if data is None:
-            raise WorkflowNotFound(workflow_id)
+        data = await self._about("why", workflow_id, task_id)
         return list(data)
 
     async def replay(self, workflow_id: str, task_id: str) -> dict[str, Any]:
@@ -345,9 +343,7 @@ class FabricClient:
             WorkflowNotFound: no such workflow.
             TransportError: the router refused (no such task, or the task is not dead/failed).
         """
-        data = await self.query("replay", workflow_id, task_id=task_id)
-        if data is None:
-            raise WorkflowNotFound(workflow_id)
+        data = await self._about("replay", workflow_id, task_id)
         return dict(data)
 
     async def result(self, workflow_id: str) -> Completed | None:
@@ -356,9 +352,7 @@ class FabricClient:
         Raises:
             WorkflowNotFound: no such workflow.
         """
-        data = await self.query("result", workflow_id)
-        if data is None:
-            raise WorkflowNotFound(workflow_id)
+        data = await self._about("result", workflow_id)
         if data.get("kind") == "completed":
             return Completed.model_validate(data)
         return None

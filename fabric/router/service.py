@@ -446,12 +446,7 @@ class Router:
             )
             return
         # A resend: perhaps the router died after storing it but before dispatching everything.
-        pending = [
-            t
-            for t in (await self._store.get_tasks(existing.workflow_id)).values()
-            if t.status is TaskStatus.QUEUED and not t.dispatched
-        ]
-        await self._dispatch(pending)
+        await self._reconcile(existing.workflow_id, announce=False, locked=True)
         subscriber = [delivery.reply_to or "", delivery.correlation_id or ""]
         if (
             not existing.status.terminal
