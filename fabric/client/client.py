@@ -29,6 +29,7 @@ from fabric.errors import (
 from fabric.protocol import codec
 from fabric.protocol.messages import Accepted, Completed, Submission
 from fabric.settings import FabricSettings, load_settings
+from fabric.telemetry import Telemetry
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 
@@ -132,7 +133,13 @@ class FabricClient:
             self._finished.popitem(last=False)
 
     async def _request(
-        self, exchange: str, routing_key: str, body: bytes, content_type: str, message_id: str | None
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        content_type: str,
+        message_id: str | None,
+        headers: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         reply_queue = self._require().queue_name
         correlation_id = uuid.uuid4().hex
@@ -147,6 +154,7 @@ class FabricClient:
                 message_id=message_id,
                 correlation_id=correlation_id,
                 reply_to=reply_queue,
+                headers=headers,
             )
             return await asyncio.wait_for(future, self.reply_timeout_s)
         except TimeoutError as exc:
@@ -194,12 +202,16 @@ class FabricClient:
         if isinstance(workflow_id, str) and on_task is not None:
             # Follow before submitting so no task notification can slip past.
             await self._follow(workflow_id, on_task)
+        # The caller's own trace (if it has one) becomes the parent of the whole workflow's trace.
+        trace_headers: dict[str, Any] = {}
+        Telemetry.inject(trace_headers)
         reply = await self._request(
             names.submit_exchange(self.ns),
             names.SUBMIT_ROUTING_KEY,
             codec.encode(document),
             codec.MSGPACK,
             message_id,
+            trace_headers or None,
         )
         if reply.get("kind") == "rejected":
             raise SubmissionRejected(

@@ -21,9 +21,12 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from fabric.errors import (
@@ -53,6 +56,7 @@ from fabric.router.admission import Admitted, Refusal, admit
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
 from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+from fabric.telemetry import Telemetry, messaging_attributes
 from fabric.topology import names, spec
 from fabric.transport.amqp import DEFAULT_EXCHANGE, AmqpConnection, Consumer, Delivery
 
@@ -103,6 +107,8 @@ class _Work:
         #: Task notifications to send after the commit, as they were at each change.
         self.notes: list[dict[str, Any]] = []
         self.released: list[TaskRecord] = []
+        #: Trace context of the event that released each task: its publish span's parent.
+        self.parents: dict[str, Context | None] = {}
         self.workflow: WorkflowRecord | None = None
         self.workflow_changed = False
         self._all_loaded = False
@@ -159,8 +165,10 @@ class Router:
         *,
         store: StateStore | None = None,
         amqp: AmqpConnection | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self._telemetry = telemetry or Telemetry("fabric-router")
         self.ns = settings.namespace
         self._store = store or open_store(
             settings.store.url,
@@ -251,6 +259,7 @@ class Router:
         await self._amqp.close()
         if self._owns_store:
             await self._store.__aexit__(None, None, None)
+        await asyncio.to_thread(self._telemetry.shutdown)
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -375,7 +384,14 @@ class Router:
     async def _on_submission(self, delivery: Delivery) -> None:
         self.stats["submissions"] += 1
         self._became_active()
-        await self._guarded(delivery, self._submission(delivery), reply_on_bug=True)
+        destination = names.submit_queue(self.ns)
+        with self._telemetry.span(
+            f"process {destination}",
+            SpanKind.CONSUMER,
+            messaging_attributes(destination, "process", message_id=delivery.message_id),
+            parent=self._telemetry.extract(delivery.headers),
+        ):
+            await self._guarded(delivery, self._submission(delivery), reply_on_bug=True)
 
     async def _submission(self, delivery: Delivery) -> None:
         reply_type = codec.normalize_content_type(delivery.content_type) or codec.JSON
@@ -416,6 +432,7 @@ class Router:
 
     async def _accept(self, delivery: Delivery, admitted: Admitted) -> None:
         workflow = admitted.workflow
+        trace.get_current_span().set_attribute("fabric.workflow.id", workflow.workflow_id)
         async with self._locks.hold(workflow.workflow_id):
             existing = await self._store.insert_workflow(workflow, admitted.tasks)
             if existing is not None:
@@ -470,7 +487,11 @@ class Router:
     # -- dispatch ---------------------------------------------------------------------------------
 
     async def _dispatch(
-        self, tasks: Iterable[TaskRecord], *, known: dict[str, TaskRecord] | None = None
+        self,
+        tasks: Iterable[TaskRecord],
+        *,
+        known: dict[str, TaskRecord] | None = None,
+        parents: Mapping[str, Context | None] | None = None,
     ) -> None:
         """Publish ready tasks (confirmed, pipelined), then flag them dispatched.
 
@@ -496,7 +517,11 @@ class Router:
             upstream.update(await self._store.get_tasks(workflow_id, missing))
         outcomes = await asyncio.gather(
             *(
-                self._publish_task(t, {d: upstream[d].result for d in t.depends_on if d in upstream})
+                self._publish_task(
+                    t,
+                    {d: upstream[d].result for d in t.depends_on if d in upstream},
+                    (parents or {}).get(t.task_id),
+                )
                 for t in deliverable
             ),
             return_exceptions=True,
@@ -532,7 +557,21 @@ class Router:
         if work.workflow is not None and work.workflow.status.terminal:
             await self._announce(work.workflow, work)
 
-    async def _publish_task(self, task: TaskRecord, upstream: dict[str, Any]) -> None:
+    async def _publish_task(
+        self, task: TaskRecord, upstream: dict[str, Any], parent: Context | None = None
+    ) -> None:
+        destination = names.tasks_exchange(self.ns)
+        attributes = messaging_attributes(
+            destination,
+            "publish",
+            workflow_id=task.workflow_id,
+            task_id=task.task_id,
+            attempt=task.attempts + 1,
+        )
+        with self._telemetry.span(f"publish {destination}", SpanKind.PRODUCER, attributes, parent=parent):
+            await self._publish_task_message(task, upstream)
+
+    async def _publish_task_message(self, task: TaskRecord, upstream: dict[str, Any]) -> None:
         attempt = task.attempts + 1
         task_headers: dict[str, Any] = {
             headers.WORKFLOW_ID: task.workflow_id,
@@ -543,6 +582,7 @@ class Router:
         }
         if task.timeout_s is not None:
             task_headers[headers.TIMEOUT_S] = task.timeout_s
+        self._telemetry.inject(task_headers)
         body = codec.encode({"input": task.input, "upstream": upstream})
         kwargs: dict[str, Any] = {
             "headers": task_headers,
@@ -651,7 +691,11 @@ class Router:
                 task.started_at = event.at
                 self._transition(work, task, event, TaskStatus.RUNNING)
         elif status is EventStatus.SUCCEEDED:
+            released_before = len(work.released)
             await self._finish(work, task, event, TaskStatus.SUCCEEDED)
+            context = self._telemetry.extract(delivery.headers)
+            for dependent in work.released[released_before:]:
+                work.parents[dependent.task_id] = context
         elif status is EventStatus.FAILED:
             await self._finish(work, task, event, TaskStatus.FAILED)
         elif status is EventStatus.DEAD:
@@ -744,7 +788,7 @@ class Router:
             return
         workflows = [work.workflow] if work.workflow is not None and work.workflow_changed else []
         await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
-        await self._dispatch(work.released, known=work.tasks)
+        await self._dispatch(work.released, known=work.tasks, parents=work.parents)
         for note in work.notes:
             self._notify_task(note)
 

@@ -31,6 +31,7 @@ from fabric.policy import Action, Decision, Failure, FailurePolicy, RetryPolicy
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, TaskEvent
 from fabric.settings import FabricSettings
+from fabric.telemetry import Span, SpanKind, Telemetry, messaging_attributes
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 from fabric.worker.agent import Agent, Handler, Task
@@ -57,6 +58,7 @@ class Worker:
         *,
         policy: FailurePolicy | None = None,
         concurrency: int | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if not agent.handlers:
             raise ValueError(f"agent {agent.name!r} has no handlers: register some with @agent.handler(...)")
@@ -66,6 +68,7 @@ class Worker:
         self.concurrency = concurrency or settings.worker.concurrency
         self.agent_id = settings.worker.agent_id or f"{agent.name}@{socket.gethostname()}:{os.getpid()}"
         self._policy = policy or RetryPolicy()
+        self._telemetry = telemetry or Telemetry("fabric-worker")
         self._amqp = AmqpConnection(
             settings.amqp_url.get_secret_value(), name=f"fabric-worker:{self.agent_id}"
         )
@@ -177,6 +180,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._heartbeat_task
         await self._amqp.close()
+        await asyncio.to_thread(self._telemetry.shutdown)
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -287,10 +291,35 @@ class Worker:
             log.info("draining: returning task %s/%s to its queue unstarted", workflow_id, task_id)
             await self._return_unstarted(delivery)
             return
+        destination = names.capability_queue(self.ns, handler.capability)
+        attributes = messaging_attributes(
+            destination,
+            "process",
+            workflow_id=task.workflow_id,
+            task_id=task.task_id,
+            attempt=task.attempt,
+            agent_id=self.agent_id,
+        )
+        # One span per attempt, under the publish that released the task (or its retry): the handler's
+        # own spans, made with the plain OpenTelemetry API, nest under it.
+        with self._telemetry.span(
+            f"process {destination}",
+            SpanKind.CONSUMER,
+            attributes,
+            parent=self._telemetry.extract(msg_headers),
+        ) as span:
+            await self._attempt(handler, delivery, task, slot, span)
+
+    async def _attempt(
+        self, handler: Handler, delivery: Delivery, task: Task, slot: _Slot, span: Span
+    ) -> None:
+        workflow_id, task_id = task.workflow_id, task.task_id
         try:
             try:
                 await self._event(task, EventStatus.STARTED)
                 outcome = await self._run(handler, task, slot)
+                if outcome.error is not None:
+                    self._telemetry.failed(span, outcome.error.type, outcome.error.message)
                 if self._is_cancelled(task):
                     outcome = _Outcome(EventStatus.CANCELLED, error=_CANCELLED)
                 # The retry or the parked copy is confirmed before the event, and both before the ack:
@@ -594,11 +623,14 @@ class Worker:
             error=error,
             at=now,
         )
+        trace_headers: dict[str, Any] = {}
+        self._telemetry.inject(trace_headers)  # the router releases dependents under this attempt's span
         await self._amqp.publish(
             names.events_exchange(self.ns),
             names.event_routing_key(str(status)),
             codec.encode(event.model_dump(mode="python", exclude_none=True)),
             message_id=f"{task.workflow_id}/{task.task_id}/{task.attempt}/{status}",
+            headers=trace_headers or None,
         )
 
     async def _park(self, delivery: Delivery, reason: str, detail: str) -> None:

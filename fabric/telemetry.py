@@ -1,0 +1,134 @@
+"""Tracing: the only module that touches the OpenTelemetry SDK. Nothing global is set at import.
+
+Tracing is on when an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) and ``OTEL_SDK_DISABLED`` is not ``true``; otherwise every
+span is a no-op and costs next to nothing. Spans leave through a bounded batch processor on a
+background thread: a dead collector drops spans, it never slows or stops task processing.
+
+Spans follow the OpenTelemetry messaging conventions: ``publish <destination>`` (PRODUCER) around a
+publish, with the W3C ``traceparent`` injected into the message headers, and ``process <destination>``
+(CONSUMER) around handling a message, parented on the ``traceparent`` it carries. One trace per
+workflow: the submission's span (or the client's own trace) is the root; each task attempt is a span
+under the publish that released it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = ["Context", "Span", "SpanKind", "Telemetry", "messaging_attributes", "tracing_configured"]
+
+log = logging.getLogger("fabric.telemetry")
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+#: Spans waiting for export at most; beyond, new spans are dropped (never blocks).
+_MAX_QUEUE = 8192
+
+
+def tracing_configured() -> bool:
+    """True when the standard OTEL_* variables ask for traces to be exported."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+class Telemetry:
+    """A tracer for one fabric process.
+
+    Args:
+        service_name: ``service.name`` of the spans (``OTEL_SERVICE_NAME`` wins when set).
+        exporter: a span exporter; by default the OTLP/HTTP exporter configured by ``OTEL_*``.
+        enabled: force tracing on or off; by default on when an OTLP endpoint is configured.
+
+    Example:
+        >>> telemetry = Telemetry("fabric-router")
+        >>> with telemetry.span("process fabric.router.submit", SpanKind.CONSUMER, {}):
+        ...     pass
+    """
+
+    def __init__(self, service_name: str, *, exporter: Any = None, enabled: bool | None = None) -> None:
+        self.enabled = tracing_configured() if enabled is None else enabled
+        self._provider: Any = None
+        if not self.enabled:
+            self.tracer: trace.Tracer = trace.NoOpTracer()
+            return
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(timeout=5)
+        name = os.environ.get("OTEL_SERVICE_NAME") or service_name
+        self._provider = TracerProvider(resource=Resource.create({"service.name": name}))
+        self._provider.add_span_processor(
+            BatchSpanProcessor(
+                exporter, max_queue_size=_MAX_QUEUE, schedule_delay_millis=500, export_timeout_millis=5000
+            )
+        )
+        self.tracer = self._provider.get_tracer("fabric")
+        log.info("tracing on: spans of %s exported over OTLP", name)
+
+    def shutdown(self) -> None:
+        """Flush what can be flushed quickly and stop the exporter thread."""
+        if self._provider is not None:
+            self._provider.force_flush(timeout_millis=3000)
+            self._provider.shutdown()
+
+    @contextmanager
+    def span(
+        self, name: str, kind: SpanKind, attributes: Mapping[str, Any], *, parent: Context | None = None
+    ) -> Iterator[Span]:
+        """A span made current for its block; an exception escaping it is recorded as its error."""
+        with self.tracer.start_as_current_span(
+            name, context=parent, kind=kind, attributes=dict(attributes), record_exception=True
+        ) as span:
+            yield span
+
+    @staticmethod
+    def extract(headers: Mapping[str, Any] | None) -> Context | None:
+        """The W3C trace context carried in message headers (None when there is none)."""
+        if not headers or "traceparent" not in headers:
+            return None
+        carrier = {
+            k: (v.decode() if isinstance(v, bytes) else str(v))
+            for k, v in headers.items()
+            if k in ("traceparent", "tracestate")
+        }
+        return _PROPAGATOR.extract(carrier)
+
+    @staticmethod
+    def inject(headers: MutableMapping[str, Any], context: Context | None = None) -> None:
+        """Write the current (or given) span's W3C trace context into message headers."""
+        _PROPAGATOR.inject(headers, context=context)
+
+    @staticmethod
+    def failed(span: Span, error_type: str, message: str) -> None:
+        """Mark a span failed without an exception object (a handler error reported as an outcome)."""
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(StatusCode.ERROR, f"{error_type}: {message}"))
+
+
+def messaging_attributes(destination: str, operation: str, **fabric: Any) -> dict[str, Any]:
+    """Attributes of the messaging conventions plus ``fabric.*`` ones (None values left out)."""
+    attributes: dict[str, Any] = {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": destination,
+        "messaging.operation.type": operation,
+    }
+    for key, value in fabric.items():
+        if value is not None:
+            attributes[f"fabric.{key.replace('_', '.')}"] = value
+    return attributes
