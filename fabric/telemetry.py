@@ -92,15 +92,17 @@ class Telemetry:
         self, name: str, kind: SpanKind, attributes: Mapping[str, Any], *, parent: Context | None = None
     ) -> Iterator[Span]:
         """A span made current for its block; an exception escaping it is recorded as its error."""
+        if not self.enabled:
+            yield trace.INVALID_SPAN  # tracing off: no span, no context switch
+            return
         with self.tracer.start_as_current_span(
             name, context=parent, kind=kind, attributes=dict(attributes), record_exception=True
         ) as span:
             yield span
 
-    @staticmethod
-    def extract(headers: Mapping[str, Any] | None) -> Context | None:
-        """The W3C trace context carried in message headers (None when there is none)."""
-        if not headers or "traceparent" not in headers:
+    def extract(self, headers: Mapping[str, Any] | None) -> Context | None:
+        """The W3C trace context carried in message headers (None when there is none, or tracing is off)."""
+        if not self.enabled or not headers or "traceparent" not in headers:
             return None
         carrier = {
             k: (v.decode() if isinstance(v, bytes) else str(v))
