@@ -67,6 +67,10 @@ class WorkerSettings(_Section):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     #: Seconds between heartbeats.
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    #: Failures in a row on one capability that open its circuit breaker (the worker stops taking it).
+    breaker_failures: int = Field(default=5, ge=1, le=10_000)
+    #: How long an open breaker waits before one probe task.
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
     #: Stable agent id; generated as ``<agent name>@<host>:<pid>`` when empty.
     agent_id: str = ""
 

@@ -121,12 +121,37 @@ DeliveryCallback = Callable[[Delivery], Awaitable[None]]
 class Consumer:
     """A running consumer; :meth:`cancel` stops new deliveries (in-flight ones stay to be settled)."""
 
-    def __init__(self, queue: AbstractQueue, tag: str, channel: AbstractChannel) -> None:
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        tag: str,
+        channel: AbstractChannel,
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]] | None = None,
+    ) -> None:
         self.queue_name = queue.name
         self._queue = queue
         self._tag = tag
         self._channel = channel
+        self._on_message = on_message
         self.active = True
+
+    async def resume(self) -> None:
+        """Subscribe again after :meth:`cancel` (a circuit breaker closing)."""
+        if self.active or self._on_message is None:
+            return
+        try:
+            self._tag = await self._queue.consume(self._on_message)
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot consume {self.queue_name} again: {exc}") from exc
+        self.active = True
+
+    async def get_one(self) -> Delivery | None:
+        """Take one message with basic.get on this consumer's channel (a circuit breaker's probe)."""
+        try:
+            message = await self._queue.get(no_ack=False, fail=False)
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot get from {self.queue_name}: {exc}") from exc
+        return None if message is None else Delivery(message)
 
     @property
     def healthy(self) -> bool:
@@ -480,8 +505,9 @@ class AmqpConnection:
                 # A passive declare registers the queue with the robust channel, which re-subscribes
                 # its consumers after a reconnect (get_queue(ensure=False) would not).
                 declared = await channel.declare_queue(queue, passive=True)
-                tag = await declared.consume(_guard_callback(queue, callback))
-                consumers.append(Consumer(declared, tag, channel))
+                on_message = _guard_callback(queue, callback)
+                tag = await declared.consume(on_message)
+                consumers.append(Consumer(declared, tag, channel, on_message))
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise TopologyMismatch(queue, "queue does not exist (declare the topology first)") from exc
         except aiormq.exceptions.AMQPError as exc:

@@ -28,6 +28,7 @@ from typing import Any, Self
 from fabric.errors import Abort, HandlerSignal, NotConnectedError, ProtocolError, Retry, TransportError
 from fabric.health import HealthServer, render_counters, serve_health
 from fabric.policy import Action, Decision, Failure, FailurePolicy, RetryPolicy
+from fabric.policy.breaker import BreakerState, CircuitBreaker
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, TaskEvent
 from fabric.settings import FabricSettings
@@ -68,6 +69,16 @@ class Worker:
         self.concurrency = concurrency or settings.worker.concurrency
         self.agent_id = settings.worker.agent_id or f"{agent.name}@{socket.gethostname()}:{os.getpid()}"
         self._policy = policy or RetryPolicy()
+        worker_settings = settings.worker
+        self._breakers = {
+            capability: CircuitBreaker(
+                failure_threshold=worker_settings.breaker_failures,
+                cooldown_s=worker_settings.breaker_cooldown_s,
+            )
+            for capability in agent.capabilities
+        }
+        self._consumer_of: dict[str, Consumer] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
         self._telemetry = telemetry or Telemetry("fabric-worker")
         self._amqp = AmqpConnection(
             settings.amqp_url.get_secret_value(), name=f"fabric-worker:{self.agent_id}"
@@ -111,6 +122,7 @@ class Worker:
                 },
                 prefetch=self.concurrency,
             )
+            self._consumer_of = dict(zip(self.agent.capabilities, self._consumers, strict=True))
             # Cancellations and runtime tuning are broadcast on {ns}.control to every worker.
             control = await self._amqp.reply_queue(self._on_control, prefetch=16)
             await control.bind(names.control_exchange(self.ns), "")
@@ -173,6 +185,8 @@ class Worker:
         await self._close()
 
     async def _close(self) -> None:
+        for probe in self._probes.values():
+            probe.cancel()
         if self._health is not None:
             await self._health.__aexit__(None, None, None)
         if self._heartbeat_task is not None:
@@ -200,8 +214,62 @@ class Worker:
     async def _check_consumers(self) -> str | None:
         if self._draining:
             return "draining"
-        idle = [c.queue_name for c in self._consumers if not c.healthy]
+        # A capability whose breaker is open is not consumed on purpose: that is not a fault.
+        idle = [
+            consumer.queue_name
+            for capability, consumer in self._consumer_of.items()
+            if not consumer.healthy and self._breakers[capability].state is BreakerState.CLOSED
+        ]
         return f"not consuming {', '.join(idle)}" if idle else None
+
+    # -- circuit breakers -------------------------------------------------------------------------
+
+    def _count_for_breaker(self, capability: str, outcome: _Outcome) -> None:
+        """Feed an attempt's outcome to its capability's breaker; open it, or close it, as it says."""
+        if outcome.status is EventStatus.CANCELLED or (
+            outcome.error is not None and outcome.error.type in _NOT_AGENT_FAULTS
+        ):
+            return  # the input's fault or an operator's decision, not this agent's health
+        breaker = self._breakers[capability]
+        before = breaker.state
+        after = breaker.record(outcome.status is EventStatus.SUCCEEDED)
+        if after is BreakerState.OPEN and before is not BreakerState.OPEN:
+            log.warning(
+                "circuit breaker of %s opened after failures; not taking its tasks for %.0fs",
+                capability,
+                breaker.cooldown_s,
+            )
+            self._background_breaker(capability, self._open_breaker(capability))
+        elif after is BreakerState.CLOSED and before is BreakerState.HALF_OPEN:
+            log.info("circuit breaker of %s closed: the probe succeeded", capability)
+            self._background_breaker(capability, self._consumer_of[capability].resume())
+
+    def _background_breaker(self, capability: str, work: Any) -> None:
+        task = asyncio.create_task(work, name=f"fabric-breaker-{capability}")
+        self._probes[capability] = task
+
+    async def _open_breaker(self, capability: str) -> None:
+        """Stop consuming the capability, then after the cool-down run exactly one probe task."""
+        consumer = self._consumer_of[capability]
+        breaker = self._breakers[capability]
+        await consumer.cancel()
+        while not self._draining:
+            await asyncio.sleep(max(0.05, breaker.seconds_until_probe()))
+            if breaker.state is not BreakerState.HALF_OPEN:
+                continue
+            try:
+                probe = await consumer.get_one()
+            except TransportError as exc:
+                log.warning("breaker probe of %s could not fetch a task: %s", capability, exc)
+                continue
+            if probe is None:
+                continue  # nothing queued: stay half-open and look again shortly
+            if breaker.try_probe():
+                log.info("circuit breaker of %s half-open: running one probe task", capability)
+                # The probe's outcome closes the breaker (and resumes consuming) or opens it again.
+                await self._on_task(self.agent.handlers[capability], probe)
+                return
+            await probe.nack(requeue=True)
 
     def _metrics(self) -> str:
         values: dict[str, float] = {
@@ -322,6 +390,7 @@ class Worker:
                     self._telemetry.failed(span, outcome.error.type, outcome.error.message)
                 if self._is_cancelled(task):
                     outcome = _Outcome(EventStatus.CANCELLED, error=_CANCELLED)
+                self._count_for_breaker(handler.capability, outcome)
                 # The retry or the parked copy is confirmed before the event, and both before the ack:
                 # a crash in between repeats a step, it never loses the task.
                 if outcome.status is EventStatus.RETRYING and outcome.decision is not None:
@@ -671,6 +740,7 @@ class Worker:
                 processed=self.processed,
                 failed=self.failed,
                 health="draining" if self._draining else "ok",
+                breakers={cap: str(b.state) for cap, b in self._breakers.items()},
                 at=time.time(),
             )
             try:
@@ -783,6 +853,8 @@ class _Outcome:
     decision: Decision | None = None
 
 
+#: Error types that say nothing about the agent's health (its input's fault, or a decision).
+_NOT_AGENT_FAULTS = frozenset({"Abort", "ResultNotSerializable", "Cancelled"})
 #: Cancellations a worker remembers (oldest forgotten first).
 _MAX_CANCELLED = 10_000
 #: The error recorded on a task an operator cancelled.
