@@ -102,8 +102,9 @@ class RetryPolicy:
     The n-th retry waits in the n-th tier (1s, 5s, 30s, 2m, 10m, then 1h for every later one), each
     message expiring after a random ``(1 - jitter)`` to ``1`` of its tier so that retries of many tasks
     failing together spread out. ``Retry(delay_s=...)`` picks the shortest tier at least that long.
-    ``Abort(reason)`` parks at once. ``Reassign`` and ``Escalate`` are retried like other errors until
-    their own handling exists (issue 4).
+    ``Abort(reason)`` parks at once. ``Reassign`` runs the next attempt at once on another agent.
+    ``Escalate`` is retried like other errors until escalation exists (issue 4). Every retry prefers
+    another agent (the failing one joins ``fabric-avoid``).
 
     Args:
         tiers_ms: delay tiers, shortest first.
@@ -138,6 +139,8 @@ class RetryPolicy:
             return Decision(Action.ABORT, failure.error, reason="not_retryable")
         if failure.attempt >= failure.max_attempts:
             return Decision(Action.ABORT, failure.error, reason="exhausted")
+        if failure.signal == "Reassign":
+            return Decision(Action.REASSIGN, failure.error)
         if failure.signal == "Retry" and failure.requested_delay_s is not None:
             name, ttl_ms = self._tier_at_least(failure.requested_delay_s * 1000)
         else:

@@ -18,6 +18,11 @@ MAX_ATTEMPTS = "fabric-max-attempts"
 TIMEOUT_S = "fabric-timeout-s"
 #: Agent ids that failed this task and should not get it again.
 AVOID = "fabric-avoid"
+#: How many times agents listed in ``fabric-avoid`` handed the task on (bounded).
+BOUNCES = "fabric-bounces"
+#: "true" when the agents in ``fabric-avoid`` must not run the task (a handler's ``Reassign``), not
+#: merely should not.
+MUST_AVOID = "fabric-must-avoid"
 #: Delay tier of a message sent through ``{ns}.retry``.
 DELAY = "fabric-delay"
 #: Why a message was parked on ``{ns}.dead``.

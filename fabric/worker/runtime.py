@@ -341,6 +341,10 @@ class Worker:
             timeout_s=timeout_s,
             cancelled=threading.Event(),
         )
+        if self.agent_id in headers.get_list(msg_headers, headers.AVOID) and await self._pass_on(
+            delivery, task
+        ):
+            return
         if self._is_cancelled(task):
             try:
                 await self._event(task, EventStatus.CANCELLED, error=_CANCELLED)
@@ -395,6 +399,8 @@ class Worker:
                 # a crash in between repeats a step, it never loses the task.
                 if outcome.status is EventStatus.RETRYING and outcome.decision is not None:
                     await self._retry_later(delivery, task, outcome.decision)
+                elif outcome.status is EventStatus.REASSIGNED:
+                    await self._reassign(delivery, task)
                 elif outcome.status is EventStatus.DEAD and outcome.decision is not None:
                     await self._park_task(delivery, task, outcome.decision)
                 await self._event(
@@ -530,6 +536,8 @@ class Worker:
         )
         if decision.action is Action.RETRY:
             return _Outcome(EventStatus.RETRYING, error=decision.error, decision=decision)
+        if decision.action is Action.REASSIGN:
+            return _Outcome(EventStatus.REASSIGNED, error=decision.error, decision=decision)
         if decision.action is Action.FAIL:
             return _Outcome(EventStatus.FAILED, error=decision.error, decision=decision)
         # abort (and, until they have their own handling, reassign/escalate once out of retries)
@@ -564,6 +572,63 @@ class Worker:
                 if running is not None:
                     running.cancel()
                 log.info("cancelling running task %s/%s", wf, task_id)
+
+    async def _pass_on(self, delivery: Delivery, task: Task) -> bool:
+        """This agent failed the task before: hand it on to another agent (back to the queue).
+
+        Bounded: after ``MAX_BOUNCES`` hand-overs no other agent took it. A task reassigned by its
+        handler (``Reassign``) is then parked as ``no_other_agent``; one that merely failed here before
+        is run here after all (a retry on the same agent beats no retry). Returns True when handled.
+        """
+        bounces = headers.get_int(delivery.headers, headers.BOUNCES, 0)
+        must_avoid = headers.get_str(delivery.headers, headers.MUST_AVOID) == "true"
+        if bounces >= MAX_BOUNCES and not must_avoid:
+            return False
+        try:
+            if bounces >= MAX_BOUNCES:
+                avoided = ", ".join(headers.get_list(delivery.headers, headers.AVOID))
+                error = ErrorInfo(
+                    type="NoOtherAgent",
+                    message=f"no agent but {avoided} took the task in {bounces} hand-overs",
+                )
+                await self._park_task(delivery, task, Decision(Action.ABORT, error, reason="no_other_agent"))
+                await self._event(task, EventStatus.DEAD, error=error)
+            else:
+                passed = dict(delivery.headers)
+                passed[headers.BOUNCES] = bounces + 1
+                await self._republish(delivery, task.capability, passed, delivery.message_id)
+        except TransportError:
+            await asyncio.sleep(NACK_PAUSE_S)
+            await delivery.nack(requeue=True)
+            return True
+        await delivery.ack()
+        return True
+
+    async def _republish(
+        self, delivery: Delivery, capability: str, message_headers: dict[str, Any], message_id: str | None
+    ) -> None:
+        """Publish a copy of the task message to ``{ns}.tasks`` (a fresh message, not a redelivery)."""
+        await self._amqp.publish(
+            names.tasks_exchange(self.ns),
+            capability,
+            delivery.body,
+            headers=message_headers,
+            content_type=delivery.content_type or codec.MSGPACK,
+            message_id=message_id,
+            priority=delivery.priority,
+        )
+
+    async def _reassign(self, delivery: Delivery, task: Task) -> None:
+        """The handler raised ``Reassign``: the next attempt must run on another agent, at once."""
+        moved = dict(delivery.headers)
+        avoid = headers.get_list(delivery.headers, headers.AVOID)
+        moved[headers.AVOID] = avoid if self.agent_id in avoid else [*avoid, self.agent_id]
+        moved[headers.ATTEMPT] = task.attempt + 1
+        moved[headers.MUST_AVOID] = "true"
+        moved[headers.BOUNCES] = 0
+        await self._republish(
+            delivery, task.capability, moved, f"{task.workflow_id}/{task.task_id}/{task.attempt + 1}"
+        )
 
     async def _lost_attempt(self, delivery: Delivery, task: Task) -> None:
         """A redelivered task message: a consumer got this attempt before and never settled it, because
@@ -601,15 +666,7 @@ class Worker:
         A nack would mark it redelivered, and a redelivered task counts as a lost attempt.
         """
         try:
-            await self._amqp.publish(
-                names.tasks_exchange(self.ns),
-                delivery.routing_key,
-                delivery.body,
-                headers=delivery.headers,
-                content_type=delivery.content_type or codec.MSGPACK,
-                message_id=delivery.message_id,
-                priority=delivery.priority,
-            )
+            await self._republish(delivery, delivery.routing_key, delivery.headers, delivery.message_id)
         except TransportError:
             await delivery.nack(requeue=True)
             return
@@ -624,6 +681,10 @@ class Worker:
         retry_headers = dict(delivery.headers)
         retry_headers[headers.DELAY] = decision.tier
         retry_headers[headers.ATTEMPT] = task.attempt + 1
+        # The next attempt goes to another agent whenever one takes it (reassignment).
+        avoid = headers.get_list(delivery.headers, headers.AVOID)
+        retry_headers[headers.AVOID] = [*avoid, self.agent_id] if self.agent_id not in avoid else avoid
+        retry_headers[headers.BOUNCES] = 0
         retry_headers[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
         await self._amqp.publish(
             names.retry_exchange(self.ns),
@@ -853,6 +914,8 @@ class _Outcome:
     decision: Decision | None = None
 
 
+#: Hand-overs of a task this agent must avoid before it is parked as ``no_other_agent``.
+MAX_BOUNCES = 20
 #: Error types that say nothing about the agent's health (its input's fault, or a decision).
 _NOT_AGENT_FAULTS = frozenset({"Abort", "ResultNotSerializable", "Cancelled"})
 #: Cancellations a worker remembers (oldest forgotten first).
