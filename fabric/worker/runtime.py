@@ -646,7 +646,8 @@ class Worker:
         )
         try:
             if decision.action is Action.RETRY:
-                await self._retry_later(delivery, task, decision)
+                # Who lost the attempt is unknown (not this agent, which just received it): avoid nobody new.
+                await self._retry_later(delivery, task, decision, avoid_self=False)
                 status = EventStatus.RETRYING
             else:
                 decision = Decision(Action.ABORT, error, reason="worker_lost")
@@ -672,7 +673,9 @@ class Worker:
             return
         await delivery.ack()
 
-    async def _retry_later(self, delivery: Delivery, task: Task, decision: Decision) -> None:
+    async def _retry_later(
+        self, delivery: Delivery, task: Task, decision: Decision, *, avoid_self: bool = True
+    ) -> None:
         """Send the task message through ``{ns}.retry`` to wait in its delay tier, attempt + 1.
 
         The wait happens in the broker: ``{ns}.delay.<tier>`` dead-letters the message back to
@@ -683,7 +686,9 @@ class Worker:
         retry_headers[headers.ATTEMPT] = task.attempt + 1
         # The next attempt goes to another agent whenever one takes it (reassignment).
         avoid = headers.get_list(delivery.headers, headers.AVOID)
-        retry_headers[headers.AVOID] = [*avoid, self.agent_id] if self.agent_id not in avoid else avoid
+        if avoid_self and self.agent_id not in avoid:
+            avoid = [*avoid, self.agent_id]
+        retry_headers[headers.AVOID] = avoid
         retry_headers[headers.BOUNCES] = 0
         retry_headers[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
         await self._amqp.publish(
