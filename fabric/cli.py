@@ -172,6 +172,8 @@ def worker(
             stopped = asyncio.create_task(running.wait_stopped())
             await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+        if running.failed_fatally:
+            raise TransportError("the worker could not consume its queues any more; see the log")
 
     _run(main())
 

@@ -67,6 +67,9 @@ class WorkerSettings(_Section):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     #: Seconds between heartbeats.
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    #: How often the worker checks that the broker still delivers to each of its consumers (a deleted
+    #: queue cancels a consumer without closing anything); a lost one is subscribed again.
+    watchdog_interval_s: float = Field(default=5.0, gt=0)
     #: Failures in a row on one capability that open its circuit breaker (the worker stops taking it).
     breaker_failures: int = Field(default=5, ge=1, le=10_000)
     #: How long an open breaker waits before one probe task.

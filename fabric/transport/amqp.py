@@ -145,6 +145,13 @@ class Consumer:
             raise TransportError(f"cannot consume {self.queue_name} again: {exc}") from exc
         self.active = True
 
+    async def resubscribe(self) -> None:
+        """Subscribe again after the broker cancelled this consumer (e.g. its queue was deleted)."""
+        with contextlib.suppress(Exception):
+            await self._queue.cancel(self._tag)  # forget the dead tag, so a reconnect does not restore it
+        self.active = False
+        await self.resume()
+
     async def get_one(self) -> Delivery | None:
         """Take one message with basic.get on this consumer's channel (a circuit breaker's probe)."""
         try:

@@ -25,7 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
-from fabric.errors import Abort, HandlerSignal, NotConnectedError, ProtocolError, Retry, TransportError
+from fabric.errors import (
+    Abort,
+    FabricError,
+    HandlerSignal,
+    NotConnectedError,
+    ProtocolError,
+    Retry,
+    TransportError,
+)
 from fabric.health import HealthServer, render_counters, serve_health
 from fabric.policy import Action, Decision, Failure, FailurePolicy, RetryPolicy
 from fabric.policy.breaker import BreakerState, CircuitBreaker
@@ -91,6 +99,7 @@ class Worker:
         #: Sync handlers still running on their threads after their task ended (timed out, cancelled).
         self.overdue_threads = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         #: Workflows and tasks an operator cancelled (bounded): their tasks are skipped or stopped.
         self._cancelled: OrderedDict[tuple[str, str | None], None] = OrderedDict()
         #: Tasks running now, with the asyncio future of an async handler (to cancel it).
@@ -99,6 +108,8 @@ class Worker:
         self._draining = False
         self._started = False
         self._stopped = asyncio.Event()
+        #: True when the worker stopped because it could not consume any more (the CLI exits non-zero).
+        self.failed_fatally = False
         self.processed = 0
         self.failed = 0
 
@@ -139,6 +150,7 @@ class Worker:
             await self._close()
             raise
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="fabric-heartbeats")
+        self._watchdog_task = asyncio.create_task(self._watchdog(), name="fabric-watchdog")
         log.info(
             "worker %s ready: capabilities %s, concurrency %d",
             self.agent_id,
@@ -189,6 +201,8 @@ class Worker:
             probe.cancel()
         if self._health is not None:
             await self._health.__aexit__(None, None, None)
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -787,6 +801,44 @@ class Worker:
             return
         log.error("parked task message %s: %s: %s", delivery.message_id, reason, detail)
         await delivery.ack()
+
+    # -- watchdog ---------------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        """Subscribe again any consumer the broker dropped (its queue deleted: a basic.cancel closes
+        nothing, so the robust connection does not notice). A worker never stays alive and idle: if
+        the queue cannot be declared and consumed again, the worker stops (exit code non-zero)."""
+        interval = self.settings.worker.watchdog_interval_s
+        while not self._draining:
+            await asyncio.sleep(interval)
+            if not self._amqp.connected:
+                continue  # reconnecting: the robust connection restores the consumers itself
+            for capability, consumer in self._consumer_of.items():
+                if (
+                    consumer.healthy
+                    or not consumer.active
+                    or self._breakers[capability].state is not BreakerState.CLOSED
+                ):
+                    continue
+                log.warning(
+                    "the broker stopped delivering %s (queue deleted?); subscribing again",
+                    consumer.queue_name,
+                )
+                try:
+                    await self._amqp.forget(spec.capability(self.ns, capability))
+                    await self._amqp.declare(spec.capability(self.ns, capability))
+                    await consumer.resubscribe()
+                except FabricError as exc:
+                    log.critical(
+                        "cannot consume %s again (%s); stopping this worker", consumer.queue_name, exc
+                    )
+                    self.failed_fatally = True
+                    self._background_stop()
+                    return
+
+    def _background_stop(self) -> None:
+        task = asyncio.create_task(self.drain(), name="fabric-fatal-drain")
+        self._probes["__fatal__"] = task
 
     # -- heartbeats -------------------------------------------------------------------------------
 
