@@ -1039,11 +1039,14 @@ class Router:
         else:
             selected = [t for t in tasks.values() if not t.status.terminal]
         alive: dict[str, list[str]] = {}
+        tripped: dict[str, list[str]] = {}  # capability -> live agents whose breaker for it is not closed
         for agent in await self._store.list_agents():
             view = self._agent_view(agent)
             if view["state"] == "alive":
                 for capability in agent.capabilities:
                     alive.setdefault(capability, []).append(agent.agent_id)
+                    if agent.breakers.get(capability, "closed") != "closed":
+                        tripped.setdefault(capability, []).append(agent.agent_id)
         depths: dict[str, Any] = {}
         answers = []
         for task in selected:
@@ -1062,7 +1065,16 @@ class Router:
                     )
                 info = depths[task.capability]
                 depth = info.messages if info is not None else 0
-                if task.capability not in alive:
+                if task.capability in alive and set(alive[task.capability]) <= set(
+                    tripped.get(task.capability, [])
+                ):
+                    answer.update(
+                        reason="circuit_open",
+                        agents=tripped[task.capability],
+                        detail=f"every live agent of {task.capability!r} has its circuit breaker open: "
+                        f"{', '.join(tripped[task.capability])} ({depth} task(s) wait)",
+                    )
+                elif task.capability not in alive:
                     answer.update(
                         reason="no_agent",
                         detail=f"no live agent has capability {task.capability!r} "

@@ -39,7 +39,7 @@ async def test_failing_agent_stops_taking_work_probes_once_and_recovers(
 
     breaker_settings = settings.model_copy(
         update={
-            "worker": settings.worker.model_copy(update={"breaker_failures": 3, "breaker_cooldown_s": 2.0})
+            "worker": settings.worker.model_copy(update={"breaker_failures": 3, "breaker_cooldown_s": 4.0})
         }
     )
     async with Worker(make("sick"), breaker_settings, concurrency=1) as sick:
@@ -51,6 +51,15 @@ async def test_failing_agent_stops_taking_work_probes_once_and_recovers(
         assert runs["sick"] == ["p0", "p1", "p2"]
         assert sick._breakers["t.llm"].state == "open"
         assert await sick._check_consumers() is None, "an open breaker is not a readiness failure"
+
+        # While it is the only agent and its breaker is open, `why` says so.
+        waiting = await client.submit({"tasks": [{"id": "q", "capability": "t.llm"}]})
+
+        async def circuit_open() -> bool:
+            (answer,) = await client.why(waiting.workflow_id)
+            return answer["reason"] == "circuit_open"
+
+        await eventually(circuit_open, what="why to report the open breaker (heartbeats carry it)")
 
         # While it is open, a healthy agent takes all the work.
         healthy = await start_worker(make("healthy"), concurrency=4)
