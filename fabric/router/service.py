@@ -21,7 +21,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Self
 
 from opentelemetry import trace
@@ -620,17 +620,11 @@ class Router:
         # Events of one workflow are applied in batches: whoever gets the workflow's lock takes every
         # event queued for it meanwhile, loads the records they touch once, and commits them together.
         self._event_queue.setdefault(event.workflow_id, []).append((delivery, event))
-        current = asyncio.current_task()
-        if current is not None:
-            self._in_flight.add(current)
-        try:
+        with self._tracked():
             async with self._locks.hold(event.workflow_id):
                 batch = self._event_queue.pop(event.workflow_id, [])
                 if batch:
                     await self._apply_batch(event.workflow_id, batch)
-        finally:
-            if current is not None:
-                self._in_flight.discard(current)
 
     async def _apply_batch(self, workflow_id: str, batch: list[tuple[Delivery, TaskEvent]]) -> None:
         """Record a batch of events; settle every delivery in it exactly once."""
@@ -1185,9 +1179,22 @@ class Router:
 
     async def _guarded(self, delivery: Delivery, work: Any, *, reply_on_bug: bool = False) -> None:
         """Run ``work``; on a store or broker failure requeue the message after a pause, on a bug park it."""
+        with self._tracked():
+            await self._run_guarded(delivery, work, reply_on_bug=reply_on_bug)
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Count the current message handler as in flight, so shutdown waits for it to settle."""
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _run_guarded(self, delivery: Delivery, work: Any, *, reply_on_bug: bool) -> None:
         try:
             await work
         except (StoreError, TransportError) as exc:
@@ -1211,9 +1218,6 @@ class Router:
                         reply_type,
                     )
             await self._park(delivery, "router_error", f"{type(exc).__name__}: {exc}")
-        finally:
-            if task is not None:
-                self._in_flight.discard(task)
 
     async def _requeue_later(self, delivery: Delivery, exc: BaseException) -> None:
         log.warning("could not process message %s (%s); requeueing it", delivery.message_id, exc)
