@@ -734,14 +734,7 @@ class Worker:
             routing_key=delivery.routing_key,
             **{headers.AGENT_ID: self.agent_id},
         )
-        await self._amqp.publish(
-            names.dead_exchange(self.ns),
-            delivery.routing_key,
-            delivery.body,
-            headers=parked,
-            content_type=delivery.content_type or codec.MSGPACK,
-            message_id=delivery.message_id,
-        )
+        await self._send_to_dead(delivery, parked, default_type=codec.MSGPACK)
         log.warning(
             "task %s/%s parked after %d attempt(s): %s: %s",
             task.workflow_id,
@@ -782,19 +775,32 @@ class Worker:
             headers=trace_headers or None,
         )
 
+    async def _send_to_dead(
+        self,
+        delivery: Delivery,
+        parked_headers: dict[str, Any],
+        *,
+        default_type: str = "application/octet-stream",
+    ) -> None:
+        """Publish the delivery's own body to ``{ns}.dead`` with the given headers (confirmed).
+
+        ``default_type`` labels a body that came without a content type (msgpack for a task that ran).
+        """
+        await self._amqp.publish(
+            names.dead_exchange(self.ns),
+            delivery.routing_key,
+            delivery.body,
+            headers=parked_headers,
+            content_type=delivery.content_type or default_type,
+            message_id=delivery.message_id,
+        )
+
     async def _park(self, delivery: Delivery, reason: str, detail: str) -> None:
         parked = headers.parked(
             delivery.headers, reason=reason, last_error=detail, routing_key=delivery.routing_key
         )
         try:
-            await self._amqp.publish(
-                names.dead_exchange(self.ns),
-                delivery.routing_key,
-                delivery.body,
-                headers=parked,
-                content_type=delivery.content_type or "application/octet-stream",
-                message_id=delivery.message_id,
-            )
+            await self._send_to_dead(delivery, parked)
         except TransportError:
             await asyncio.sleep(NACK_PAUSE_S)  # no hot loop while the broker refuses publishes
             await delivery.nack(requeue=True)
