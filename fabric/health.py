@@ -119,20 +119,6 @@ class HealthServer:
         return 404, "text/plain", b"not found\n"
 
 
-def render_counters(prefix: str, values: dict[str, float], labels: dict[str, str] | None = None) -> str:
-    """Render plain gauges/counters in the Prometheus text format (one sample each)."""
-    label_text = ""
-    if labels:
-        label_text = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-    lines = []
-    for name, value in values.items():
-        metric = f"{prefix}_{name}"
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines.append(f"# TYPE {metric} {kind}")
-        lines.append(f"{metric}{label_text} {value}")
-    return "\n".join(lines) + "\n"
-
-
 async def serve_health(
     host: str, port: int, *, checks: dict[str, ReadinessCheck], metrics: MetricsRenderer, fallback: bool
 ) -> HealthServer:

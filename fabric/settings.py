@@ -56,6 +56,9 @@ class RouterSettings(_Section):
     #: While active, how often the router republishes ready tasks and announces finished workflows
     #: whose publish failed earlier (a broker hiccup must not strand a workflow until a restart).
     recovery_interval_s: float = Field(default=15.0, gt=0)
+    #: How often the router reads queue depths from the broker (passive declares) and counts live
+    #: agents for ``/metrics``.
+    metrics_interval_s: float = Field(default=5.0, gt=0)
 
 
 class WorkerSettings(_Section):

@@ -23,6 +23,9 @@ BOUNCES = "fabric-bounces"
 #: "true" when the agents in ``fabric-avoid`` must not run the task (a handler's ``Reassign``), not
 #: merely should not.
 MUST_AVOID = "fabric-must-avoid"
+#: When the task became ready to run, in milliseconds since the epoch (an integer): the router's
+#: publish, or the end of a retry's delay. A worker's queue-wait metric is its start time minus this.
+DISPATCHED_AT_MS = "fabric-dispatched-at-ms"
 #: Delay tier of a message sent through ``{ns}.retry``.
 DELAY = "fabric-delay"
 #: Why a message was parked on ``{ns}.dead``.
@@ -67,6 +70,11 @@ def get_float(headers: Mapping[str, Any] | None, name: str, default: float | Non
         return float(raw) if raw else default
     except ValueError:
         return default
+
+
+def now_ms(delay_ms: float = 0) -> int:
+    """The time (plus ``delay_ms``) in integer milliseconds since the epoch, as time headers carry it."""
+    return int(time.time() * 1000 + delay_ms)
 
 
 def get_list(headers: Mapping[str, Any] | None, name: str) -> list[str]:

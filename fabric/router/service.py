@@ -37,7 +37,8 @@ from fabric.errors import (
     TopologyMismatch,
     TransportError,
 )
-from fabric.health import HealthServer, render_counters, serve_health
+from fabric.health import HealthServer, serve_health
+from fabric.metrics import RouterMetrics, TaskCounter
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import (
     Accepted,
@@ -56,6 +57,7 @@ from fabric.router.admission import Admitted, Refusal, admit
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
 from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+from fabric.store.timed import timed
 from fabric.telemetry import Telemetry, messaging_attributes
 from fabric.topology import names, spec
 from fabric.transport.amqp import DEFAULT_EXCHANGE, AmqpConnection, Consumer, Delivery
@@ -73,6 +75,21 @@ _MAX_PENDING_NOTES = 10_000
 _MAX_SUBSCRIBERS = 16
 
 _FAILED_STATES = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.UPSTREAM_FAILED})
+
+#: The task counter a final state moves (upstream_failed and cancelled tasks never ran to an end).
+_FINAL_COUNTERS: dict[TaskStatus, TaskCounter] = {
+    TaskStatus.SUCCEEDED: "succeeded",
+    TaskStatus.FAILED: "failed",
+    TaskStatus.DEAD: "parked",
+}
+
+#: Capability queues whose depth the router reads at most (the first ones by name).
+MAX_WATCHED_CAPABILITIES = 500
+
+
+def _agent_lost(agent: AgentRecord, now: float) -> bool:
+    """True after three missed heartbeats."""
+    return now - agent.last_seen > 3 * agent.interval_s + 1
 
 
 class _KeyedLocks:
@@ -111,6 +128,10 @@ class _Work:
         self.parents: dict[str, Context | None] = {}
         self.workflow: WorkflowRecord | None = None
         self.workflow_changed = False
+        #: True when this batch finished the workflow.
+        self.workflow_finished = False
+        #: Task counters to move once the batch is committed: (counter, capability).
+        self.counts: list[tuple[TaskCounter, str]] = []
         self._all_loaded = False
 
     async def load(self, task_ids: Iterable[str]) -> list[TaskRecord]:
@@ -169,11 +190,17 @@ class Router:
     ) -> None:
         self.settings = settings
         self._telemetry = telemetry or Telemetry("fabric-router")
+        #: This router's Prometheus metrics (a registry of its own), served at ``/metrics``.
+        self.metrics = RouterMetrics()
         self.ns = settings.namespace
-        self._store = store or open_store(
-            settings.store.url,
-            namespace=settings.namespace,
-            sqlite_synchronous=settings.store.sqlite_synchronous,
+        self._store = timed(
+            store
+            or open_store(
+                settings.store.url,
+                namespace=settings.namespace,
+                sqlite_synchronous=settings.store.sqlite_synchronous,
+            ),
+            self.metrics.observe_store,
         )
         self._owns_store = store is None
         self._amqp = amqp or AmqpConnection(
@@ -181,6 +208,9 @@ class Router:
             name=f"fabric-router:{settings.namespace}",
             publish_timeout_s=settings.router.publish_timeout_s,
         )
+        self._amqp.on_confirm = self.metrics.observe_publish
+        #: Capabilities this router has published tasks to (their queue depths are exported).
+        self._capabilities: set[str] = set()
         self._consumers: list[Consumer] = []
         self._health: HealthServer | None = None
         self._locks = _KeyedLocks()
@@ -201,6 +231,11 @@ class Router:
             "dispatched": 0,
             "completed": 0,
         }
+        self.metrics.gauge_from(
+            "fabric_router_messages_in_flight",
+            "Submissions and events the router is processing now.",
+            lambda: [((), len(self._in_flight))],
+        )
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -234,13 +269,14 @@ class Router:
                     "consumers": self._check_consumers,
                     "store": self._check_store,
                 },
-                metrics=self._metrics,
+                metrics=self.render_metrics,
                 fallback=False,
             )
         except BaseException:
             await self._shutdown()
             raise
         self._background(self._recovery_loop(), "periodic recovery")
+        self._background(self._gauges_loop(), "metrics refresh")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
 
@@ -285,9 +321,58 @@ class Router:
         await self._store.ping()
         return None
 
-    def _metrics(self) -> str:
-        values: dict[str, float] = {f"{k}_total": v for k, v in self.stats.items()}
-        return render_counters("fabric_router", values, {"namespace": self.ns})
+    def render_metrics(self) -> str:
+        """The Prometheus text exposition served at ``/metrics`` (any HTTP server may call it)."""
+        return self.metrics.render()
+
+    async def _gauges_loop(self) -> None:
+        """Keep the gauges that come from the broker and the store fresh: queue depths, live agents."""
+        interval = self.settings.router.metrics_interval_s
+        while True:
+            try:
+                await self.refresh_gauges()
+            except Exception as exc:
+                log.debug("metrics refresh failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def refresh_gauges(self) -> None:
+        """Read live agents from the store and queue depths from the broker (passive declares, one
+        channel), into the gauges ``/metrics`` shows."""
+        now = time.time()
+        alive = lost = 0
+        alive_by: dict[str, int] = {}
+        open_by: dict[str, int] = {}
+        capabilities = set(self._capabilities)
+        for agent in await self._store.list_agents():
+            capabilities.update(agent.capabilities)
+            if _agent_lost(agent, now):
+                lost += 1
+                continue
+            alive += 1
+            for capability in agent.capabilities:
+                alive_by[capability] = alive_by.get(capability, 0) + 1
+                if agent.breakers.get(capability, "closed") != "closed":
+                    open_by[capability] = open_by.get(capability, 0) + 1
+        self.metrics.set_agents(
+            alive=alive, lost=lost, alive_by_capability=alive_by, open_by_capability=open_by
+        )
+        if not self._amqp.connected:
+            return
+        queues = {
+            names.submit_queue(self.ns): "",
+            names.events_queue(self.ns): "",
+            names.dead_queue(self.ns): "",
+            **{names.delay_queue(self.ns, tier): "" for tier in names.DELAY_TIERS_MS},
+        }
+        for capability in sorted(capabilities)[:MAX_WATCHED_CAPABILITIES]:
+            queues[names.capability_queue(self.ns, capability)] = capability
+        infos = await self._amqp.queue_infos(queues)
+        self.metrics.set_queues(
+            {
+                queue: None if info is None else (queues[queue], info.messages, info.consumers)
+                for queue, info in infos.items()
+            }
+        )
 
     # -- recovery ---------------------------------------------------------------------------------
 
@@ -378,6 +463,8 @@ class Router:
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # Cancelled before it ever ran (a router closed at once): close the coroutine, unawaited.
+        task.add_done_callback(lambda _: coro.close())
 
     # -- submissions ------------------------------------------------------------------------------
 
@@ -414,6 +501,7 @@ class Router:
 
     async def _refuse(self, delivery: Delivery, reply_type: str, refusal: Refusal) -> None:
         self.stats["rejected"] += 1
+        self.metrics.rejected(str(refusal.reason))
         log.info("rejected submission %s: %s: %s", delivery.message_id, refusal.reason, refusal.detail)
         reply = Rejected(
             workflow_id=refusal.workflow_id,
@@ -438,6 +526,9 @@ class Router:
             if existing is not None:
                 await self._resubmitted(delivery, workflow, existing)
                 return
+            self.metrics.workflow_submitted()
+            for task in admitted.tasks:
+                self.metrics.count_task("submitted", task.capability)
             await self._dispatch(admitted.ready)
             self.stats["accepted"] += 1
             accepted = Accepted(workflow_id=workflow.workflow_id, tasks=workflow.task_count)
@@ -508,6 +599,8 @@ class Router:
                 await self._amqp.declare(spec.capability(self.ns, capability))
             except TopologyMismatch as exc:
                 undeliverable[capability] = exc
+            else:
+                self._capabilities.add(capability)
         deliverable = [t for t in tasks if t.capability not in undeliverable]
         workflow_id = tasks[0].workflow_id
         upstream_ids = {dep for t in deliverable for dep in t.depends_on}
@@ -579,6 +672,7 @@ class Router:
             headers.ATTEMPT: attempt,
             headers.MAX_ATTEMPTS: task.max_attempts,
             headers.AVOID: [],
+            headers.DISPATCHED_AT_MS: headers.now_ms(),
         }
         if task.timeout_s is not None:
             task_headers[headers.TIMEOUT_S] = task.timeout_s
@@ -682,6 +776,8 @@ class Router:
         status = event.status
         if status is EventStatus.STARTED:
             if event.attempt >= task.attempts:
+                if task.started_at != event.at:  # not this very event again (redelivered)
+                    work.counts.append(("started", task.capability))
                 task.started_at = event.at
                 self._transition(work, task, event, TaskStatus.RUNNING)
         elif status is EventStatus.SUCCEEDED:
@@ -697,6 +793,8 @@ class Router:
         elif status is EventStatus.CANCELLED:
             await self._finish(work, task, event, TaskStatus.CANCELLED)
         elif status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
+            if not any(e.get("attempt") == event.attempt and e.get("at") == event.at for e in task.history):
+                work.counts.append(("retried", task.capability))
             self._transition(work, task, event, TaskStatus.RETRYING)
         elif status is EventStatus.ESCALATED:
             self._transition(work, task, event, TaskStatus.ESCALATED)
@@ -726,6 +824,9 @@ class Router:
         if event.error is not None:
             _remember_failure(task, event)
         work.touch(task)
+        counter = _FINAL_COUNTERS.get(status)
+        if counter is not None:
+            work.counts.append((counter, task.capability))
         ended = 1
         if status is TaskStatus.SUCCEEDED:
             for dependent in await work.load(task.dependents):
@@ -745,6 +846,7 @@ class Router:
         work.workflow_changed = True
         if workflow.remaining == 0:
             workflow.finished_at = now
+            work.workflow_finished = True
             statuses = {t.status for t in (await work.load_all()).values()}
             if statuses & _FAILED_STATES:
                 workflow.status = WorkflowStatus.FAILED
@@ -782,9 +884,21 @@ class Router:
             return
         workflows = [work.workflow] if work.workflow is not None and work.workflow_changed else []
         await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
+        self._count(work)
         await self._dispatch(work.released, known=work.tasks, parents=work.parents)
         for note in work.notes:
             self._notify_task(note)
+
+    def _count(self, work: _Work) -> None:
+        """Move the counters of a committed batch (once: a batch that failed to commit counts nothing,
+        and its redelivered events count then)."""
+        for counter, capability in work.counts:
+            self.metrics.count_task(counter, capability)
+        work.counts.clear()
+        workflow = work.workflow
+        if work.workflow_finished and workflow is not None and workflow.finished_at is not None:
+            self.metrics.workflow_finished(str(workflow.status), workflow.finished_at - workflow.created_at)
+            work.workflow_finished = False
 
     # -- announcements ----------------------------------------------------------------------------
 
@@ -1007,6 +1121,7 @@ class Router:
                 work.workflow_changed = True
                 if current.remaining == 0:
                     current.finished_at = now
+                    work.workflow_finished = True
                     statuses = {t.status for t in tasks.values()}
                     current.status = (
                         WorkflowStatus.FAILED if statuses & _FAILED_STATES else WorkflowStatus.CANCELLED
@@ -1108,7 +1223,7 @@ class Router:
         now = time.time() if now is None else now
         silent_s = now - agent.last_seen
         view = agent.to_dict()
-        view["state"] = "lost" if silent_s > 3 * agent.interval_s + 1 else "alive"
+        view["state"] = "lost" if _agent_lost(agent, now) else "alive"
         view["silent_s"] = round(silent_s, 1)
         return view
 

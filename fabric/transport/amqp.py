@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,6 +217,9 @@ class AmqpConnection:
         self._consumers: list[Consumer] = []
         self._declare_lock = asyncio.Lock()
         self._closed = False
+        #: Called with the exchange and the seconds from publish to the broker's confirm, for each
+        #: confirmed publish (the publish-confirm latency metric).
+        self.on_confirm: Callable[[str, float], None] | None = None
 
     async def __aenter__(self) -> AmqpConnection:
         await self.connect()
@@ -375,6 +379,35 @@ class AmqpConnection:
             with contextlib.suppress(Exception):
                 await channel.close()
 
+    async def queue_infos(self, queues: Iterable[str]) -> dict[str, QueueInfo | None]:
+        """Message and consumer counts of several queues (passive declares on one channel); None for
+        a queue that does not exist. A queue the broker cannot inspect now is left out."""
+        connection, _ = self._require()
+        found: dict[str, QueueInfo | None] = {}
+        channel: AbstractChannel | None = None
+        try:
+            for queue in queues:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel(publisher_confirms=False)
+                try:
+                    declared = await channel.declare_queue(queue, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    found[queue] = None
+                    # The broker closed the channel: drop it (a robust channel would reopen itself).
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+                    channel = None
+                    continue
+                result = declared.declaration_result
+                found[queue] = QueueInfo(queue, result.message_count or 0, result.consumer_count or 0)
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, RuntimeError, OSError) as exc:
+            raise TransportError(f"cannot inspect queues: {exc}") from exc
+        finally:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return found
+
     # -- publishing -------------------------------------------------------------------------------
 
     async def publish(
@@ -419,6 +452,7 @@ class AmqpConnection:
             # publish that would go through a moment later.
             await self._wait_for_channel(channel)
         target = self._exchange(channel, exchange)
+        started = time.perf_counter()
         try:
             try:
                 confirm = await target.publish(
@@ -456,6 +490,8 @@ class AmqpConnection:
                 exchange=exchange,
                 routing_key=routing_key,
             )
+        if self.on_confirm is not None:
+            self.on_confirm(exchange, time.perf_counter() - started)
 
     async def _wait_for_channel(self, channel: AbstractChannel) -> None:
         """Wait (up to the publish timeout) for a closed robust channel to be reopened."""

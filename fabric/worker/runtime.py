@@ -34,7 +34,8 @@ from fabric.errors import (
     Retry,
     TransportError,
 )
-from fabric.health import HealthServer, render_counters, serve_health
+from fabric.health import HealthServer, serve_health
+from fabric.metrics import WorkerMetrics
 from fabric.policy import Action, Decision, Failure, FailurePolicy, RetryPolicy
 from fabric.policy.breaker import BreakerState, CircuitBreaker
 from fabric.protocol import codec, headers
@@ -91,6 +92,15 @@ class Worker:
         self._amqp = AmqpConnection(
             settings.amqp_url.get_secret_value(), name=f"fabric-worker:{self.agent_id}"
         )
+        #: This worker's Prometheus metrics (a registry of its own), served at ``/metrics``.
+        self.metrics = WorkerMetrics(
+            agent.capabilities,
+            in_flight=lambda: self.in_flight,
+            concurrency=self.concurrency,
+            overdue_threads=lambda: self.overdue_threads,
+            breakers=lambda: {cap: str(b.state) for cap, b in self._breakers.items()},
+        )
+        self._amqp.on_confirm = self.metrics.observe_publish
         self._slots = asyncio.Semaphore(self.concurrency)
         # Deliveries waiting for a free slot; drain() cancels these waits and the tasks go back unstarted.
         self._slot_waits: set[asyncio.Task[bool]] = set()
@@ -143,7 +153,7 @@ class Worker:
                 http.host,
                 http.port,
                 checks={"broker": self._check_broker, "consumers": self._check_consumers},
-                metrics=self._metrics,
+                metrics=self.render_metrics,
                 fallback=True,
             )
         except BaseException:
@@ -285,15 +295,9 @@ class Worker:
                 return
             await probe.nack(requeue=True)
 
-    def _metrics(self) -> str:
-        values: dict[str, float] = {
-            "tasks_processed_total": self.processed,
-            "tasks_failed_total": self.failed,
-            "tasks_in_flight": self.in_flight,
-            "handler_threads_overdue": self.overdue_threads,
-            "concurrency": self.concurrency,
-        }
-        return render_counters("fabric_worker", values, {"agent_id": self.agent_id})
+    def render_metrics(self) -> str:
+        """The Prometheus text exposition served at ``/metrics``."""
+        return self.metrics.render()
 
     # -- tasks ------------------------------------------------------------------------------------
 
@@ -403,7 +407,10 @@ class Worker:
         try:
             try:
                 await self._event(task, EventStatus.STARTED)
+                self.metrics.started(task.capability, _queue_wait_s(delivery))
+                began = time.perf_counter()
                 outcome = await self._run(handler, task, slot)
+                self.metrics.ran(task.capability, _RUN_OUTCOMES[outcome.status], time.perf_counter() - began)
                 if outcome.error is not None:
                     self._telemetry.failed(span, outcome.error.type, outcome.error.message)
                 if self._is_cancelled(task):
@@ -424,6 +431,7 @@ class Worker:
                     error=outcome.error,
                     retry_in_s=_retry_in_s(outcome.decision),
                 )
+                self._count_outcome(task.capability, outcome.status)
             except TransportError as exc:
                 # The outcome is not confirmed, so the task must not be acked: the broker redelivers it,
                 # after a pause so a broker refusing publishes does not spin it in a hot loop.
@@ -437,6 +445,19 @@ class Worker:
             await delivery.ack()
         finally:
             slot.release()
+
+    def _count_outcome(self, capability: str, status: EventStatus) -> None:
+        """Move the counters for an attempt's reported outcome."""
+        if status is EventStatus.SUCCEEDED:
+            self.metrics.count("succeeded", capability)
+            return
+        if status is EventStatus.CANCELLED:
+            return
+        self.metrics.count("failed", capability)
+        if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
+            self.metrics.count("retried", capability)
+        elif status is EventStatus.DEAD:
+            self.metrics.count("parked", capability)
 
     async def _take_slot(self) -> _Slot | None:
         """Wait for a concurrency slot; None when the worker is draining (then no slot is taken)."""
@@ -607,6 +628,7 @@ class Worker:
                 )
                 await self._park_task(delivery, task, Decision(Action.ABORT, error, reason="no_other_agent"))
                 await self._event(task, EventStatus.DEAD, error=error)
+                self.metrics.count("parked", task.capability)
             else:
                 passed = dict(delivery.headers)
                 passed[headers.BOUNCES] = bounces + 1
@@ -640,6 +662,7 @@ class Worker:
         moved[headers.ATTEMPT] = task.attempt + 1
         moved[headers.MUST_AVOID] = "true"
         moved[headers.BOUNCES] = 0
+        moved[headers.DISPATCHED_AT_MS] = headers.now_ms()
         await self._republish(
             delivery, task.capability, moved, f"{task.workflow_id}/{task.task_id}/{task.attempt + 1}"
         )
@@ -668,6 +691,8 @@ class Worker:
                 await self._park_task(delivery, task, decision)
                 status = EventStatus.DEAD
             await self._event(task, status, error=error, retry_in_s=_retry_in_s(decision))
+            # Not this worker's failure (another one lost the attempt): retried or parked, not failed.
+            self.metrics.count("retried" if status is EventStatus.RETRYING else "parked", task.capability)
         except TransportError as exc:
             log.warning("could not handle lost attempt of %s/%s (%s)", task.workflow_id, task.task_id, exc)
             await asyncio.sleep(NACK_PAUSE_S)
@@ -705,6 +730,8 @@ class Worker:
         retry_headers[headers.AVOID] = avoid
         retry_headers[headers.BOUNCES] = 0
         retry_headers[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
+        # Ready again once the delay is over: the next attempt's queue wait counts from then.
+        retry_headers[headers.DISPATCHED_AT_MS] = headers.now_ms(decision.delay_ms or 0)
         await self._amqp.publish(
             names.retry_exchange(self.ns),
             task.capability,
@@ -806,6 +833,9 @@ class Worker:
             await delivery.nack(requeue=True)
             return
         log.error("parked task message %s: %s: %s", delivery.message_id, reason, detail)
+        # A task message reaches a capability queue with its capability as the routing key.
+        if delivery.routing_key in self._breakers:
+            self.metrics.count("parked", delivery.routing_key)
         await delivery.ack()
 
     # -- watchdog ---------------------------------------------------------------------------------
@@ -985,6 +1015,28 @@ _NOT_AGENT_FAULTS = frozenset({"Abort", "ResultNotSerializable", "Cancelled"})
 _MAX_CANCELLED = 10_000
 #: The error recorded on a task an operator cancelled.
 _CANCELLED = ErrorInfo(type="Cancelled", message="cancelled by an operator")
+
+
+#: The ``outcome`` label of the task duration histogram, by reported status.
+_RUN_OUTCOMES = {
+    EventStatus.SUCCEEDED: "succeeded",
+    EventStatus.CANCELLED: "cancelled",
+    EventStatus.FAILED: "failed",
+    EventStatus.RETRYING: "failed",
+    EventStatus.REASSIGNED: "failed",
+    EventStatus.DEAD: "failed",
+    EventStatus.ESCALATED: "failed",
+    EventStatus.STARTED: "failed",
+}
+
+
+def _queue_wait_s(delivery: Delivery) -> float | None:
+    """Seconds since the task became ready (its ``fabric-dispatched-at-ms``), None without the header.
+    Clocks of different hosts may disagree: a negative wait reads as 0."""
+    dispatched_ms = headers.get_int(delivery.headers, headers.DISPATCHED_AT_MS, 0)
+    if dispatched_ms <= 0:
+        return None
+    return max(0.0, time.time() - dispatched_ms / 1000)
 
 
 def _retry_in_s(decision: Decision | None) -> float | None:

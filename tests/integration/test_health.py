@@ -27,11 +27,12 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
 
 
 def samples(text: str) -> dict[str, float]:
+    """Samples by name with their labels, e.g. ``fabric_workflows_completed_total{status="failed"}``."""
     found = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            found[name.split("{")[0]] = float(value)
+            found[name] = float(value)
     return found
 
 
@@ -63,19 +64,17 @@ async def test_router_and_worker_health(
 
     async def completed_counted() -> dict[str, float] | None:
         after = samples((await http_get(port, "/metrics"))[1])
-        return (
-            after
-            if after["fabric_router_completed_total"] > before["fabric_router_completed_total"]
-            else None
-        )
+        done = 'fabric_workflows_completed_total{status="failed"}'
+        return after if after.get(done, 0) > before.get(done, 0) else None
 
     # The counter moves just after the completed document is published, so wait for it.
     after = await eventually(completed_counted, what="completion counted")
-    assert after["fabric_router_accepted_total"] - before["fabric_router_accepted_total"] == 1
-    assert after["fabric_router_completed_total"] - before["fabric_router_completed_total"] == 1
+    assert after["fabric_workflows_submitted_total"] - before["fabric_workflows_submitted_total"] == 1
+    done = 'fabric_workflows_completed_total{status="failed"}'
+    assert after[done] - before.get(done, 0) == 1
     worker_metrics = samples((await http_get(worker.http_port, "/metrics"))[1])
-    assert worker_metrics["fabric_worker_tasks_processed_total"] == 1
-    assert worker_metrics["fabric_worker_tasks_failed_total"] == 1
+    assert worker_metrics['fabric_worker_tasks_succeeded_total{capability="demo.echo"}'] == 1
+    assert worker_metrics['fabric_worker_tasks_failed_total{capability="demo.fail"}'] == 1
 
     assert (await http_get(router.http_port, "/nope"))[0] == 404
     await worker.drain(timeout_s=5)
