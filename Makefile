@@ -59,10 +59,14 @@ run-worker: $(STAMP)  ## run a demo worker against the local broker
 clean:  ## remove caches and local state
 	rm -rf .make .pytest_cache .mypy_cache .ruff_cache .hypothesis fabric.db fabric.db-*
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-memory
 BENCH_ARGS ?=
 bench: $(STAMP) services  ## benchmark fabric against the raw aio-pika baseline (3 rounds); writes bench/RESULTS.md
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
 
-bench-quick: $(STAMP) services  ## one tiny benchmark round: a smoke run that checks correctness only
+bench-memory: $(STAMP) services  ## S5: RSS while 500,000 tasks complete and 100,000 wait queued (long); writes bench/RESULTS.md
+	$(PYTHON) -m bench.run --scenario s5
+
+bench-quick: $(STAMP) services  ## tiny benchmark rounds (S1-S4, then S5): a smoke run that checks correctness only
 	$(PYTHON) -m bench.run --quick
+	$(PYTHON) -m bench.run --quick --scenario s5

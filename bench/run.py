@@ -4,6 +4,11 @@
     python -m bench.run --quick         # 1 round, tiny sizes: a CI smoke run, correctness only
     python -m bench.run --full          # the issue's sizes (S1 20,000 workflows, S3 500 round trips)
     python -m bench.run --profile DIR   # plus one extra S1 pass under py-spy (router and workers)
+    python -m bench.run --scenario s5   # S5 memory alone: 500,000 tasks completed, 100,000 queued (long)
+    python -m bench.run --scenario s5 --quick   # S5 with small counts: a CI smoke run
+
+S5 is a target of its own (``make bench-memory``): it writes its section of bench/RESULTS.md and a
+default run keeps that section as it is.
 
 Every figure is a median over the rounds with its spread (min-max); every target is a ratio against
 the baseline measured in this same run. Prints the table and writes it, with versions and machine
@@ -38,9 +43,23 @@ import fabric
 from bench import hotspots
 from bench.baseline import PREFETCH, Baseline
 from bench.common import ROOT, BenchFailure, Summary, amqp_url
+from bench.memory import (
+    FULL_MEMORY,
+    GROWTH_LIMIT,
+    QUEUED_RSS_LIMIT_MB,
+    QUICK_MEMORY,
+    CompletingResult,
+    MemorySizes,
+    QueuedResult,
+    s5_completing,
+    s5_queued,
+)
 from bench.scenarios import Fleet, s1_throughput, s2_wide, s3_latency, s4_admit, s4_end_to_end
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
+#: The S5 section of RESULTS.md lies between these lines; each kind of run rewrites only its own part.
+S5_BEGIN = "<!-- S5 memory: written by `python -m bench.run --scenario s5` -->"
+S5_END = "<!-- end of S5 -->"
 
 
 @dataclass(frozen=True)
@@ -184,6 +203,142 @@ async def _profile(directory: Path, fleet: Fleet, sizes: Sizes) -> dict[str, str
     return reports
 
 
+# -- S5 memory ------------------------------------------------------------------------------------
+
+
+async def measure_memory(sizes: MemorySizes, workdir: Path) -> tuple[QueuedResult, CompletingResult]:
+    """S5: the backlog with no worker first (its own router), then the long completing run."""
+    url = amqp_url()
+    _say(f"S5 queued: {sizes.queued:,} tasks to a router with no worker running")
+    async with Fleet(url, workdir, kind="s5q", workers=0) as lone:
+        queued = await s5_queued(lone, sizes, say=_say)
+    _say(
+        f"  router {queued.router_rss_mb:.1f} MB (peak {queued.router_peak_mb:.1f} MB) with "
+        f"{queued.in_broker:,} tasks in the broker"
+    )
+    _say(
+        f"S5 completing: {sizes.total:,} tasks in workflows of {sizes.per_workflow}, "
+        f"{sizes.workers} workers, RSS every {sizes.sample_every:,}"
+    )
+    async with Fleet(url, workdir, kind="s5", workers=sizes.workers, concurrency=sizes.concurrency) as fleet:
+        # Warm-up (imports, caches, the first pages of SQLite) before the idle reading.
+        await s1_throughput(fleet.client, 50, window=16)
+        completing = await s5_completing(fleet, sizes, say=_say)
+    return queued, completing
+
+
+def render_s5(queued: QueuedResult, completing: CompletingResult, *, judge: bool, header: str) -> str:
+    sizes = completing.sizes
+    first, last = completing.samples[0], completing.samples[-1]
+    verdict_text = "not judged (--quick)"
+
+    def verdict(ok: bool) -> str:
+        return ("met" if ok else "**MISSED**") if judge else verdict_text
+
+    lines = [
+        S5_BEGIN,
+        "## S5 memory",
+        "",
+        header,
+        "",
+        "| figure | value | target | verdict |",
+        "|---|---:|---|---|",
+    ]
+    for name in last.rss_mb:
+        growth = completing.growth(name)
+        target = f"<= {GROWTH_LIMIT:.2f} x" if name == "router" else f"(<= {GROWTH_LIMIT:.2f} x)"
+        lines.append(
+            f"| {name} RSS at {first.completed:,} / {last.completed:,} tasks completed "
+            f"| {first.rss_mb[name]:.1f} MB / {last.rss_mb[name]:.1f} MB = {growth:.3f} x "
+            f"| {target} | {verdict(growth <= GROWTH_LIMIT)} |"
+        )
+    lines.append(
+        f"| router RSS with {queued.queued:,} tasks queued, no worker (peak while admitting) "
+        f"| {queued.router_rss_mb:.1f} MB ({queued.router_peak_mb:.1f} MB) "
+        f"| < {QUEUED_RSS_LIMIT_MB:.0f} MB | {verdict(queued.router_rss_mb < QUEUED_RSS_LIMIT_MB)} |"
+    )
+    lines.append(
+        f"| tasks in the broker's capability queue with no worker | {queued.in_broker:,} "
+        f"| {queued.queued:,} (the backlog lives in the broker) | "
+        f"{'met' if queued.in_broker >= queued.queued else '**MISSED**'} |"
+    )
+    lines += [
+        "",
+        f"Completing: {sizes.total:,} `demo.echo` tasks as {-(-sizes.total // sizes.per_workflow):,} "
+        f"workflows of {sizes.per_workflow} independent tasks, {sizes.window} workflows in flight through "
+        f"`FabricClient`, {sizes.workers} workers x concurrency {sizes.concurrency}, SQLite store with "
+        f"durable commits; every result checked; {completing.elapsed_s:.0f} s "
+        f"({sizes.total / completing.elapsed_s:,.0f} tasks/s). RSS (VmRSS, MB = MiB) read from /proc "
+        f"every {sizes.sample_every:,} completed tasks; the reference is the first sample. Idle after "
+        "a 50-workflow warm-up: " + ", ".join(f"{k} {v:.1f} MB" for k, v in completing.idle_mb.items()) + ".",
+        f"Queued: {queued.queued:,} tasks submitted as workflows of {sizes.queued_batch:,} independent "
+        f"tasks to a router with no worker, each accepted (stored, published, confirmed) in "
+        f"{queued.elapsed_s:.1f} s; the router's RSS was {queued.router_idle_mb:.1f} MB before.",
+        "",
+        "| tasks completed | s | " + " | ".join(f"{k} MB" for k in last.rss_mb) + " |",
+        "|---:|---:|" + "---:|" * len(last.rss_mb),
+    ]
+    for point in completing.samples:
+        lines.append(
+            f"| {point.completed:,} | {point.elapsed_s:.0f} | "
+            + " | ".join(f"{v:.1f}" for v in point.rss_mb.values())
+            + " |"
+        )
+    lines += ["", S5_END]
+    return "\n".join(lines)
+
+
+def main_memory(args: argparse.Namespace) -> int:
+    sizes = QUICK_MEMORY if args.quick else FULL_MEMORY
+    machine = facts()
+    started = dt.datetime.now(dt.UTC)
+    clock = time.monotonic()
+    _say(
+        f"fabric bench S5 (memory): {'quick' if args.quick else 'full'} sizes, broker "
+        f"{amqp_url().rsplit('@', 1)[-1]}"
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="fabric-bench-") as tmp:
+            try:
+                queued, completing = asyncio.run(_main_memory(sizes, Path(tmp)))
+            except BenchFailure:
+                _show_logs(Path(tmp))
+                raise
+    except BenchFailure as exc:
+        _say(f"\nFAILED: {exc}")
+        return 1
+    except fabric.FabricError as exc:
+        _say(f"\nFAILED: {type(exc).__name__}: {exc}")
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        _say("\ninterrupted: subprocesses stopped, queues deleted")
+        return 130
+    command = "python -m bench.run " + " ".join(sys.argv[1:])
+    header = (
+        f"Written by `{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC "
+        f"({'quick: correctness only, not judged' if args.quick else 'full sizes'}), "
+        f"{time.monotonic() - clock:.0f} s in all; fabric commit {_git_commit()}, python "
+        f"{machine['python']}, RabbitMQ {machine['RabbitMQ']}, {machine['nproc']} CPUs shared with "
+        f"other work (load average at start {machine['load average at start (1, 5, 15 min)']})."
+    )
+    section = render_s5(queued, completing, judge=not args.quick, header=header)
+    _say("\n" + section + "\n")
+    try:
+        text = args.output.read_text()
+    except OSError:
+        text = "# fabric benchmark results\n"
+    args.output.write_text(replace_s5_section(text, section))
+    _say(f"all correctness checks passed; S5 written to {args.output}")
+    return 0
+
+
+async def _main_memory(sizes: MemorySizes, workdir: Path) -> tuple[QueuedResult, CompletingResult]:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await measure_memory(sizes, workdir)
+
+
 # -- the table ------------------------------------------------------------------------------------
 
 
@@ -314,7 +469,10 @@ def render_table(rows: list[Row], *, judge: bool) -> str:
             f"| {row.figure} | {_fmt(s.median, row.unit)} {row.unit} | {spread} | {row.ratio_text} "
             f"| {row.target} | {verdict} |"
         )
-    lines.append("| S5 memory (RSS at 500,000 completed / 100,000 queued) | skipped | | | | not built yet |")
+    lines.append(
+        "| S5 memory (RSS while 500,000 tasks complete / 100,000 queued) | see S5 below | | | | "
+        "`make bench-memory` |"
+    )
     return "\n".join(lines)
 
 
@@ -437,7 +595,8 @@ def write_results(
         "to a router with no workers, until `accepted` (stored, roots published and confirmed). The "
         "router refuses more than 10,000 tasks by default (`FABRIC_ROUTER__MAX_TASKS`), so the "
         "100,000-task growth is measured on `admit()` alone.",
-        "- **S5** (memory) is not built in this increment.",
+        "- **S5** (memory) is a target of its own (`make bench-memory`); its section below is kept from",
+        "  its last run.",
         "",
         "Each round runs: baseline throughput, S1, S2, baseline latency, S3, S4. A warm-up precedes round 1.",
         "The machine is shared and noisy: compare ratios from one run, not absolute figures across runs.",
@@ -459,7 +618,30 @@ def write_results(
         lines += ["## Profile (one extra S1 pass under py-spy, not counted)", ""]
         for text in profile.values():
             lines += ["```", text.rstrip(), "```", ""]
+    s5 = _s5_section(path)
+    if s5:
+        lines += [s5, ""]
     path.write_text("\n".join(lines))
+
+
+def _s5_section(path: Path) -> str:
+    """The S5 section of the results file at ``path`` (markers included), or "" when it has none."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    start, end = text.find(S5_BEGIN), text.find(S5_END)
+    if start < 0 or end < start:
+        return ""
+    return text[start : end + len(S5_END)]
+
+
+def replace_s5_section(text: str, section: str) -> str:
+    """``text`` with its S5 section replaced by ``section`` (appended when it has none)."""
+    start, end = text.find(S5_BEGIN), text.find(S5_END)
+    if start < 0 or end < start:
+        return text.rstrip("\n") + "\n\n" + section + "\n"
+    return text[:start] + section + text[end + len(S5_END) :]
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -476,6 +658,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, default=None, help="also run S1 once under py-spy; write reports here"
     )
+    parser.add_argument(
+        "--scenario",
+        choices=("s1-s4", "s5"),
+        default="s1-s4",
+        help="s1-s4 (default): the baseline and S1-S4; s5: the memory scenario alone (long)",
+    )
     args = parser.parse_args(argv)
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other")
@@ -483,6 +671,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.scenario == "s5" and (args.full or args.profile):
+        parser.error("--scenario s5 takes --quick or nothing (its full form is the default)")
     if args.output is None:
         args.output = Path(tempfile.gettempdir()) / "fabric-bench-quick.md" if args.quick else RESULTS
     return args
@@ -499,6 +689,8 @@ async def _main(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scenario == "s5":
+        return main_memory(args)
     sizes = QUICK if args.quick else FULL if args.full else DEFAULT
     machine = facts()
     started = dt.datetime.now(dt.UTC)

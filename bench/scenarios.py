@@ -10,7 +10,7 @@ through :class:`fabric.FabricClient` only.
 * S3 latency: sequential submit -> completed round trips of one task; p50 and p99.
 * S4 admission: :func:`fabric.router.admission.admit` on the encoded body of a random DAG (pure CPU),
   and submit -> accepted through a router with no workers.
-* S5 memory: not built yet.
+* S5 memory: in :mod:`bench.memory` (long; ``make bench-memory``).
 """
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ class Fleet:
     def client(self) -> FabricClient:
         assert self._client is not None, "the fleet is not started"
         return self._client
+
+    @property
+    def broker(self) -> AmqpConnection:
+        """The fleet's own broker connection (queue depths, consumer counts)."""
+        return self._broker
 
     @property
     def processes(self) -> list[Proc]:
