@@ -21,6 +21,12 @@ Semantics every backend keeps (the contract suite in ``tests/contract`` checks t
   standby router publishing from a stale copy, or a result that overtook the confirm), and saving the
   publisher's copy then would move the task backwards, e.g. from ``running`` or ``succeeded`` to
   ``queued``. The flip can only ever move a task forwards. Once flipped, the task leaves ``undispatched``.
+* A backend may write the flip *behind* (SQLite does, to save a commit per publish): ``mark_dispatched``
+  then returns before the flip is durable, but every read through the same store sees it at once, and a
+  later ``save`` of the task cancels it (so it never lands on a newer version). Losing it in a crash is
+  safe: the task stays undispatched and the router publishes it again at start, a duplicate message that
+  at-least-once execution and one terminal state per task already absorb. Nothing is ever flipped
+  without the broker's confirm.
 """
 
 from __future__ import annotations

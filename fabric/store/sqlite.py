@@ -16,12 +16,22 @@ fsync). A call that fails is rolled back to its savepoint alone and only its cal
 :class:`~fabric.errors.StoreError`. Every caller returns only after the ``COMMIT`` that holds its write,
 so each write is as durable as ``synchronous`` makes it. Writes issued while a batch commits wait for the
 next batch; there are no timers, so a lone write commits at once.
+
+Write-behind of the ``dispatched`` flag: :meth:`SqliteStore.mark_dispatched` does not wait for a commit of
+its own. The flips ride at the end of the next batch that commits anyway (the event that follows a publish
+brings one within milliseconds), or commit on their own after :data:`_FLIP_DELAY_S` when no write comes.
+Reads through the store see a flip at once (an overlay of the flips not yet handed to the thread), and a
+later :meth:`SqliteStore.save` of the same task cancels its pending flip, so a flip never lands on a newer
+version of the task. A crash before the flip is durable leaves the task ``queued`` and undispatched: the
+router publishes it again at start, a duplicate message it already tolerates (execution is at-least-once
+and the router records one terminal state per task); no task is ever marked dispatched without a confirm.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -32,8 +42,10 @@ from typing import Any, Self, TypeVar
 
 from fabric.errors import NotConnectedError, ProtocolError, StoreError
 from fabric.protocol import codec
-from fabric.protocol.messages import WorkflowStatus
+from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+
+log = logging.getLogger("fabric.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows (
@@ -108,12 +120,16 @@ _SELECT_WORKFLOW_DOC = "SELECT doc FROM workflows WHERE workflow_id = ?"
 _PUT_AGENT = "INSERT OR REPLACE INTO agents (agent_id, last_seen, doc) VALUES (?, ?, ?)"
 _PING = "INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', 'ok')"
 
+#: A flip of ``dispatched`` no write came to carry commits on its own after this long (seconds).
+_FLIP_DELAY_S = 0.2
+
 #: At most this many write calls share one transaction...
 _MAX_BATCH_OPS = 1000
 #: ...and, unless a single call is bigger, at most this many rows.
 _MAX_BATCH_ROWS = 20_000
 
 _T = TypeVar("_T")
+_Key = tuple[str, str]
 
 #: One write call as it runs on the SQLite thread: its statements, and what its caller gets back.
 _Apply = Callable[[sqlite3.Connection], Any]
@@ -218,14 +234,16 @@ class SqliteStore:
     async def get_tasks(
         self, workflow_id: str, task_ids: Iterable[str] | None = None
     ) -> dict[str, TaskRecord]:
+        # Flips not handed to the thread yet; those handed earlier commit before this read runs.
+        flips = self._require().pending_flips()
         if task_ids is None:
             rows = await self._read(
                 f"SELECT {_TASK_COLUMNS} FROM tasks WHERE workflow_id = ?", (workflow_id,)
             )
         else:
-            self._require()
             ids = list(dict.fromkeys(task_ids))
             if not ids:
+                self._require()
                 return {}
             queries = []
             # Stay well under SQLite's limit on bound parameters.
@@ -235,8 +253,13 @@ class SqliteStore:
                 sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE workflow_id = ? AND task_id IN ({marks})"
                 queries.append((sql, (workflow_id, *chunk)))
             rows = await self._read_many(queries)
-        tasks = (_task_from_row(r) for r in rows)
-        return {t.task_id: t for t in tasks}
+        found = {}
+        for row in rows:
+            task = _task_from_row(row)
+            if flips and task.status is TaskStatus.QUEUED and task.key in flips:
+                task.dispatched = True
+            found[task.task_id] = task
+        return found
 
     async def save(
         self, *, workflows: Sequence[WorkflowRecord] = (), tasks: Sequence[TaskRecord] = ()
@@ -246,6 +269,8 @@ class SqliteStore:
         task_rows = [_task_row(t) for t in tasks]
         if not workflow_rows and not task_rows:
             return
+        # This version of each task replaces the stored one: a flip requested before it must not land on it.
+        session.cancel_flips(t.key for t in tasks)
 
         def apply(db: sqlite3.Connection) -> None:
             if workflow_rows:
@@ -256,24 +281,18 @@ class SqliteStore:
         await session.write(apply, len(workflow_rows) + len(task_rows))
 
     async def mark_dispatched(self, keys: Sequence[tuple[str, str]]) -> None:
-        session = self._require()
-        # A repeated key is harmless: its second UPDATE finds the task dispatched and changes nothing.
-        rows = [(workflow_id, task_id) for workflow_id, task_id in keys]
-        if not rows:
-            return
-
-        def apply(db: sqlite3.Connection) -> None:
-            db.executemany(_MARK_DISPATCHED, rows)
-
-        await session.write(apply, len(rows))
+        """Written behind (see the module docstring): returns at once; reads see the flips at once."""
+        self._require().flip_later(keys)
 
     async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
+        flips = self._require().pending_flips()
         rows = await self._read(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = 'queued' AND dispatched = 0 "
             "ORDER BY created_at LIMIT ?",
-            (limit,),
+            (limit + len(flips),),
         )
-        return [_task_from_row(r) for r in rows]
+        tasks = [_task_from_row(r) for r in rows]
+        return [t for t in tasks if t.key not in flips][:limit]
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         rows = await self._read(
@@ -323,6 +342,30 @@ class _Session:
         self._thread = thread
         self._queue: deque[_Write] = deque()
         self._flusher: asyncio.Task[None] | None = None
+        #: Flips of ``dispatched`` requested and not yet handed to the thread (an ordered set).
+        self._flips: dict[_Key, None] = {}
+        self._flip_timer: asyncio.TimerHandle | None = None
+
+    def flip_later(self, keys: Iterable[_Key]) -> None:
+        """Flip ``dispatched`` on these tasks with the next batch, or on its own after a short delay."""
+        for key in keys:
+            self._flips[key] = None
+        if self._flips and self._flusher is None and self._flip_timer is None:
+            self._flip_timer = asyncio.get_running_loop().call_later(_FLIP_DELAY_S, self._flip_now)
+
+    def cancel_flips(self, keys: Iterable[_Key]) -> None:
+        if self._flips:
+            for key in keys:
+                self._flips.pop(key, None)
+
+    def pending_flips(self) -> frozenset[_Key]:
+        """The flips a read issued now would not find committed (every earlier one commits before it)."""
+        return frozenset(self._flips) if self._flips else frozenset()
+
+    def _flip_now(self) -> None:
+        self._flip_timer = None
+        if self._flips and self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(self._start()))
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(db, *args)`` on the SQLite thread, after everything handed to it before."""
@@ -392,10 +435,29 @@ class _Session:
             if not write.future.cancelled():
                 batch.append(write)
                 rows += write.rows
+        if self._flips:
+            # Last in the batch: every write issued before a flip was requested precedes it, and a save
+            # issued after it cancelled it (cancel_flips), so a flip only ever lands on its own version.
+            batch.append(self._flip_write(list(self._flips)))
+            self._flips.clear()
         return batch
+
+    def _flip_write(self, keys: list[_Key]) -> _Write:
+        def apply(db: sqlite3.Connection) -> None:
+            # A repeated key is harmless: its second UPDATE finds the task dispatched and changes nothing.
+            db.executemany(_MARK_DISPATCHED, keys)
+
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_log_failed_flip)
+        return _Write(apply, len(keys), future)
 
     async def close(self) -> None:
         """Commit the writes already queued, then close the connection and end the thread."""
+        if self._flip_timer is not None:
+            self._flip_timer.cancel()
+            self._flip_timer = None
+        if self._flips and self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(self._start()))
         try:
             if self._flusher is not None:
                 await asyncio.shield(self._flusher)
@@ -405,6 +467,12 @@ class _Session:
             self._thread.shutdown(wait=False)
             with contextlib.suppress(sqlite3.Error):
                 await closing
+
+
+def _log_failed_flip(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        # The tasks stay undispatched in the store: recovery publishes them again (a harmless duplicate).
+        log.warning("recording publish confirms failed: %s", future.exception())
 
 
 def _settle(future: asyncio.Future[Any], outcome: _Outcome) -> None:

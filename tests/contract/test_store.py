@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,7 @@ from fabric.store import AgentRecord, StateStore, TaskRecord, WorkflowRecord
 from fabric.store.redis import RedisStore
 from fabric.store.sqlite import SqliteStore
 
+from ..conftest import eventually
 from .conftest import Backend, unreachable
 
 #: A value using every msgpack type a task input or result may carry, nested.
@@ -606,6 +608,24 @@ async def test_mark_dispatched_survives_a_new_store(durable_backend: Backend) ->
         assert keys(await second.undispatched()) == [("wf-1", "b")]
 
 
+async def test_a_save_after_mark_dispatched_stays_unconfirmed_in_a_new_store(
+    durable_backend: Backend,
+) -> None:
+    # A confirm recorded, then (before any other write) the task queued again for a new attempt whose
+    # publish is not confirmed: however the backend writes the flag (SQLite writes it behind), the flip
+    # of the old attempt must never land on the new one, or a crash would leave it published by no one.
+    async with durable_backend.make() as first:
+        await first.insert_workflow(workflow(task_count=1), [task("a")])
+        await first.mark_dispatched([("wf-1", "a")])
+        retry = task("a", attempts=1)
+        await first.save(tasks=[retry])
+        await first.ping()
+        assert await first.undispatched() == [retry]
+
+    async with durable_backend.make() as second:
+        assert await second.undispatched() == [retry]
+
+
 # -- unnotified ----------------------------------------------------------------------------------------
 
 
@@ -790,6 +810,23 @@ async def test_sqlite_unopenable_path_raises_store_error(tmp_path: Path) -> None
     # The failed open left nothing half-open behind.
     with pytest.raises(NotConnectedError):
         await store.ping()
+
+
+async def test_sqlite_writes_dispatched_flags_behind_and_commits_them_alone(tmp_path: Path) -> None:
+    path = tmp_path / "fabric.db"
+
+    def committed() -> list[tuple[str, int]]:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return db.execute("SELECT task_id, dispatched FROM tasks ORDER BY task_id").fetchall()
+
+    async with SqliteStore(path) as store:
+        await store.insert_workflow(workflow(task_count=2), [task("a"), task("b")])
+        await store.mark_dispatched([("wf-1", "a")])
+        # Seen at once through the store, though not committed yet...
+        assert keys(await store.undispatched()) == [("wf-1", "b")]
+        assert (await store.get_tasks("wf-1"))["a"].dispatched is True
+        # ...and committed on its own shortly after, with no other write to carry it.
+        await eventually(lambda: committed() == [("a", 1), ("b", 0)], timeout=10, what="the flip committed")
 
 
 async def test_redis_unreachable_raises_store_error_without_password() -> None:
