@@ -216,7 +216,7 @@ class Router:
         self._locks = _KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._notes: set[asyncio.Task[None]] = set()
+        self._notes: set[asyncio.Task[bool]] = set()
         self._event_queue: dict[str, list[tuple[Delivery, TaskEvent]]] = {}
         self._active = False
         self._agent_first_seen: dict[str, float] = {}
@@ -951,21 +951,19 @@ class Router:
         log.debug("workflow %s %s", workflow.workflow_id, workflow.status)
 
     def _notify_task(self, note: dict[str, Any]) -> None:
-        """Publish a task's new status to ``{ns}.notify`` without waiting: a progress signal, not a record."""
+        """Publish a task's new status to ``{ns}.notify``, unconfirmed: a progress signal, not a record."""
         if len(self._notes) >= _MAX_PENDING_NOTES:
             return  # the broker is slow: drop progress signals rather than hold memory
-        publish = self._amqp.publish(
+        publish = self._amqp.publish_unconfirmed(
             names.notify_exchange(self.ns),
             names.task_notify_key(note["workflow_id"], note["task_id"], note["status"]),
             codec.encode(note),
-            mandatory=False,
-            persistent=False,
         )
         note_task = asyncio.create_task(publish)
         self._notes.add(note_task)
         note_task.add_done_callback(self._note_done)
 
-    def _note_done(self, task: asyncio.Task[None]) -> None:
+    def _note_done(self, task: asyncio.Task[bool]) -> None:
         self._notes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("task notification not sent: %s", task.exception())
