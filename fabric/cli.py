@@ -1,7 +1,8 @@
 """The ``fabric`` command line: thin wrappers that build settings and call the services.
 
 Exit codes: 0 success; 1 the workflow failed or was cancelled; 2 bad usage, input or settings;
-3 the broker or router cannot be reached; 4 the router rejected the submission; 5 not found.
+3 the broker or router cannot be reached; 4 the router rejected the submission or refused the command
+(e.g. resuming a task that is not escalated); 5 not found (workflow or task).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fabric.client.client import FabricClient
 from fabric.errors import (
     ConfigError,
     FabricError,
+    RequestRefused,
     SubmissionRejected,
     TopologyMismatch,
     TransportError,
@@ -94,6 +96,8 @@ def _run(coro: Any) -> Any:
         _die(str(exc), 5)
     except SubmissionRejected as exc:
         _die(f"rejected ({exc.reason}): {exc.detail}", 4)
+    except RequestRefused as exc:
+        _die(f"refused: {exc}", 5 if exc.not_found else 4)
     except (TransportError, WaitTimeout) as exc:
         _die(str(exc), 3)
     except FabricError as exc:
@@ -395,8 +399,8 @@ def why(
     task_id: Annotated[str | None, typer.Argument(help="Only this task.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Say why each unfinished task is not running yet: waiting_on, queued, no_agent, running_on,
-    backoff_until, ..."""
+    """Say why each unfinished task is not running yet: waiting_on, queued, no_agent, circuit_open,
+    running_on, backoff_until, escalated (waits for `fabric resume` or `fabric abort`)."""
     settings = _settings()
 
     async def main() -> list[dict[str, Any]]:
@@ -415,6 +419,115 @@ def why(
             soft_wrap=True,
             highlight=False,
         )
+
+
+# -- escalations ----------------------------------------------------------------------------------
+
+EscalatedTaskOpt = Annotated[
+    str | None,
+    typer.Option("--task", help="The escalated task (may be left out when the workflow has only one)."),
+]
+
+
+async def _escalated_task(client: FabricClient, workflow_id: str, task: str | None) -> str:
+    """The task named, or the workflow's only escalated task."""
+    if task is not None:
+        return task
+    escalated = [a["task_id"] for a in await client.why(workflow_id) if a.get("reason") == "escalated"]
+    if len(escalated) == 1:
+        return str(escalated[0])
+    if not escalated:
+        raise RequestRefused(f"workflow {workflow_id} has no escalated task (see `fabric why {workflow_id}`)")
+    raise ConfigError(
+        f"workflow {workflow_id} has {len(escalated)} escalated tasks ({', '.join(escalated)}); "
+        "name one with --task"
+    )
+
+
+def _read_input(source: str) -> Any:
+    """A task input from a JSON or YAML file (- for standard input)."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _die(f"cannot read --input {source}: {exc}", 2)
+    if not text.strip():
+        _die(f"--input {source} is empty; it must hold the new input as JSON or YAML", 2)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        _die(f"--input {source} is neither valid JSON nor valid YAML: {exc}", 2)
+
+
+@app.command()
+def resume(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    task: EscalatedTaskOpt = None,
+    input_file: Annotated[
+        str | None,
+        typer.Option("--input", help="A new input for the task: a JSON or YAML file, or - for stdin."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run an escalated task again, with a fresh attempt budget and optionally a new input.
+
+    The resume (and the new input) is kept in the task's history (`fabric status`). Exits 4 when the
+    task is not escalated, 5 when there is no such workflow or task.
+    """
+    settings = _settings()
+    new_input = _read_input(input_file) if input_file is not None else None
+
+    async def main() -> dict[str, Any]:
+        async with FabricClient(settings) as client:
+            task_id = await _escalated_task(client, workflow_id, task)
+            if input_file is None:
+                return await client.resume(workflow_id, task_id)
+            return await client.resume(workflow_id, task_id, input=new_input)
+
+    done = _run(main())
+    if json_out:
+        console.print_json(data=done)
+    else:
+        console.print(
+            f"resumed {done['workflow_id']}/{done['task_id']}"
+            + (" with a new input" if done.get("new_input") else "")
+            + ": queued again from attempt 1",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def abort(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    task: EscalatedTaskOpt = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why (recorded as the task's error).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Give up on an escalated task: it ends dead with the reason (a copy is parked on {ns}.dead), the
+    tasks depending on it end upstream_failed, and the workflow ends failed when nothing else remains.
+
+    Exits 4 when the task is not escalated, 5 when there is no such workflow or task.
+    """
+    settings = _settings()
+
+    async def main() -> dict[str, Any]:
+        async with FabricClient(settings) as client:
+            task_id = await _escalated_task(client, workflow_id, task)
+            return await client.abort(workflow_id, task_id, reason=reason)
+
+    done = _run(main())
+    if json_out:
+        console.print_json(data=done)
+        return
+    skipped = done.get("upstream_failed") or []
+    console.print(
+        f"aborted {done['workflow_id']}/{done['task_id']} (dead); "
+        f"{len(skipped)} dependent task(s) upstream_failed; workflow {done['workflow_status']}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -670,7 +783,7 @@ def dead_replay(
                     continue
                 try:
                     await client.replay(view["workflow_id"], view["task_id"])
-                except (TransportError, WorkflowNotFound) as exc:
+                except (TransportError, WorkflowNotFound, RequestRefused) as exc:
                     skipped.append(f"{view['id']}: {exc}")
                     continue
                 await delivery.ack()  # the router republished the task from its record

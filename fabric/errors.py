@@ -13,6 +13,7 @@ boundary per dependency, always with ``raise ... from exc``::
      ├── StoreError                          the state store failed
      ├── NotConnectedError                   a lifecycle object was used before it was started
      ├── WorkflowNotFound                    no workflow with that id
+ ├── RequestRefused                      the router refused a request (no such task, wrong state)
      ├── WaitTimeout (TimeoutError)          waiting for a result took longer than asked
      └── HandlerSignal                       control-flow signals raised by handlers; never logged as errors
           ├── Retry                          run this task again after ``delay_s``
@@ -107,6 +108,25 @@ class WorkflowNotFound(FabricError):
     def __init__(self, workflow_id: str) -> None:
         super().__init__(f"no workflow with id {workflow_id!r}")
         self.workflow_id = workflow_id
+
+
+class RequestRefused(FabricError):
+    """The router understood a request and refused it: no such task, or a task in the wrong state for
+    the command (resuming a task that is not escalated, replaying one that is not dead...).
+
+    Args:
+        message: the router's explanation.
+        error_type: the kind of refusal: ``KeyError`` (no such task) or ``ValueError`` (not possible now).
+    """
+
+    def __init__(self, message: str, *, error_type: str = "ValueError") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+    @property
+    def not_found(self) -> bool:
+        """True when what the request named does not exist."""
+        return self.error_type == "KeyError"
 
 
 class WaitTimeout(FabricError, TimeoutError):

@@ -27,7 +27,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["MAX_LABEL_VALUES", "RouterMetrics", "TaskCounter", "WorkerCounter", "WorkerMetrics"]
@@ -49,9 +49,9 @@ _IO_BUCKETS: Final = (
 )  # fmt: skip
 
 #: The router's task counters, by the name of their metric (``fabric_tasks_<name>_total``).
-TaskCounter = Literal["submitted", "started", "succeeded", "failed", "retried", "parked"]
+TaskCounter = Literal["submitted", "started", "succeeded", "failed", "retried", "parked", "escalated"]
 #: A worker's, ``fabric_worker_tasks_<name>_total``.
-WorkerCounter = Literal["started", "succeeded", "failed", "retried", "parked"]
+WorkerCounter = Literal["started", "succeeded", "failed", "retried", "parked", "escalated"]
 
 
 class _Children:
@@ -84,21 +84,27 @@ class _Children:
 
 
 class _Callback(Collector):
-    """Gauges read at scrape time: ``read()`` yields ``(labels, value)`` pairs."""
+    """Gauges (or counters kept elsewhere) read at scrape time: ``read()`` yields ``(labels, value)``."""
 
     def __init__(
-        self, name: str, documentation: str, labels: Iterable[str], read: Callable[[], Iterable[Any]]
+        self,
+        name: str,
+        documentation: str,
+        labels: Iterable[str],
+        read: Callable[[], Iterable[Any]],
+        family: type[GaugeMetricFamily] | type[CounterMetricFamily] = GaugeMetricFamily,
     ) -> None:
         self._name = name
         self._documentation = documentation
         self._labels = list(labels)
         self._read = read
+        self._family = family
 
     def describe(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(self._name, self._documentation, labels=self._labels)
+        yield self._family(self._name, self._documentation, labels=self._labels)
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(self._name, self._documentation, labels=self._labels)
+        family = self._family(self._name, self._documentation, labels=self._labels)
         for labels, value in self._read():
             family.add_metric(list(labels), float(value))
         yield family
@@ -123,6 +129,12 @@ class _Metrics:
     ) -> None:
         """A gauge computed when scraped (nothing to keep up to date on the hot path)."""
         self.registry.register(_Callback(name, documentation, labels, read))
+
+    def counter_from(
+        self, name: str, documentation: str, read: Callable[[], Iterable[Any]], labels: Iterable[str] = ()
+    ) -> None:
+        """A counter kept by another object (monotonic), read when scraped; exposed as ``<name>_total``."""
+        self.registry.register(_Callback(name, documentation, labels, read, CounterMetricFamily))
 
     def _publish_histogram(self, name: str) -> _Children:
         return _Children(
@@ -157,6 +169,7 @@ class RouterMetrics(_Metrics):
             "failed": "Tasks that ended failed (not retried any more, not parked).",
             "retried": "Failed attempts that will be retried or reassigned.",
             "parked": "Tasks parked on the dead-letter queue (ended dead).",
+            "escalated": "Escalations to an operator (a resumed task may escalate again).",
         }
         self._tasks = {
             name: _Children(Counter(f"fabric_tasks_{name}", text, ["capability"], registry=r))
@@ -305,6 +318,7 @@ class WorkerMetrics(_Metrics):
             "failed": "Task attempts that failed on this worker (whatever the policy decided next).",
             "retried": "Failed attempts this worker sent to be retried or reassigned.",
             "parked": "Task messages this worker parked on the dead-letter queue.",
+            "escalated": "Tasks this worker escalated to an operator.",
         }
         self._counters = {
             name: _Children(Counter(f"fabric_worker_tasks_{name}", text, ["capability"], registry=r))

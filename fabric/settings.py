@@ -12,10 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fabric.errors import ConfigError
+from fabric.protocol.messages import CAPABILITY_PATTERN, OnExhausted
 
 #: Namespace used when FABRIC_NAMESPACE is not set.
 DEFAULT_NAMESPACE = "fabric"
@@ -81,6 +90,85 @@ class WorkerSettings(_Section):
     agent_id: str = ""
 
 
+class CapabilityPolicy(_Section):
+    """Failure-policy overrides for one capability; a task's own fields in the submission win."""
+
+    #: Attempts of this capability's tasks when the submission gives none.
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    #: ``park`` or ``escalate`` once out of attempts.
+    on_exhausted: OnExhausted | None = None
+
+
+class PolicySettings(_Section):
+    """The failure policy's choices. Precedence: the task in the submission, then ``capabilities``,
+    then these defaults (and ``router.default_max_attempts``)."""
+
+    #: What happens to a task when fabric gives up on it (attempts used up, no other agent took a
+    #: reassigned task, its worker died on every attempt): ``park`` on ``{ns}.dead`` or ``escalate`` to
+    #: an operator.
+    on_exhausted: OnExhausted = OnExhausted.PARK
+    #: Overrides per capability, e.g. ``{"llm.call": {"on_exhausted": "escalate", "max_attempts": 5}}``
+    #: (``FABRIC_POLICY__CAPABILITIES`` takes it as JSON).
+    capabilities: dict[str, CapabilityPolicy] = Field(default_factory=dict)
+
+    @field_validator("capabilities")
+    @classmethod
+    def _valid_capabilities(cls, value: dict[str, CapabilityPolicy]) -> dict[str, CapabilityPolicy]:
+        bad = [name for name in value if not re.fullmatch(CAPABILITY_PATTERN, name)]
+        if bad:
+            raise ValueError(
+                f"not capability names: {', '.join(map(repr, bad))} (must match {CAPABILITY_PATTERN})"
+            )
+        return value
+
+    def on_exhausted_for(self, capability: str, task_value: OnExhausted | None = None) -> OnExhausted:
+        """The task's own choice, else its capability's, else the default."""
+        if task_value is not None:
+            return task_value
+        override = self.capabilities.get(capability)
+        if override is not None and override.on_exhausted is not None:
+            return override.on_exhausted
+        return self.on_exhausted
+
+    def max_attempts_for(self, capability: str, task_value: int | None, default: int) -> int:
+        """The task's own ``max_attempts``, else its capability's, else ``default``."""
+        if task_value is not None:
+            return task_value
+        override = self.capabilities.get(capability)
+        if override is not None and override.max_attempts is not None:
+            return override.max_attempts
+        return default
+
+
+class AlertSettings(_Section):
+    """Where alerts go besides ``{ns}.alerts`` (which always gets them), and how hard fabric tries."""
+
+    #: URLs every alert is POSTed to as JSON (http or https).
+    webhooks: list[AnyHttpUrl] = Field(default_factory=list)
+    #: Extra HTTP headers of each POST, e.g. ``{"Authorization": "Bearer ..."}`` (kept secret in logs).
+    webhook_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    #: How long one POST may take (connect, send, read the status line).
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    #: Further attempts after a failed POST (connection error, timeout, 5xx, 408, 429).
+    webhook_retries: int = Field(default=3, ge=0, le=20)
+    #: Wait before the first retry; doubled for each further one.
+    webhook_backoff_s: float = Field(default=1.0, ge=0, le=300)
+
+    @field_validator("webhook_headers")
+    @classmethod
+    def _plain_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"the value of header {name!r} holds a line break")
+        return value
+
+    #: Alerts waiting to be delivered at most; beyond that new ones are dropped (logged, counted), so
+    #: a slow webhook never holds memory or the router.
+    queue_size: int = Field(default=1000, ge=1, le=1_000_000)
+
+
 class HttpSettings(_Section):
     #: Port of the HTTP API (router) and health endpoints.
     port: int = Field(default=8080, ge=0, le=65535)
@@ -117,6 +205,8 @@ class FabricSettings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @field_validator("namespace")
     @classmethod

@@ -7,7 +7,7 @@ import os
 import signal
 from typing import Any
 
-from fabric import Agent, Task
+from fabric import Agent, Escalate, Task
 
 agent = Agent("demo")
 
@@ -60,6 +60,17 @@ async def sleep(task: Task) -> float:
 async def fail(task: Task) -> None:
     """Always fail with the message given as input."""
     raise ValueError(str(task.input or "demo.fail always fails"))
+
+
+@agent.handler("demo.review")
+async def review(task: Task) -> Any:
+    """Hand the task to an operator (``Escalate``) unless its input says ``approved: true``; then return
+    the input. ``fabric resume WF --task T --input approved.json`` with ``{"approved": true}`` completes it.
+    """
+    spec = task.input if isinstance(task.input, dict) else {}
+    if spec.get("approved") is not True:
+        raise Escalate(f"needs an operator's review: {spec.get('note') or 'not approved'}")
+    return task.input
 
 
 @agent.handler("demo.crash")

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from fabric.errors import (
     NotConnectedError,
     ProtocolError,
+    RequestRefused,
     SubmissionRejected,
     TransportError,
     WaitTimeout,
@@ -35,6 +36,11 @@ from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 
 #: Called with each task notification ({"workflow_id", "task_id", "status", "attempts", "agent", "error"}).
 TaskListener = Callable[[dict[str, Any]], None]
+
+#: Error types of a router answer that mean "refused", not "failed": see :class:`RequestRefused`.
+_REFUSALS = frozenset({"KeyError", "ValueError"})
+#: ``resume`` without a new input (None is a valid input, so it cannot mean "keep").
+_KEEP: Any = object()
 
 #: How many finished workflows' documents the client remembers for a later ``wait``.
 _COMPLETED_CACHE = 10_000
@@ -302,14 +308,15 @@ class FabricClient:
         )
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            raise TransportError(
-                f"router could not answer {method}: {error.get('type')}: {error.get('message')}"
-            )
+            kind, message = str(error.get("type")), str(error.get("message"))
+            if kind in _REFUSALS:
+                raise RequestRefused(message, error_type=kind)
+            raise TransportError(f"router could not answer {method}: {kind}: {message}")
         return reply.get("data")
 
-    async def _about(self, method: str, workflow_id: str, task_id: str | None = None) -> Any:
+    async def _about(self, method: str, workflow_id: str, task_id: str | None = None, **extra: Any) -> Any:
         """Ask the router about one workflow (and optionally one task); WorkflowNotFound if unknown."""
-        params = {} if task_id is None else {"task_id": task_id}
+        params = dict(extra) if task_id is None else {"task_id": task_id, **extra}
         data = await self.query(method, workflow_id, **params)
         if data is None:
             raise WorkflowNotFound(workflow_id)
@@ -353,9 +360,41 @@ class FabricClient:
 
         Raises:
             WorkflowNotFound: no such workflow.
-            TransportError: the router refused (no such task, or the task is not dead/failed).
+            RequestRefused: no such task (``not_found``), or the task is not dead/failed.
         """
         data = await self._about("replay", workflow_id, task_id)
+        return dict(data)
+
+    async def resume(self, workflow_id: str, task_id: str, *, input: Any = _KEEP) -> dict[str, Any]:
+        """Run an escalated task again with a fresh attempt budget (``fabric resume``).
+
+        Args:
+            workflow_id: its workflow.
+            task_id: the escalated task.
+            input: a new input for it (any msgpack value, None included); left out, it keeps its own.
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+            RequestRefused: no such task (``not_found``), or it is not escalated.
+
+        Example:
+            >>> await client.resume("wf-1", "review", input={"approved": True})
+        """
+        extra = {} if input is _KEEP else {"input": input}
+        data = await self._about("resume", workflow_id, task_id, **extra)
+        return dict(data)
+
+    async def abort(self, workflow_id: str, task_id: str, *, reason: str | None = None) -> dict[str, Any]:
+        """Give up on an escalated task (``fabric abort``): it ends ``dead`` with ``reason`` (a copy is
+        parked on ``{ns}.dead``), its dependents ``upstream_failed``; the workflow ends ``failed`` when
+        nothing else remains.
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+            RequestRefused: no such task (``not_found``), or it is not escalated.
+        """
+        extra = {} if reason is None else {"reason": reason}
+        data = await self._about("abort", workflow_id, task_id, **extra)
         return dict(data)
 
     async def result(self, workflow_id: str) -> Completed | None:

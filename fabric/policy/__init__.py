@@ -7,11 +7,15 @@ timeout, explicit signal) and carries the decision out:
   ``{ns}.delay.<tier>`` until its TTL dead-letters it back to its capability queue, attempt + 1. No
   delay is ever held in a fabric process.
 * ``abort``: the task message is parked on ``{ns}.dead`` with the reason; the task ends ``dead``.
+* ``escalate``: the task stops and waits for an operator (state ``escalated``, an alert on
+  ``{ns}.alerts``) who resumes it (``fabric resume``) or aborts it (``fabric abort``).
 * ``fail``: the task ends ``failed`` at once (:class:`FailFast`, for tests and for callers that want
   no retries).
 
 :class:`RetryPolicy` is the default: unknown errors and timeouts retry with exponential backoff on the
-delay tiers (1s, 5s, 30s, 2m, 10m, 1h) until ``max_attempts``, then park as ``exhausted``.
+delay tiers (1s, 5s, 30s, 2m, 10m, 1h) until ``max_attempts``, then park as ``exhausted`` (or, when
+the task's ``on_exhausted`` is ``escalate``, escalate). :func:`give_up` is that last step on its own,
+for the worker's other ways of running out (no other agent, a worker lost on every attempt).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from fabric.protocol.messages import ErrorInfo
+from fabric.protocol.messages import ErrorInfo, OnExhausted
 
 #: Delay tiers (name -> milliseconds), shortest first; the same as the ``{ns}.delay.<tier>`` queues.
 DEFAULT_TIERS_MS: Mapping[str, int] = {
@@ -37,6 +41,15 @@ DEFAULT_TIERS_MS: Mapping[str, int] = {
 
 #: Error types a retry cannot fix: the same input gives the same failure.
 NOT_RETRIED = frozenset({"ResultNotSerializable"})
+
+#: Reason of an escalation a handler asked for (``raise Escalate(...)``).
+REASON_REQUESTED = "requested"
+#: Reason when ``max_attempts`` attempts failed.
+REASON_EXHAUSTED = "exhausted"
+#: Reason when no agent but those to avoid took a reassigned task.
+REASON_NO_OTHER_AGENT = "no_other_agent"
+#: Reason when the task's worker died (or lost the broker) on its last attempt.
+REASON_WORKER_LOST = "worker_lost"
 
 
 class Action(enum.StrEnum):
@@ -59,7 +72,8 @@ class Decision:
         tier: with ``retry``, the delay tier (queue) the message waits in.
         delay_ms: with ``retry``, the message's own expiration inside that tier (jittered, never above
             the tier's TTL, so it never waits behind a longer message).
-        reason: with ``abort``, why (the ``fabric-dead-reason`` header).
+        reason: with ``abort``, why (the ``fabric-dead-reason`` header); with ``escalate``, why
+            (:data:`REASON_REQUESTED`, :data:`REASON_EXHAUSTED`, ...).
     """
 
     action: Action
@@ -83,6 +97,21 @@ class Failure:
     requested_delay_s: float | None = None
     #: ``Abort(reason)``: the reason the handler gave.
     requested_reason: str | None = None
+    #: What to do once out of attempts (the task's ``on_exhausted``, else the settings').
+    on_exhausted: OnExhausted = OnExhausted.PARK
+
+
+def give_up(error: ErrorInfo, reason: str, on_exhausted: OnExhausted) -> Decision:
+    """The decision when a task has run out (of attempts, of other agents...): park it on ``{ns}.dead``
+    with ``reason``, or escalate it to an operator with ``reason``, as ``on_exhausted`` says.
+
+    Example:
+        >>> give_up(ErrorInfo(type="E", message="m"), "exhausted", OnExhausted.ESCALATE).action
+        <Action.ESCALATE: 'escalate'>
+    """
+    if on_exhausted is OnExhausted.ESCALATE:
+        return Decision(Action.ESCALATE, error, reason=reason)
+    return Decision(Action.ABORT, error, reason=reason)
 
 
 class FailurePolicy(Protocol):
@@ -103,8 +132,9 @@ class RetryPolicy:
     message expiring after a random ``(1 - jitter)`` to ``1`` of its tier so that retries of many tasks
     failing together spread out. ``Retry(delay_s=...)`` picks the shortest tier at least that long.
     ``Abort(reason)`` parks at once. ``Reassign`` runs the next attempt at once on another agent.
-    ``Escalate`` is retried like other errors until escalation exists (issue 4). Every retry prefers
-    another agent (the failing one joins ``fabric-avoid``).
+    ``Escalate`` hands the task to an operator at once. Out of attempts, the task is parked or escalated
+    as its ``on_exhausted`` says (:func:`give_up`). Every retry prefers another agent (the failing one
+    joins ``fabric-avoid``).
 
     Args:
         tiers_ms: delay tiers, shortest first.
@@ -137,8 +167,10 @@ class RetryPolicy:
             return Decision(Action.ABORT, failure.error, reason=failure.requested_reason or "aborted")
         if failure.error.type in NOT_RETRIED:
             return Decision(Action.ABORT, failure.error, reason="not_retryable")
+        if failure.signal == "Escalate":
+            return Decision(Action.ESCALATE, failure.error, reason=REASON_REQUESTED)
         if failure.attempt >= failure.max_attempts:
-            return Decision(Action.ABORT, failure.error, reason="exhausted")
+            return give_up(failure.error, REASON_EXHAUSTED, failure.on_exhausted)
         if failure.signal == "Reassign":
             return Decision(Action.REASSIGN, failure.error)
         if failure.signal == "Retry" and failure.requested_delay_s is not None:

@@ -26,6 +26,9 @@ MUST_AVOID = "fabric-must-avoid"
 #: When the task became ready to run, in milliseconds since the epoch (an integer): the router's
 #: publish, or the end of a retry's delay. A worker's queue-wait metric is its start time minus this.
 DISPATCHED_AT_MS = "fabric-dispatched-at-ms"
+#: ``park`` or ``escalate``: what the worker's policy does once the task is out of attempts (absent:
+#: the worker's own settings decide).
+ON_EXHAUSTED = "fabric-on-exhausted"
 #: Delay tier of a message sent through ``{ns}.retry``.
 DELAY = "fabric-delay"
 #: Why a message was parked on ``{ns}.dead``.

@@ -83,6 +83,16 @@ class EventStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class OnExhausted(enum.StrEnum):
+    """What happens to a task when fabric itself gives up on it: its attempts are used up, no other agent
+    took a reassigned task, or its worker died on every attempt. ``park`` puts it on ``{ns}.dead``
+    (``dead``); ``escalate`` hands it to an operator (``escalated``: alert, then ``fabric resume`` or
+    ``fabric abort``)."""
+
+    PARK = "park"
+    ESCALATE = "escalate"
+
+
 class RejectReason(enum.StrEnum):
     """Reason codes of a ``rejected`` reply (DESIGN.md §4)."""
 
@@ -110,6 +120,8 @@ class TaskSpec(BaseModel):
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
+    #: ``park`` or ``escalate`` when out of attempts; default from the settings (``policy``).
+    on_exhausted: OnExhausted | None = None
 
 
 class Submission(BaseModel):
@@ -152,6 +164,9 @@ class TaskEvent(BaseModel):
     at: float
     #: With ``retrying``: when the next attempt is due (seconds since the epoch).
     retry_at: float | None = None
+    #: With ``escalated`` (and ``dead``): why, as a code (``requested``, ``exhausted``, ``no_other_agent``,
+    #: ``worker_lost``, or the reason a handler gave to ``Abort``).
+    reason: str | None = None
 
 
 class Heartbeat(BaseModel):
@@ -208,3 +223,50 @@ class Completed(BaseModel):
     workflow_id: str
     status: WorkflowStatus
     tasks: dict[str, TaskOutcome]
+
+
+class AlertSeverity(enum.StrEnum):
+    """How urgent an alert is; the second word of its routing key ``alert.<severity>.<kind>``."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class AlertStatus(enum.StrEnum):
+    """``firing`` when a condition starts; ``resolved`` once, when it clears."""
+
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class Alert(BaseModel):
+    """An alert on ``{ns}.alerts`` (routing key ``alert.<severity>.<kind>``) and the JSON body POSTed to
+    each configured webhook.
+
+    One condition (one ``key``) fires once and stays quiet until it is resolved; the ``resolved`` alert
+    carries the same ``key``, ``kind``, ``severity`` and ``labels`` as the one that fired.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    #: Unique id of this alert message.
+    alert_id: str
+    #: The condition, stable across firing and resolved (e.g. ``task.escalated:<wf>/<task>``).
+    key: str
+    #: What kind of condition, dotted lower case (e.g. ``task.escalated``).
+    kind: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]
+    severity: AlertSeverity
+    status: AlertStatus = AlertStatus.FIRING
+    namespace: str
+    #: One line for a human.
+    summary: str
+    #: More for a human: what happened and what to do.
+    detail: str = ""
+    #: Searchable string facts (workflow_id, task_id, capability, reason, agent_id...).
+    labels: dict[str, str] = Field(default_factory=dict)
+    #: Structured extras (the last error, the attempt...).
+    data: dict[str, Any] = Field(default_factory=dict)
+    #: Seconds since the epoch (UTC) when the condition fired or cleared.
+    at: float

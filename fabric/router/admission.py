@@ -19,6 +19,7 @@ from fabric.errors import ProtocolError
 from fabric.protocol import codec
 from fabric.protocol.messages import RejectReason, Submission, TaskStatus, WorkflowStatus
 from fabric.router.graph import GraphError, build_graph
+from fabric.settings import PolicySettings
 from fabric.store.base import TaskRecord, WorkflowRecord
 
 #: Namespace of workflow ids derived from a submission's message_id (uuid5), so a redelivered or
@@ -58,6 +59,7 @@ def admit(
     max_body_bytes: int,
     max_tasks: int,
     default_max_attempts: int,
+    policy: PolicySettings | None = None,
 ) -> Admitted:
     """Turn a raw submission into workflow and task records.
 
@@ -78,6 +80,7 @@ def admit(
             max_body_bytes=max_body_bytes,
             max_tasks=max_tasks,
             default_max_attempts=default_max_attempts,
+            policy=policy or PolicySettings(),
         )
     finally:
         if enabled:
@@ -94,6 +97,7 @@ def _admit(
     max_body_bytes: int,
     max_tasks: int,
     default_max_attempts: int,
+    policy: PolicySettings,
 ) -> Admitted:
     kind = codec.normalize_content_type(content_type)
     if kind is None:
@@ -156,7 +160,10 @@ def _admit(
                 pending_deps=graph.in_degree(spec.id),
                 priority=spec.priority,
                 timeout_s=spec.timeout_s,
-                max_attempts=spec.max_attempts or default_max_attempts,
+                max_attempts=policy.max_attempts_for(
+                    spec.capability, spec.max_attempts, default_max_attempts
+                ),
+                on_exhausted=str(policy.on_exhausted_for(spec.capability, spec.on_exhausted)),
                 status=TaskStatus.QUEUED if ready else TaskStatus.WAITING,
                 created_at=now,
                 queued_at=now if ready else None,

@@ -29,6 +29,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
+from fabric.alerts import AlertPublisher
 from fabric.errors import (
     NotConnectedError,
     ProtocolError,
@@ -42,6 +43,7 @@ from fabric.metrics import RouterMetrics, TaskCounter
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import (
     Accepted,
+    AlertSeverity,
     Completed,
     ErrorInfo,
     EventStatus,
@@ -132,6 +134,8 @@ class _Work:
         self.workflow_finished = False
         #: Task counters to move once the batch is committed: (counter, capability).
         self.counts: list[tuple[TaskCounter, str]] = []
+        #: Tasks this batch escalated: each fires an alert once the batch is committed.
+        self.escalated: list[TaskRecord] = []
         self._all_loaded = False
 
     async def load(self, task_ids: Iterable[str]) -> list[TaskRecord]:
@@ -222,6 +226,13 @@ class Router:
         self._agent_first_seen: dict[str, float] = {}
         self._started = False
         self._closed = asyncio.Event()
+        self._alerts = AlertPublisher(
+            settings.alerts,
+            self.ns,
+            self._publish_alert,
+            source="router",
+            publish_timeout_s=settings.router.publish_timeout_s,
+        )
         #: Counters of what this router did since start (exposed through RPC ``ping``).
         self.stats: dict[str, int] = {
             "submissions": 0,
@@ -231,6 +242,18 @@ class Router:
             "dispatched": 0,
             "completed": 0,
         }
+        self.metrics.counter_from(
+            "fabric_alerts",
+            "Alerts by what happened to them: fired, resolved, published (to {ns}.alerts), delivered "
+            "(webhook POSTs), failed (given up after retries), dropped (a delivery queue was full).",
+            lambda: [((event,), count) for event, count in self._alerts.stats.items()],
+            ["event"],
+        )
+        self.metrics.gauge_from(
+            "fabric_alerts_firing",
+            "Alert conditions firing now (fired and not resolved).",
+            lambda: [((), len(self._alerts.firing_keys))],
+        )
         self.metrics.gauge_from(
             "fabric_router_messages_in_flight",
             "Submissions and events the router is processing now.",
@@ -248,6 +271,7 @@ class Router:
         try:
             await self._amqp.connect()
             await self._amqp.declare(spec.core(self.ns))
+            await self._alerts.__aenter__()
             await self._recover()
             prefetch = self.settings.router
             self._consumers = [
@@ -292,6 +316,7 @@ class Router:
             await consumer.cancel()
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=10)
+        await self._alerts.close()
         await self._amqp.close()
         if self._owns_store:
             await self._store.__aexit__(None, None, None)
@@ -304,6 +329,17 @@ class Router:
     @property
     def store(self) -> StateStore:
         return self._store
+
+    @property
+    def alerts(self) -> AlertPublisher:
+        """The router's alerts (escalations, and any rule that fires through it)."""
+        return self._alerts
+
+    async def _publish_alert(self, routing_key: str, body: bytes) -> None:
+        # Not mandatory: nobody binding a queue to {ns}.alerts is a choice, not a fault.
+        await self._amqp.publish(
+            names.alerts_exchange(self.ns), routing_key, body, content_type=codec.JSON, mandatory=False
+        )
 
     @property
     def http_port(self) -> int | None:
@@ -493,6 +529,7 @@ class Router:
                 max_body_bytes=router.max_body_bytes,
                 max_tasks=router.max_tasks,
                 default_max_attempts=router.default_max_attempts,
+                policy=self.settings.policy,
             )
         except Refusal as refusal:
             await self._refuse(delivery, reply_type, refusal)
@@ -664,8 +701,11 @@ class Router:
         with self._telemetry.span(f"publish {destination}", SpanKind.PRODUCER, attributes, parent=parent):
             await self._publish_task_message(task, upstream)
 
-    async def _publish_task_message(self, task: TaskRecord, upstream: dict[str, Any]) -> None:
-        attempt = task.attempts + 1
+    @staticmethod
+    def _task_message(
+        task: TaskRecord, upstream: dict[str, Any], attempt: int
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Body and headers of the task message of ``attempt`` (DESIGN.md §5)."""
         task_headers: dict[str, Any] = {
             headers.WORKFLOW_ID: task.workflow_id,
             headers.TASK_ID: task.task_id,
@@ -673,11 +713,16 @@ class Router:
             headers.MAX_ATTEMPTS: task.max_attempts,
             headers.AVOID: [],
             headers.DISPATCHED_AT_MS: headers.now_ms(),
+            headers.ON_EXHAUSTED: task.on_exhausted,
         }
         if task.timeout_s is not None:
             task_headers[headers.TIMEOUT_S] = task.timeout_s
+        return codec.encode({"input": task.input, "upstream": upstream}), task_headers
+
+    async def _publish_task_message(self, task: TaskRecord, upstream: dict[str, Any]) -> None:
+        attempt = task.attempts + 1
+        body, task_headers = self._task_message(task, upstream, attempt)
         self._telemetry.inject(task_headers)
-        body = codec.encode({"input": task.input, "upstream": upstream})
         kwargs: dict[str, Any] = {
             "headers": task_headers,
             "message_id": f"{task.workflow_id}/{task.task_id}/{attempt}",
@@ -744,6 +789,8 @@ class Router:
             log.critical("router failed on event %s; parking it", delivery.message_id, exc_info=True)
             await self._park(delivery, "router_error", "".join(traceback.format_exc(limit=3)))
             return
+        for task in work.escalated:
+            self._alert_escalated(task)
         reconcile = False
         for (delivery, event), verdict in zip(batch, verdicts, strict=True):
             if verdict == "unknown":
@@ -773,6 +820,17 @@ class Router:
             # between recording it and releasing dependents or announcing: finish that.
             log.debug("late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id)
             return "reconcile" if delivery.redelivered else "late"
+        if task.status is TaskStatus.ESCALATED:
+            # Only an operator moves an escalated task on (resume, abort, cancel). An event for it now
+            # is a duplicate (a worker died between reporting and acking, and the task ran again).
+            log.info(
+                "ignoring %s event of escalated task %s/%s (attempt %d)",
+                event.status,
+                task.workflow_id,
+                task.task_id,
+                event.attempt,
+            )
+            return "late"
         status = event.status
         if status is EventStatus.STARTED:
             if event.attempt >= task.attempts:
@@ -798,6 +856,15 @@ class Router:
             self._transition(work, task, event, TaskStatus.RETRYING)
         elif status is EventStatus.ESCALATED:
             self._transition(work, task, event, TaskStatus.ESCALATED)
+            work.counts.append(("escalated", task.capability))
+            task.escalation = {
+                "reason": event.reason or "requested",
+                "attempt": event.attempt,
+                "agent": event.agent_id,
+                "error": event.error.model_dump() if event.error is not None else None,
+                "at": event.at,
+            }
+            work.escalated.append(task)
         return "ok"
 
     def _transition(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
@@ -1002,7 +1069,9 @@ class Router:
                 raise ProtocolError("request must be a map")
             response: dict[str, Any] = {"ok": True, "data": await self._query(method, request)}
         except (ProtocolError, KeyError, ValueError) as exc:
-            response = {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}
+            # str() of a KeyError is the repr of its argument: send the argument itself.
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            response = {"ok": False, "error": {"type": type(exc).__name__, "message": message}}
         except StoreError as exc:
             response = {"ok": False, "error": {"type": "StoreError", "message": str(exc)}}
         try:
@@ -1028,6 +1097,11 @@ class Router:
             return await self._why(workflow, request.get("task_id"))
         if method == "replay":
             return await self._replay(workflow, str(request["task_id"]))
+        if method == "resume":
+            return await self._resume(workflow, _task_param(request), request)
+        if method == "abort":
+            reason = str(request.get("reason") or "") or "aborted by an operator"
+            return await self._abort(workflow, _task_param(request), reason[:1000])
         if method == "result":
             if not workflow.status.terminal:
                 return {"kind": "running", "workflow_id": workflow_id, "status": str(workflow.status)}
@@ -1083,6 +1157,161 @@ class Router:
         log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(changed))
         return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": sorted(changed)}
 
+    # -- escalation -------------------------------------------------------------------------------
+
+    def _alert_escalated(self, task: TaskRecord) -> None:
+        """Fire the ``task.escalated`` alert of a task that now waits for an operator (once)."""
+        escalation = task.escalation or {}
+        error = escalation.get("error") or {}
+        reason = str(escalation.get("reason") or "requested")
+        ref = f"{task.workflow_id} --task {task.task_id}"
+        self._alerts.fire(
+            _escalation_key(task.workflow_id, task.task_id),
+            kind="task.escalated",
+            severity=AlertSeverity.CRITICAL,
+            summary=f"task {task.workflow_id}/{task.task_id} ({task.capability}) needs an operator: {reason}",
+            detail=(
+                f"attempt {escalation.get('attempt')} on {escalation.get('agent')} ended "
+                f"{error.get('type')}: {error.get('message')}. The workflow waits. "
+                f"Run it again with `fabric resume {ref} [--input FILE]`, "
+                f"or give up with `fabric abort {ref} [--reason TEXT]`."
+            ),
+            labels={
+                "workflow_id": task.workflow_id,
+                "task_id": task.task_id,
+                "capability": task.capability,
+                "reason": reason,
+                "agent_id": str(escalation.get("agent") or ""),
+            },
+            data={
+                "attempt": escalation.get("attempt"),
+                "max_attempts": task.max_attempts,
+                "error": error or None,
+            },
+        )
+
+    async def _escalated_task(self, workflow_id: str, task_id: str, work: _Work, verb: str) -> TaskRecord:
+        found = await work.load([task_id])
+        if not found:
+            raise KeyError(f"workflow {workflow_id} has no task {task_id!r}")
+        task = found[0]
+        if task.status is not TaskStatus.ESCALATED:
+            raise ValueError(
+                f"task {workflow_id}/{task_id} is {task.status}, not escalated; only an escalated task can "
+                f"be {verb} (see `fabric why {workflow_id}`)"
+            )
+        return task
+
+    async def _resume(
+        self, workflow: WorkflowRecord, task_id: str, request: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Run an escalated task again with a fresh attempt budget (an operator's ``fabric resume``),
+        optionally with a new input. The resume, and the new input, are kept in the task's history."""
+        new_input = "input" in request
+        if new_input and len(codec.encode(request["input"])) > self.settings.router.max_body_bytes:
+            raise ValueError(
+                f"the new input is larger than FABRIC_ROUTER__MAX_BODY_BYTES "
+                f"({self.settings.router.max_body_bytes} bytes)"
+            )
+        async with self._locks.hold(workflow.workflow_id):
+            work = _Work(self._store, workflow.workflow_id)
+            task = await self._escalated_task(workflow.workflow_id, task_id, work, "resumed")
+            now = time.time()
+            entry: dict[str, Any] = {
+                "attempt": task.attempts,
+                "agent": "operator",
+                "error": {
+                    "type": "Resumed",
+                    "message": f"resumed by an operator after {task.attempts} attempt(s)"
+                    + (" with a new input" if new_input else ""),
+                },
+                "at": now,
+            }
+            if new_input:
+                entry["input"] = request["input"]
+                task.input = request["input"]
+            task.history.append(entry)
+            task.status, task.attempts, task.dispatched = TaskStatus.QUEUED, 0, False
+            task.error = task.agent = task.escalation = task.retry_at = task.started_at = None
+            task.queued_at = now
+            work.touch(task)
+            await self._store.save(tasks=[task])
+            for note in work.notes:
+                self._notify_task(note)
+            await self._dispatch([task])
+        self._alerts.resolve(
+            _escalation_key(workflow.workflow_id, task_id),
+            summary=f"task {workflow.workflow_id}/{task_id} resumed by an operator",
+        )
+        log.warning(
+            "resumed escalated task %s/%s%s", workflow.workflow_id, task_id, " with a new input" * new_input
+        )
+        return {
+            "workflow_id": workflow.workflow_id,
+            "task_id": task_id,
+            "status": str(TaskStatus.QUEUED),
+            "new_input": new_input,
+        }
+
+    async def _abort(self, workflow: WorkflowRecord, task_id: str, reason: str) -> dict[str, Any]:
+        """End an escalated task ``dead`` with the operator's reason (``fabric abort``): a copy is parked
+        on ``{ns}.dead`` (so ``fabric dead replay`` can run it again), its dependents end
+        ``upstream_failed`` and the workflow ends ``failed`` when nothing else remains."""
+        async with self._locks.hold(workflow.workflow_id):
+            work = _Work(self._store, workflow.workflow_id)
+            task = await self._escalated_task(workflow.workflow_id, task_id, work, "aborted")
+            error = ErrorInfo(type="Aborted", message=reason)
+            upstream_ids = list(task.depends_on)
+            upstream = {t.task_id: t.result for t in await work.load(upstream_ids)}
+            body, parked_headers = self._task_message(task, upstream, max(task.attempts, 1))
+            # The parked copy first: a failure here leaves the task escalated, to be aborted again.
+            await self._amqp.publish(
+                names.dead_exchange(self.ns),
+                task.capability,
+                body,
+                headers=headers.parked(
+                    parked_headers,
+                    reason=reason,
+                    last_error=f"Aborted: {reason}",
+                    routing_key=task.capability,
+                    **{headers.AGENT_ID: "operator"},
+                ),
+                message_id=f"{task.workflow_id}/{task.task_id}/{max(task.attempts, 1)}",
+            )
+            now = time.time()
+            event = TaskEvent(
+                workflow_id=task.workflow_id,
+                task_id=task.task_id,
+                attempt=max(task.attempts, 1),
+                agent_id="operator",
+                status=EventStatus.DEAD,
+                error=error,
+                reason=reason,
+                at=now,
+            )
+            await self._finish(work, task, event, TaskStatus.DEAD)
+            task.escalation = None
+            task.history.append(
+                {"attempt": task.attempts, "agent": "operator", "error": error.model_dump(), "at": now}
+            )
+            await self._commit(work)
+            current = await work.get_workflow()
+            if current.status.terminal:
+                await self._announce(current, work)
+        self._alerts.resolve(
+            _escalation_key(workflow.workflow_id, task_id),
+            summary=f"task {workflow.workflow_id}/{task_id} aborted by an operator: {reason}",
+        )
+        log.warning("aborted escalated task %s/%s: %s", workflow.workflow_id, task_id, reason)
+        skipped = sorted(t.task_id for t in work.changed.values() if t.status is TaskStatus.UPSTREAM_FAILED)
+        return {
+            "workflow_id": workflow.workflow_id,
+            "task_id": task_id,
+            "status": str(TaskStatus.DEAD),
+            "upstream_failed": skipped,
+            "workflow_status": str(current.status),
+        }
+
     async def _cancel(self, workflow: WorkflowRecord, task_id: str | None) -> dict[str, Any]:
         """Cancel a workflow, or one task and everything downstream of it.
 
@@ -1110,8 +1339,14 @@ class Router:
                 task = tasks[tid]
                 if task.status.terminal:
                     continue
+                if task.status is TaskStatus.ESCALATED:
+                    self._alerts.resolve(
+                        _escalation_key(workflow.workflow_id, tid),
+                        summary=f"task {workflow.workflow_id}/{tid} cancelled by an operator",
+                    )
                 task.status, task.finished_at = TaskStatus.CANCELLED, now
                 task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
+                task.escalation = None
                 work.touch(task)
                 cancelled.append(tid)
             if cancelled:
@@ -1210,6 +1445,19 @@ class Router:
                     detail=f"attempt {task.attempts} failed ({error.get('type')}: {error.get('message')}); "
                     f"next attempt in {max(0.0, (task.retry_at or 0) - time.time()):.0f}s",
                 )
+            elif task.status is TaskStatus.ESCALATED:
+                escalation = task.escalation or {}
+                error = escalation.get("error") or task.error or {}
+                ref = f"{workflow.workflow_id} --task {task.task_id}"
+                answer.update(
+                    reason="escalated",
+                    escalation_reason=escalation.get("reason"),
+                    since=escalation.get("at"),
+                    agent=escalation.get("agent"),
+                    detail=f"escalated to an operator ({escalation.get('reason', 'requested')}) after "
+                    f"attempt {escalation.get('attempt', task.attempts)}: {error.get('type')}: "
+                    f"{error.get('message')}; `fabric resume {ref}` or `fabric abort {ref}`",
+                )
             else:
                 answer.update(reason=str(task.status), detail=f"{task.status}: waits for an operator")
             answers.append(answer)
@@ -1246,6 +1494,7 @@ class Router:
                     "agent": t.agent,
                     "error": t.error,
                     "history": t.history,
+                    "escalation": t.escalation,
                     "queued_at": t.queued_at,
                     "started_at": t.started_at,
                     "finished_at": t.finished_at,
@@ -1365,12 +1614,28 @@ _MAX_HISTORY = 20
 
 
 def _remember_failure(task: TaskRecord, event: TaskEvent) -> None:
-    """Add a failed attempt to the task's history, once per attempt, bounded."""
-    if any(entry.get("attempt") == event.attempt for entry in task.history):
-        return
+    """Add a failed attempt to the task's history, once per attempt since the last operator action
+    (a replay or resume starts counting attempts from 1 again), bounded."""
+    for entry in reversed(task.history):
+        if entry.get("agent") == "operator":
+            break
+        if entry.get("attempt") == event.attempt:
+            return
     assert event.error is not None
     task.history.append(
         {"attempt": event.attempt, "agent": event.agent_id, "error": event.error.model_dump(), "at": event.at}
     )
     if len(task.history) > _MAX_HISTORY:
         del task.history[_MAX_HISTORY // 2]
+
+
+def _escalation_key(workflow_id: str, task_id: str) -> str:
+    """The de-duplication key of a task's ``task.escalated`` alert."""
+    return f"task.escalated:{workflow_id}/{task_id}"
+
+
+def _task_param(request: Mapping[str, Any]) -> str:
+    task_id = request.get("task_id")
+    if not isinstance(task_id, str) or not task_id:
+        raise ValueError("this request needs a task_id")
+    return task_id

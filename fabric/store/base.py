@@ -80,6 +80,8 @@ class TaskRecord(_Record):
     priority: int = 5
     timeout_s: float | None = None
     max_attempts: int = 3
+    #: ``park`` or ``escalate`` once out of attempts (resolved at admission; sent as a header).
+    on_exhausted: str = "park"
     status: TaskStatus = TaskStatus.WAITING
     #: True once the broker confirmed the task message of the current attempt.
     dispatched: bool = False
@@ -87,8 +89,11 @@ class TaskRecord(_Record):
     agent: str | None = None
     result: Any = None
     error: dict[str, str] | None = None
-    #: One entry per failed attempt: {"attempt", "agent", "error": {"type", "message"}, "at"}.
+    #: One entry per failed attempt: {"attempt", "agent", "error": {"type", "message"}, "at"}, and one
+    #: per operator action (agent ``operator``: a replay, a resume with its new ``input`` if any, an abort).
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: While ``escalated``: {"reason", "attempt", "agent", "error", "at"} of the escalation.
+    escalation: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     queued_at: float | None = None
     #: While ``retrying``: when the next attempt is due.

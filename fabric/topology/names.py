@@ -12,6 +12,9 @@ _CAPABILITY_RE = re.compile(CAPABILITY_PATTERN)
 #: Routing key of submissions on ``{ns}.submit``.
 SUBMIT_ROUTING_KEY = "workflow"
 
+#: Routing keys of the router's RPC methods on ``{ns}.rpc`` (each bound to ``{ns}.router.rpc``).
+RPC_METHODS = ("status", "result", "why", "agents", "ping", "replay", "cancel", "resume", "abort")
+
 #: Backoff tiers of the retry ladder: name -> delay in milliseconds. Each tier is its own queue with a
 #: fixed per-queue TTL, because RabbitMQ expires messages only at the head of a queue: a short delay
 #: sharing a queue with a long one would wait behind it.
@@ -97,6 +100,12 @@ def rpc_queue(ns: str) -> str:
 
 def event_routing_key(status: str) -> str:
     return f"task.{status}"
+
+
+def alert_routing_key(severity: str, kind: str) -> str:
+    """``alert.<severity>.<kind>`` on ``{ns}.alerts``; ``kind`` may hold dots (``task.escalated``), so
+    bind ``alert.#`` for everything, ``alert.critical.#`` for one severity, ``alert.*.task.#`` for a kind."""
+    return f"alert.{severity}.{kind}"
 
 
 def workflow_notify_key(workflow_id: str, status: str) -> str:

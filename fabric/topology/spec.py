@@ -109,7 +109,7 @@ def core(ns: str) -> Topology:
         BindingSpec(n.dead_queue(ns), n.dead_exchange(ns)),
         BindingSpec(n.heartbeats_queue(ns), n.heartbeats_exchange(ns)),
     ]
-    for method in ("status", "result", "why", "agents", "ping", "replay", "cancel"):
+    for method in n.RPC_METHODS:
         bindings.append(BindingSpec(n.rpc_queue(ns), n.rpc_exchange(ns), method))
     for tier, ttl_ms in names.DELAY_TIERS_MS.items():
         queue = n.delay_queue(ns, tier)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from fabric.protocol.messages import OnExhausted
 from fabric.topology.names import check_capability
 
 
@@ -22,6 +23,8 @@ class Task:
         attempt: 1-based attempt number; max_attempts the most it gets.
         agent_id: the agent running it.
         timeout_s: time limit of this attempt.
+        on_exhausted: what happens once it is out of attempts (``park`` or ``escalate``); None when the
+            task message did not say (the worker's settings decide).
     """
 
     input: Any
@@ -35,6 +38,7 @@ class Task:
     timeout_s: float
     #: Set when the task should stop early (timeout or cancellation); sync handlers can poll it.
     cancelled: Any = field(default=None, repr=False)
+    on_exhausted: OnExhausted | None = None
 
     @property
     def is_cancelled(self) -> bool:

@@ -35,11 +35,20 @@ from fabric.errors import (
     TransportError,
 )
 from fabric.health import HealthServer, serve_health
-from fabric.metrics import WorkerMetrics
-from fabric.policy import Action, Decision, Failure, FailurePolicy, RetryPolicy
+from fabric.metrics import WorkerCounter, WorkerMetrics
+from fabric.policy import (
+    REASON_NO_OTHER_AGENT,
+    REASON_WORKER_LOST,
+    Action,
+    Decision,
+    Failure,
+    FailurePolicy,
+    RetryPolicy,
+    give_up,
+)
 from fabric.policy.breaker import BreakerState, CircuitBreaker
 from fabric.protocol import codec, headers
-from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, TaskEvent
+from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, OnExhausted, TaskEvent
 from fabric.settings import FabricSettings
 from fabric.telemetry import Span, SpanKind, Telemetry, messaging_attributes
 from fabric.topology import names, spec
@@ -358,6 +367,7 @@ class Worker:
             agent_id=self.agent_id,
             timeout_s=timeout_s,
             cancelled=threading.Event(),
+            on_exhausted=_on_exhausted_header(msg_headers),
         )
         if self.agent_id in headers.get_list(msg_headers, headers.AVOID) and await self._pass_on(
             delivery, task
@@ -424,12 +434,17 @@ class Worker:
                     await self._reassign(delivery, task)
                 elif outcome.status is EventStatus.DEAD and outcome.decision is not None:
                     await self._park_task(delivery, task, outcome.decision)
+                elif outcome.status is EventStatus.ESCALATED:
+                    # No copy is kept in the broker: the router holds the task's input and upstream
+                    # results, and publishes it afresh when an operator resumes it.
+                    self._log_escalation(task, outcome.decision)
                 await self._event(
                     task,
                     outcome.status,
                     result=outcome.result,
                     error=outcome.error,
                     retry_in_s=_retry_in_s(outcome.decision),
+                    reason=outcome.decision.reason if outcome.decision is not None else None,
                 )
                 self._count_outcome(task.capability, outcome.status)
             except TransportError as exc:
@@ -458,6 +473,8 @@ class Worker:
             self.metrics.count("retried", capability)
         elif status is EventStatus.DEAD:
             self.metrics.count("parked", capability)
+        elif status is EventStatus.ESCALATED:
+            self.metrics.count("escalated", capability)
 
     async def _take_slot(self) -> _Slot | None:
         """Wait for a concurrency slot; None when the worker is draining (then no slot is taken)."""
@@ -567,16 +584,25 @@ class Worker:
                 signal=type(signal).__name__ if signal is not None else None,
                 requested_delay_s=signal.delay_s if isinstance(signal, Retry) else None,
                 requested_reason=signal.reason if isinstance(signal, Abort) else None,
+                on_exhausted=self._on_exhausted(task),
             )
         )
-        if decision.action is Action.RETRY:
-            return _Outcome(EventStatus.RETRYING, error=decision.error, decision=decision)
-        if decision.action is Action.REASSIGN:
-            return _Outcome(EventStatus.REASSIGNED, error=decision.error, decision=decision)
-        if decision.action is Action.FAIL:
-            return _Outcome(EventStatus.FAILED, error=decision.error, decision=decision)
-        # abort (and, until they have their own handling, reassign/escalate once out of retries)
-        return _Outcome(EventStatus.DEAD, error=decision.error, decision=decision)
+        return _Outcome(_EVENT_OF[decision.action], error=decision.error, decision=decision)
+
+    def _on_exhausted(self, task: Task) -> OnExhausted:
+        """The task's ``fabric-on-exhausted`` header, else this worker's settings for its capability."""
+        return task.on_exhausted or self.settings.policy.on_exhausted_for(task.capability)
+
+    def _log_escalation(self, task: Task, decision: Decision | None) -> None:
+        error = decision.error if decision is not None else None
+        log.warning(
+            "task %s/%s escalated to an operator after attempt %d (%s): %s",
+            task.workflow_id,
+            task.task_id,
+            task.attempt,
+            decision.reason if decision is not None else "?",
+            f"{error.type}: {error.message}" if error is not None else "",
+        )
 
     def _is_cancelled(self, task: Task) -> bool:
         return (task.workflow_id, None) in self._cancelled or (
@@ -626,9 +652,15 @@ class Worker:
                     type="NoOtherAgent",
                     message=f"no agent but {avoided} took the task in {bounces} hand-overs",
                 )
-                await self._park_task(delivery, task, Decision(Action.ABORT, error, reason="no_other_agent"))
-                await self._event(task, EventStatus.DEAD, error=error)
-                self.metrics.count("parked", task.capability)
+                decision = give_up(error, REASON_NO_OTHER_AGENT, self._on_exhausted(task))
+                if decision.action is Action.ESCALATE:
+                    self._log_escalation(task, decision)
+                else:
+                    await self._park_task(delivery, task, decision)
+                await self._event(task, _EVENT_OF[decision.action], error=error, reason=decision.reason)
+                self.metrics.count(
+                    "escalated" if decision.action is Action.ESCALATE else "parked", task.capability
+                )
             else:
                 passed = dict(delivery.headers)
                 passed[headers.BOUNCES] = bounces + 1
@@ -678,21 +710,33 @@ class Worker:
         )
         decision = self._policy.decide(
             Failure(
-                error=error, attempt=task.attempt, max_attempts=task.max_attempts, capability=task.capability
+                error=error,
+                attempt=task.attempt,
+                max_attempts=task.max_attempts,
+                capability=task.capability,
+                on_exhausted=self._on_exhausted(task),
             )
         )
         try:
             if decision.action is Action.RETRY:
                 # Who lost the attempt is unknown (not this agent, which just received it): avoid nobody new.
                 await self._retry_later(delivery, task, decision, avoid_self=False)
-                status = EventStatus.RETRYING
             else:
-                decision = Decision(Action.ABORT, error, reason="worker_lost")
-                await self._park_task(delivery, task, decision)
-                status = EventStatus.DEAD
-            await self._event(task, status, error=error, retry_in_s=_retry_in_s(decision))
-            # Not this worker's failure (another one lost the attempt): retried or parked, not failed.
-            self.metrics.count("retried" if status is EventStatus.RETRYING else "parked", task.capability)
+                decision = give_up(error, REASON_WORKER_LOST, self._on_exhausted(task))
+                if decision.action is Action.ESCALATE:
+                    self._log_escalation(task, decision)
+                else:
+                    await self._park_task(delivery, task, decision)
+            status = _EVENT_OF[decision.action]
+            await self._event(
+                task,
+                status,
+                error=error,
+                retry_in_s=_retry_in_s(decision),
+                reason=decision.reason,
+            )
+            # Not this worker's failure (another one lost the attempt): retried, parked or escalated.
+            self.metrics.count(_LOST_COUNTER.get(status, "parked"), task.capability)
         except TransportError as exc:
             log.warning("could not handle lost attempt of %s/%s (%s)", task.workflow_id, task.task_id, exc)
             await asyncio.sleep(NACK_PAUSE_S)
@@ -779,9 +823,11 @@ class Worker:
         result: Any = None,
         error: ErrorInfo | None = None,
         retry_in_s: float | None = None,
+        reason: str | None = None,
     ) -> None:
         now = time.time()
         event = TaskEvent(
+            reason=reason if status in (EventStatus.ESCALATED, EventStatus.DEAD) else None,
             retry_at=None if retry_in_s is None else now + retry_in_s,
             workflow_id=task.workflow_id,
             task_id=task.task_id,
@@ -1010,7 +1056,7 @@ class _Outcome:
 #: Hand-overs of a task this agent must avoid before it is parked as ``no_other_agent``.
 MAX_BOUNCES = 20
 #: Error types that say nothing about the agent's health (its input's fault, or a decision).
-_NOT_AGENT_FAULTS = frozenset({"Abort", "ResultNotSerializable", "Cancelled"})
+_NOT_AGENT_FAULTS = frozenset({"Abort", "Escalate", "ResultNotSerializable", "Cancelled"})
 #: Cancellations a worker remembers (oldest forgotten first).
 _MAX_CANCELLED = 10_000
 #: The error recorded on a task an operator cancelled.
@@ -1037,6 +1083,33 @@ def _queue_wait_s(delivery: Delivery) -> float | None:
     if dispatched_ms <= 0:
         return None
     return max(0.0, time.time() - dispatched_ms / 1000)
+
+
+#: The event a worker reports for each decision of the failure policy.
+_EVENT_OF = {
+    Action.RETRY: EventStatus.RETRYING,
+    Action.REASSIGN: EventStatus.REASSIGNED,
+    Action.FAIL: EventStatus.FAILED,
+    Action.ESCALATE: EventStatus.ESCALATED,
+    Action.ABORT: EventStatus.DEAD,
+}
+
+
+def _on_exhausted_header(msg_headers: dict[str, Any] | None) -> OnExhausted | None:
+    raw = headers.get_str(msg_headers, headers.ON_EXHAUSTED)
+    try:
+        return OnExhausted(raw) if raw else None
+    except ValueError:
+        log.warning("ignoring unknown %s header %r", headers.ON_EXHAUSTED, raw)
+        return None
+
+
+#: The worker counter moved by the fate of an attempt another worker lost.
+_LOST_COUNTER: dict[EventStatus, WorkerCounter] = {
+    EventStatus.RETRYING: "retried",
+    EventStatus.ESCALATED: "escalated",
+    EventStatus.DEAD: "parked",
+}
 
 
 def _retry_in_s(decision: Decision | None) -> float | None:

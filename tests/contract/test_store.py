@@ -146,6 +146,60 @@ async def test_insert_then_get_round_trips_every_field(store: StateStore) -> Non
     assert tasks["fetch"].input["bytes"] == b"\x00\xffraw"
 
 
+async def test_an_escalated_task_round_trips_and_keeps_its_workflow_open(store: StateStore) -> None:
+    """An escalated task waits for an operator: stored as such (with its escalation and the operator's
+    history entries), neither ready to publish nor finishing its workflow."""
+    await store.insert_workflow(
+        workflow(task_count=2), [task("review"), task("after", status=TaskStatus.WAITING)]
+    )
+    escalated = task(
+        "review",
+        status=TaskStatus.ESCALATED,
+        dispatched=True,
+        attempts=3,
+        agent="agent-a/1",
+        on_exhausted="escalate",
+        error={"type": "RuntimeError", "message": "boom"},
+        escalation={
+            "reason": "exhausted",
+            "attempt": 3,
+            "agent": "agent-a/1",
+            "error": {"type": "RuntimeError", "message": "boom"},
+            "at": 1_010.5,
+        },
+        history=[
+            {
+                "attempt": 1,
+                "agent": "operator",
+                "error": {"type": "Resumed", "message": "m"},
+                "at": 1.0,
+                "input": NESTED,
+            },
+            {
+                "attempt": 3,
+                "agent": "agent-a/1",
+                "error": {"type": "RuntimeError", "message": "boom"},
+                "at": 2.0,
+            },
+        ],
+    )
+    await store.save(tasks=[escalated])
+
+    stored = (await store.get_tasks("wf-1", ["review"]))["review"]
+    assert stored == escalated
+    assert stored.status is TaskStatus.ESCALATED
+    assert stored.history[0]["input"]["bytes"] == b"\x00\xffraw"
+    assert await store.undispatched() == []
+    assert await store.unnotified() == []
+    assert [w.workflow_id for w in await store.list_workflows(status=WorkflowStatus.RUNNING)] == ["wf-1"]
+
+    # Resumed: queued again from attempt 1, ready to publish.
+    resumed = task("review", status=TaskStatus.QUEUED, on_exhausted="escalate", history=stored.history)
+    await store.save(tasks=[resumed])
+    assert [t.task_id for t in await store.undispatched()] == ["review"]
+    assert (await store.get_tasks("wf-1", ["review"]))["review"].escalation is None
+
+
 async def test_agent_round_trips_every_field(store: StateStore) -> None:
     agent = AgentRecord(
         agent_id="a-1",

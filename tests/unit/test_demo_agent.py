@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from fabric import Task
+from fabric import Escalate, Task
 from workers import demo
 
 
@@ -32,6 +32,7 @@ def test_demo_agent_capabilities() -> None:
         "demo.echo",
         "demo.fail",
         "demo.flaky",
+        "demo.review",
         "demo.sleep",
         "demo.sum",
     ]
@@ -109,3 +110,11 @@ async def test_sleep_zero_seconds_sleeps_zero_seconds() -> None:
 async def test_fail_raises_its_input_as_message() -> None:
     with pytest.raises(ValueError, match="the model said no"):
         await demo.fail(_task("the model said no"))
+
+
+async def test_review_escalates_until_approved() -> None:
+    with pytest.raises(Escalate, match="check the totals"):
+        await demo.review(_task({"note": "check the totals"}))
+    with pytest.raises(Escalate, match="not approved"):
+        await demo.review(_task(None))
+    assert await demo.review(_task({"approved": True, "x": 1})) == {"approved": True, "x": 1}

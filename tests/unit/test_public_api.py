@@ -25,6 +25,7 @@ PUBLIC_API = [
     "Reassign",
     "RejectReason",
     "Rejected",
+    "RequestRefused",
     "Retry",
     "StoreError",
     "Submission",
