@@ -175,6 +175,11 @@ async def test_escalate_alerts_the_broker_and_a_webhook_and_resume_with_a_new_in
         assert hooks.at("/alerts")[1].body["status"] == "resolved"
         assert len(alert_queue.of(key)) == 1, "the condition fired once"
         assert router.alerts.stats["failed"] == 0
+        metrics = router.render_metrics()
+        assert 'fabric_tasks_escalated_total{capability="t.review"} 1.0' in metrics
+        for event, count in {"fired": 1, "resolved": 1, "published": 2, "delivered": 2}.items():
+            assert f'fabric_alerts_total{{event="{event}"}} {count}.0' in metrics
+        assert "fabric_alerts_firing 0.0" in metrics
 
 
 async def _when(coro: Any, predicate: Any) -> Any:
