@@ -39,6 +39,9 @@ DEFAULT_EXCHANGE = ""
 _NO_WAIT: dict[str, Any] = (
     {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_publish).parameters else {}
 )
+_ACK_NO_WAIT: dict[str, Any] = (
+    {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_ack).parameters else {}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,12 @@ class Delivery:
             return
         self.settled = True
         try:
+            if how == "ack" and self._message.delivery_tag is not None:
+                # Straight to aiormq without waiting for the frame to be written (aio-pika waits): the
+                # ack is sent with the next write of this connection, and a crash before it reaches
+                # the broker means a redelivery, exactly as a crash just before acking would.
+                await self._message.channel.basic_ack(delivery_tag=self._message.delivery_tag, **_ACK_NO_WAIT)
+                return
             await getattr(self._message, how)(**kwargs)
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError, RuntimeError) as exc:
             # The channel closed under us: the broker will redeliver the message, which is the safe
