@@ -39,6 +39,17 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 
+#: Field names of each record class (dataclasses.fields() builds its answer anew on every call, and
+#: every store read and write goes through to_dict/from_dict).
+_FIELD_NAMES: dict[type, dict[str, None]] = {}
+
+
+def _field_names(cls: type) -> dict[str, None]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = dict.fromkeys(f.name for f in dataclasses.fields(cls))
+    return names
+
 
 class _Record:
     """to_dict/from_dict for the record dataclasses: enums stored as their text, unknown keys of
@@ -49,14 +60,14 @@ class _Record:
     _enums: ClassVar[dict[str, Callable[[Any], Any]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        data = {name: getattr(self, name) for name in _field_names(type(self))}
         for name in self._enums:
             data[name] = str(data[name])
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = _field_names(cls)
         record = cls(**{k: v for k, v in data.items() if k in known})
         for name, kind in cls._enums.items():
             setattr(record, name, kind(getattr(record, name)))
