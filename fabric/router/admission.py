@@ -181,6 +181,7 @@ def _admit(
         correlation_id=correlation_id,
         message_id=message_id,
         created_at=now,
+        capabilities=sorted({t.capability for t in tasks}),
     )
     return Admitted(workflow, tasks)
 

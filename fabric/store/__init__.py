@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from fabric.errors import ConfigError
-from fabric.store.base import AgentRecord, StateStore, TaskRecord, WorkflowRecord
+from fabric.store.base import (
+    AgentRecord,
+    DeadQuery,
+    Page,
+    StateStore,
+    TaskRecord,
+    WorkflowQuery,
+    WorkflowRecord,
+)
 
-__all__ = ["AgentRecord", "StateStore", "TaskRecord", "WorkflowRecord", "open_store"]
+__all__ = [
+    "AgentRecord",
+    "DeadQuery",
+    "Page",
+    "StateStore",
+    "TaskRecord",
+    "WorkflowQuery",
+    "WorkflowRecord",
+    "open_store",
+]
 
 
 def open_store(url: str, *, namespace: str = "fabric", sqlite_synchronous: str = "FULL") -> StateStore:

@@ -27,15 +27,24 @@ Semantics every backend keeps (the contract suite in ``tests/contract`` checks t
   safe: the task stays undispatched and the router publishes it again at start, a duplicate message that
   at-least-once execution and one terminal state per task already absorb. Nothing is ever flipped
   without the broker's confirm.
+* Queries for people (:meth:`StateStore.query_workflows`, :meth:`StateStore.query_dead`) page with an
+  opaque keyset cursor, newest first, in a stable order: ``(time, id)`` descending. A new record never
+  shifts a page already read, and each record shows up on exactly one page. Each backend answers them
+  from an index (SQLite indexes, Redis sorted sets), not by reading every record. A page may hold
+  fewer than ``limit`` records while more follow (a backend bounds the work one call does): callers go
+  on while ``next_cursor`` is not None.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_checkable
 
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 
@@ -141,6 +150,9 @@ class WorkflowRecord(_Record):
     #: [reply_to, correlation_id] of clients that resubmitted the workflow while it ran: they get the
     #: ``completed`` document too (bounded; the first submitter is ``reply_to``).
     subscribers: list[list[str]] = field(default_factory=list)
+    #: The distinct capabilities of its tasks, sorted (set once at admission; workflows stored by an
+    #: older fabric have none and are not found by a capability filter).
+    capabilities: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -161,6 +173,86 @@ class AgentRecord(_Record):
     interval_s: float = 5.0
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[_T]):
+    """One page of a query: its records, and the cursor of the next page (None after the last)."""
+
+    items: list[_T]
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowQuery:
+    """Which workflows :meth:`StateStore.query_workflows` returns. Every condition given must hold.
+
+    ``since``/``until`` bound ``created_at`` (seconds since the epoch): ``since <= created_at < until``.
+    ``capability``: workflows with at least one task of it.
+    """
+
+    status: WorkflowStatus | None = None
+    capability: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadQuery:
+    """Which dead (parked) tasks :meth:`StateStore.query_dead` returns.
+
+    ``since``/``until`` bound ``finished_at``, the time the task was parked.
+    """
+
+    capability: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+#: Most records one query page may hold.
+MAX_PAGE = 1000
+
+
+def encode_cursor(at: float, *key: str) -> str:
+    """An opaque cursor for the position ``(at, *key)`` of a newest-first listing."""
+    raw = json.dumps([at, *key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str, parts: int) -> tuple[float, tuple[str, ...]]:
+    """The position a cursor of :func:`encode_cursor` holds, with ``parts`` key strings.
+
+    Raises:
+        ValueError: the cursor was not made by :func:`encode_cursor` for this kind of listing.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"invalid cursor {cursor!r}: not one this API returned") from exc
+    if (
+        not isinstance(value, list)
+        or len(value) != parts + 1
+        or not isinstance(value[0], int | float)
+        or isinstance(value[0], bool)
+        or not all(isinstance(k, str) for k in value[1:])
+    ):
+        raise ValueError(f"invalid cursor {cursor!r}: not one this API returned")
+    return float(value[0]), tuple(value[1:])
+
+
+def parked_at(task: TaskRecord) -> float:
+    """When a dead task was parked: its ``finished_at`` (``created_at`` if a record lacks it)."""
+    return task.finished_at if task.finished_at is not None else task.created_at
+
+
+def check_limit(limit: int) -> None:
+    """Raise ValueError unless ``1 <= limit <= MAX_PAGE``."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
 
 
 @runtime_checkable
@@ -220,6 +312,27 @@ class StateStore(Protocol):
         self, *, status: WorkflowStatus | None = None, limit: int = 100
     ) -> list[WorkflowRecord]:
         """Workflows, newest first, optionally only those with ``status``."""
+        ...
+
+    async def query_workflows(
+        self, query: WorkflowQuery = WorkflowQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[WorkflowRecord]:
+        """Workflows matching ``query``, newest first (``created_at``, then id, descending), one page.
+
+        Raises:
+            ValueError: ``cursor`` is not one this method returned, or ``limit`` is outside 1..MAX_PAGE.
+        """
+        ...
+
+    async def query_dead(
+        self, query: DeadQuery = DeadQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[TaskRecord]:
+        """Tasks whose status is ``dead`` (parked), most recently parked first (``finished_at``, then
+        workflow id, then task id, descending), one page.
+
+        Raises:
+            ValueError: ``cursor`` is not one this method returned, or ``limit`` is outside 1..MAX_PAGE.
+        """
         ...
 
     async def put_agent(self, agent: AgentRecord) -> None:

@@ -8,7 +8,18 @@ from typing import Any, Self, TypeVar
 from fabric.errors import NotConnectedError, StoreError
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
-from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+from fabric.store.base import (
+    AgentRecord,
+    DeadQuery,
+    Page,
+    TaskRecord,
+    WorkflowQuery,
+    WorkflowRecord,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    parked_at,
+)
 
 _R = TypeVar("_R", TaskRecord, WorkflowRecord, AgentRecord)
 
@@ -127,6 +138,54 @@ class MemoryStore:
         found = [w for w in self._workflows.values() if status is None or w.status is status]
         found.sort(key=lambda w: w.created_at, reverse=True)
         return [_copy(w) for w in found[:limit]]
+
+    async def query_workflows(
+        self, query: WorkflowQuery = WorkflowQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[WorkflowRecord]:
+        self._check_open()
+        check_limit(limit)
+        after = decode_cursor(cursor, 1) if cursor else None
+        found = []
+        for w in self._workflows.values():
+            position = (w.created_at, (w.workflow_id,))
+            if (
+                (query.status is None or w.status is query.status)
+                and (query.capability is None or query.capability in w.capabilities)
+                and (query.since is None or w.created_at >= query.since)
+                and (query.until is None or w.created_at < query.until)
+                and (after is None or position < after)
+            ):
+                found.append((position, w))
+        found.sort(key=lambda item: item[0], reverse=True)
+        page = [_copy(w) for _, w in found[:limit]]
+        more = len(found) > limit
+        last = page[-1] if page and more else None
+        return Page(page, encode_cursor(last.created_at, last.workflow_id) if last else None)
+
+    async def query_dead(
+        self, query: DeadQuery = DeadQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[TaskRecord]:
+        self._check_open()
+        check_limit(limit)
+        after = decode_cursor(cursor, 2) if cursor else None
+        found = []
+        for tasks in self._tasks.values():
+            for t in tasks.values():
+                if t.status is not TaskStatus.DEAD:
+                    continue
+                at = parked_at(t)
+                position = (at, (t.workflow_id, t.task_id))
+                if (
+                    (query.capability is None or t.capability == query.capability)
+                    and (query.since is None or at >= query.since)
+                    and (query.until is None or at < query.until)
+                    and (after is None or position < after)
+                ):
+                    found.append((position, t))
+        found.sort(key=lambda item: item[0], reverse=True)
+        page = [_copy(t) for _, t in found[:limit]]
+        last = page[-1] if page and len(found) > limit else None
+        return Page(page, encode_cursor(parked_at(last), *last.key) if last else None)
 
     async def put_agent(self, agent: AgentRecord) -> None:
         self._check_open()

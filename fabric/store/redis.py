@@ -10,8 +10,12 @@ the indexes the router queries by are kept beside them and are only ever written
     {prefix}wf_index                  sorted set  workflow ids by created_at (list_workflows)
     {prefix}wf_status:{status}        sorted set  workflow ids with that status, by created_at
     {prefix}unnotified                sorted set  finished workflows not yet notified, by created_at
+    {prefix}wf_cap:{capability}       sorted set  ids of workflows with a task of that capability, by
+                                                  created_at (written once, with the workflow)
     {prefix}undispatched              sorted set  "{workflow_id}\\x1f{task_id}" of tasks queued but not
                                                   dispatched, by created_at
+    {prefix}dead                      sorted set  "{workflow_id}\\x1f{task_id}" of dead tasks, by finished_at
+    {prefix}dead_cap:{capability}     sorted set  the same, for one capability
     {prefix}agents                    hash        agent_id -> msgpack document of the agent
     {prefix}ping                      string      written by :meth:`RedisStore.ping`
 
@@ -31,8 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Self
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -45,7 +49,18 @@ from redis.typing import EncodableT, FieldT
 from fabric.errors import ConfigError, NotConnectedError, ProtocolError, StoreError
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
-from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+from fabric.store.base import (
+    AgentRecord,
+    DeadQuery,
+    Page,
+    TaskRecord,
+    WorkflowQuery,
+    WorkflowRecord,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    parked_at,
+)
 
 #: Separates workflow id and task id in members of the ``undispatched`` index. Neither id may contain it
 #: (DESIGN.md §3 restricts both to ``[A-Za-z0-9_.:-]``).
@@ -67,6 +82,14 @@ _SOCKET_TIMEOUT_S = 10.0
 #: retry survives a pooled connection the server closed while idle; redis-py's default (10) would make a
 #: partitioned store call last eleven socket timeouts before it fails.
 _COMMAND_RETRIES = 1
+#: Index entries one query call reads at most before it returns a (possibly short) page with a cursor,
+#: when entries must be filtered beyond what the index holds (status and capability both given).
+_MAX_SCAN = 5000
+
+_R = TypeVar("_R")
+
+#: A position in a newest-first listing: the sort time, then the id parts.
+_Position = tuple[float, tuple[str, ...]]
 
 
 class RedisStore:
@@ -172,6 +195,16 @@ class RedisStore:
     def _status_key(self, status: WorkflowStatus) -> str:
         return f"{self._prefix}wf_status:{status}"
 
+    def _capability_key(self, capability: str) -> str:
+        return f"{self._prefix}wf_cap:{capability}"
+
+    @property
+    def _dead_key(self) -> str:
+        return f"{self._prefix}dead"
+
+    def _dead_capability_key(self, capability: str) -> str:
+        return f"{self._prefix}dead_cap:{capability}"
+
     @property
     def _index_key(self) -> str:
         return f"{self._prefix}wf_index"
@@ -212,6 +245,8 @@ class RedisStore:
         docs: dict[str, dict[FieldT, EncodableT]] = {}
         ready: dict[str, float] = {}
         not_ready: list[str] = []
+        # Dead-task index, per capability: member -> parked time (dead) or None (not dead), last one wins.
+        dead: dict[str, dict[str, float | None]] = {}
         for task in tasks:
             docs.setdefault(task.workflow_id, {})[task.task_id] = codec.encode(task.to_dict())
             member = f"{task.workflow_id}{_MEMBER_SEP}{task.task_id}"
@@ -220,6 +255,8 @@ class RedisStore:
             else:
                 ready.pop(member, None)  # a later version in the same batch wins
                 not_ready.append(member)
+            parked = parked_at(task) if task.status is TaskStatus.DEAD else None
+            dead.setdefault(task.capability, {})[member] = parked
         for workflow_id, mapping in docs.items():
             pipe.hset(self._tasks_key(workflow_id), mapping=mapping)
         gone = [m for m in dict.fromkeys(not_ready) if m not in ready]
@@ -227,6 +264,14 @@ class RedisStore:
             pipe.zrem(self._undispatched_key, *gone[start : start + _CHUNK])
         if ready:
             pipe.zadd(self._undispatched_key, ready)
+        for capability, entries in dead.items():
+            parked_now = {m: at for m, at in entries.items() if at is not None}
+            alive = [m for m, at in entries.items() if at is None]
+            for key in (self._dead_key, self._dead_capability_key(capability)):
+                for start in range(0, len(alive), _CHUNK):
+                    pipe.zrem(key, *alive[start : start + _CHUNK])
+                if parked_now:
+                    pipe.zadd(key, parked_now)
 
     async def insert_workflow(
         self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
@@ -261,6 +306,10 @@ class RedisStore:
                     # Tasks saved earlier without their workflow are replaced, not merged (as in MemoryStore).
                     pipe.delete(self._tasks_key(workflow.workflow_id))
                     self._queue_workflows(pipe, [workflow])
+                    for capability in workflow.capabilities:
+                        pipe.zadd(
+                            self._capability_key(capability), {workflow.workflow_id: workflow.created_at}
+                        )
                     self._queue_tasks(pipe, tasks)
                     try:
                         await pipe.execute()
@@ -505,6 +554,135 @@ class RedisStore:
             keys = [self._wf_key(_text(i)) for i in ids]
             blobs: list[object] = list(await client.mget(keys)) if keys else []
         return [WorkflowRecord.from_dict(_decode(b)) for b in blobs if b is not None]
+
+    async def query_workflows(
+        self, query: WorkflowQuery = WorkflowQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[WorkflowRecord]:
+        """Workflows matching ``query``, newest first, one page (see the StateStore contract).
+
+        Read from the narrowest sorted set (the capability's, else the status's, else all workflows) by
+        score range; only when both status and capability are given are entries filtered beyond it.
+
+        Raises:
+            ValueError: bad ``cursor`` or ``limit``.
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        check_limit(limit)
+        after = decode_cursor(cursor, 1) if cursor else None
+        if query.capability is not None:
+            index = self._capability_key(query.capability)
+        elif query.status is not None:
+            index = self._status_key(WorkflowStatus(query.status))
+        else:
+            index = self._index_key
+        client = self._conn()
+
+        async def load(members: list[str]) -> list[WorkflowRecord | None]:
+            blobs = await client.mget([self._wf_key(m) for m in members])
+            return [None if b is None else WorkflowRecord.from_dict(_decode(b)) for b in blobs]
+
+        def keep(w: WorkflowRecord) -> bool:
+            return (query.status is None or w.status is query.status) and (
+                query.capability is None or query.capability in w.capabilities
+            )
+
+        found, next_position = await self._scan(
+            index, load, keep, (query.since, query.until), after, limit, parts=1, operation="query_workflows"
+        )
+        next_cursor = encode_cursor(next_position[0], *next_position[1]) if next_position else None
+        return Page(found, next_cursor)
+
+    async def query_dead(
+        self, query: DeadQuery = DeadQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[TaskRecord]:
+        """Dead tasks, most recently parked first, one page (see the StateStore contract).
+
+        Raises:
+            ValueError: bad ``cursor`` or ``limit``.
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        check_limit(limit)
+        after = decode_cursor(cursor, 2) if cursor else None
+        index = self._dead_key if query.capability is None else self._dead_capability_key(query.capability)
+        client = self._conn()
+
+        async def load(members: list[str]) -> list[TaskRecord | None]:
+            pipe = client.pipeline(transaction=False)
+            for member in members:
+                workflow_id, _, task_id = member.partition(_MEMBER_SEP)
+                pipe.hget(self._tasks_key(workflow_id), task_id)
+            blobs = await pipe.execute()
+            return [None if b is None else TaskRecord.from_dict(_decode(b)) for b in blobs]
+
+        def keep(t: TaskRecord) -> bool:
+            # The index is written with the documents: this only filters a race with a concurrent save.
+            return t.status is TaskStatus.DEAD
+
+        found, next_position = await self._scan(
+            index, load, keep, (query.since, query.until), after, limit, parts=2, operation="query_dead"
+        )
+        next_cursor = encode_cursor(next_position[0], *next_position[1]) if next_position else None
+        return Page(found, next_cursor)
+
+    async def _scan(
+        self,
+        index: str,
+        load: Callable[[list[str]], Awaitable[list[_R | None]]],
+        keep: Callable[[_R], bool],
+        span: tuple[float | None, float | None],
+        after: _Position | None,
+        limit: int,
+        *,
+        parts: int,
+        operation: str,
+    ) -> tuple[list[_R], _Position | None]:
+        """One page of the records indexed in the sorted set ``index``, newest first.
+
+        Members with equal scores come in reverse lexicographic order, which is the order of their id
+        parts (the separator sorts below every id character), so ``(score, ids)`` descending is the
+        order of the index. Returns the records and the position the next page starts after (None
+        when the index has no more).
+        """
+        client = self._conn()
+        since, until = span
+        top: str | float = f"({until!r}" if until is not None else "+inf"
+        if after is not None and (until is None or after[0] < until):
+            top = after[0]  # inclusive: the entries tied with the cursor's time are skipped below
+        bottom: str | float = since if since is not None else "-inf"
+        found: list[_R] = []
+        last: _Position | None = None
+        offset = 0
+        chunk = min(max(limit + 1, 64), _CHUNK)
+        with self._translate(operation):
+            while offset < _MAX_SCAN:
+                entries = await client.zrange(
+                    index, top, bottom, desc=True, byscore=True, offset=offset, num=chunk, withscores=True
+                )
+                offset += len(entries)
+                positions: list[_Position] = []
+                members: list[str] = []
+                for raw, score in entries:
+                    member = _text(raw)
+                    position = (float(score), tuple(member.split(_MEMBER_SEP, parts - 1)))
+                    if after is not None and position >= after:
+                        continue
+                    positions.append(position)
+                    members.append(member)
+                records = await load(members) if members else []
+                for position, record in zip(positions, records, strict=True):
+                    if record is None or not keep(record):
+                        last = position
+                        continue
+                    if len(found) == limit:
+                        return found, last  # one more exists: the next page starts after the last kept
+                    found.append(record)
+                    last = position
+                if len(entries) < chunk:
+                    return found, None
+        # Read as much as one call may: hand back what was found, and where to go on.
+        return found, last
 
     async def list_agents(self) -> list[AgentRecord]:
         """Every agent seen, by id.

@@ -50,7 +50,18 @@ from typing import Any, Self, TypeVar
 from fabric.errors import NotConnectedError, ProtocolError, StoreError
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
-from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+from fabric.store.base import (
+    AgentRecord,
+    DeadQuery,
+    Page,
+    TaskRecord,
+    WorkflowQuery,
+    WorkflowRecord,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    parked_at,
+)
 
 log = logging.getLogger("fabric.store")
 
@@ -65,6 +76,14 @@ CREATE TABLE IF NOT EXISTS workflows (
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
 CREATE INDEX IF NOT EXISTS workflows_unnotified ON workflows (workflow_id)
     WHERE status != 'running' AND notified = 0;
+CREATE INDEX IF NOT EXISTS workflows_by_time ON workflows (created_at, workflow_id);
+CREATE INDEX IF NOT EXISTS workflows_by_status ON workflows (status, created_at, workflow_id);
+CREATE TABLE IF NOT EXISTS workflow_capabilities (
+    capability  TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    workflow_id TEXT NOT NULL,
+    PRIMARY KEY (capability, created_at, workflow_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tasks (
     workflow_id TEXT NOT NULL,
     task_id     TEXT NOT NULL,
@@ -72,6 +91,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     dispatched  INTEGER NOT NULL,
     created_at  REAL NOT NULL,
     doc         BLOB NOT NULL,
+    capability  TEXT,
+    ended_at    REAL,
     PRIMARY KEY (workflow_id, task_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_undispatched ON tasks (created_at)
@@ -84,10 +105,16 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_SCHEMA_VERSION = "1"
+#: Indexes over columns added in schema version 2: created after :func:`_migrate` added the columns.
+_INDEXES_V2 = """
+CREATE INDEX IF NOT EXISTS tasks_dead ON tasks (ended_at, workflow_id, task_id) WHERE status = 'dead';
+"""
+
+_SCHEMA_VERSION = "2"
 
 _INSERT_TASK = (
-    "INSERT INTO tasks (workflow_id, task_id, status, dispatched, created_at, doc) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO tasks (workflow_id, task_id, status, dispatched, created_at, doc, capability, ended_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_WORKFLOW = (
     "INSERT INTO workflows (workflow_id, status, notified, created_at, doc) VALUES (?, ?, ?, ?, ?)"
@@ -96,7 +123,8 @@ _INSERT_WORKFLOW = (
 # (created_at included: the indexes must order by the same value the document holds).
 _UPSERT_TASK = (
     f"{_INSERT_TASK} ON CONFLICT (workflow_id, task_id) DO UPDATE SET status = excluded.status, "
-    "dispatched = excluded.dispatched, created_at = excluded.created_at, doc = excluded.doc"
+    "dispatched = excluded.dispatched, created_at = excluded.created_at, doc = excluded.doc, "
+    "capability = excluded.capability, ended_at = excluded.ended_at"
 )
 _UPSERT_WORKFLOW = (
     f"{_INSERT_WORKFLOW} ON CONFLICT (workflow_id) DO UPDATE SET status = excluded.status, "
@@ -116,7 +144,16 @@ _TASK_COLUMNS = "doc, dispatched"
 
 def _task_row(t: TaskRecord) -> tuple[Any, ...]:
     doc = codec.encode(t.to_dict())
-    return (t.workflow_id, t.task_id, str(t.status), int(t.dispatched), t.created_at, doc)
+    return (
+        t.workflow_id,
+        t.task_id,
+        str(t.status),
+        int(t.dispatched),
+        t.created_at,
+        doc,
+        t.capability,
+        parked_at(t),
+    )
 
 
 def _workflow_row(w: WorkflowRecord) -> tuple[Any, ...]:
@@ -124,6 +161,9 @@ def _workflow_row(w: WorkflowRecord) -> tuple[Any, ...]:
 
 
 _SELECT_WORKFLOW_DOC = "SELECT doc FROM workflows WHERE workflow_id = ?"
+_INSERT_CAPABILITY = (
+    "INSERT OR IGNORE INTO workflow_capabilities (capability, created_at, workflow_id) VALUES (?, ?, ?)"
+)
 _PUT_AGENT = "INSERT OR REPLACE INTO agents (agent_id, last_seen, doc) VALUES (?, ?, ?)"
 _PING = "INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', 'ok')"
 
@@ -243,6 +283,7 @@ class SqliteStore:
         workflow_row = _workflow_row(workflow)
         task_rows = [_task_row(t) for t in tasks]
         workflow_id = workflow.workflow_id
+        capability_rows = [(c, workflow.created_at, workflow_id) for c in workflow.capabilities]
 
         def apply(db: sqlite3.Connection) -> bytes | None:
             row = db.execute(_SELECT_WORKFLOW_DOC, (workflow_id,)).fetchone()
@@ -250,6 +291,7 @@ class SqliteStore:
                 return bytes(row[0])
             db.execute(_INSERT_WORKFLOW, workflow_row)
             db.executemany(_INSERT_TASK, task_rows)
+            db.executemany(_INSERT_CAPABILITY, capability_rows)
             return None
 
         existing: bytes | None = await session.write(apply, 1 + len(task_rows))
@@ -353,6 +395,78 @@ class SqliteStore:
                 (str(status), limit),
             )
         return [WorkflowRecord.from_dict(_decode(r[0])) for r in rows]
+
+    async def query_workflows(
+        self, query: WorkflowQuery = WorkflowQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[WorkflowRecord]:
+        check_limit(limit)
+        after = decode_cursor(cursor, 1) if cursor else None
+        where: list[str] = []
+        params: list[Any] = []
+        if query.capability is not None:
+            # From the capability index, newest first; the status (if asked) is checked on the join.
+            sql = (
+                "SELECT w.doc, c.created_at, c.workflow_id FROM workflow_capabilities c "
+                "JOIN workflows w ON w.workflow_id = c.workflow_id"
+            )
+            at, key = "c.created_at", "c.workflow_id"
+            where.append("c.capability = ?")
+            params.append(query.capability)
+            if query.status is not None:
+                where.append("w.status = ?")
+                params.append(str(query.status))
+        else:
+            sql = "SELECT doc, created_at, workflow_id FROM workflows"
+            at, key = "created_at", "workflow_id"
+            if query.status is not None:
+                where.append("status = ?")
+                params.append(str(query.status))
+        if query.since is not None:
+            where.append(f"{at} >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            where.append(f"{at} < ?")
+            params.append(query.until)
+        if after is not None:
+            where.append(f"({at}, {key}) < (?, ?)")
+            params += [after[0], after[1][0]]
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY {at} DESC, {key} DESC LIMIT ?"
+        rows = await self._read(sql, (*params, limit + 1))
+        items = [WorkflowRecord.from_dict(_decode(r[0])) for r in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = encode_cursor(rows[limit - 1][1], rows[limit - 1][2]) if more else None
+        return Page(items, next_cursor)
+
+    async def query_dead(
+        self, query: DeadQuery = DeadQuery(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page[TaskRecord]:
+        check_limit(limit)
+        after = decode_cursor(cursor, 2) if cursor else None
+        # Every condition keeps ``status = 'dead'``, so the partial index tasks_dead serves the query.
+        where = ["status = 'dead'"]
+        params: list[Any] = []
+        if query.capability is not None:
+            where.append("capability = ?")
+            params.append(query.capability)
+        if query.since is not None:
+            where.append("ended_at >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            where.append("ended_at < ?")
+            params.append(query.until)
+        if after is not None:
+            where.append("(ended_at, workflow_id, task_id) < (?, ?, ?)")
+            params += [after[0], *after[1]]
+        sql = (
+            f"SELECT {_TASK_COLUMNS}, ended_at, workflow_id, task_id FROM tasks "
+            f"WHERE {' AND '.join(where)} ORDER BY ended_at DESC, workflow_id DESC, task_id DESC LIMIT ?"
+        )
+        rows = await self._read(sql, (*params, limit + 1))
+        items = [_task_from_row(r) for r in rows[:limit]]
+        last = rows[limit - 1] if len(rows) > limit else None
+        return Page(items, encode_cursor(last[2], last[3], last[4]) if last else None)
 
     async def put_agent(self, agent: AgentRecord) -> None:
         session = self._require()
@@ -577,7 +691,9 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(_SCHEMA)
-        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,))
+        _migrate(db)
+        db.executescript(_INDEXES_V2)
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,))
     except BaseException:
         db.close()
         raise
@@ -596,6 +712,33 @@ def _connect_reader(path: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file written by an older fabric to the current schema (a no-op on a new file).
+
+    Version 2 adds the ``capability`` and ``ended_at`` columns of tasks (filled here for dead tasks, the
+    only ones queried by them; other tasks get them at their next save). Workflows stored before
+    version 2 have no capabilities recorded, so a capability filter does not find them.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    if "capability" in columns:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE tasks ADD COLUMN capability TEXT")
+        db.execute("ALTER TABLE tasks ADD COLUMN ended_at REAL")
+        dead = db.execute("SELECT doc FROM tasks WHERE status = 'dead'").fetchall()
+        for (blob,) in dead:
+            task = TaskRecord.from_dict(_decode(blob))
+            db.execute(
+                "UPDATE tasks SET capability = ?, ended_at = ? WHERE workflow_id = ? AND task_id = ?",
+                (task.capability, parked_at(task), task.workflow_id, task.task_id),
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
 
 
 def _fetch(db: sqlite3.Connection, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[Any, ...]]:
