@@ -74,14 +74,7 @@ class HealthServer:
 
     async def readiness(self) -> dict[str, str]:
         """Run every check; map of check name to "ok" or the reason it fails."""
-        results: dict[str, str] = {}
-        for name, check in self._checks.items():
-            try:
-                reason = await asyncio.wait_for(check(), 5)
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            results[name] = reason or "ok"
-        return results
+        return await run_checks(self._checks)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -115,8 +108,24 @@ class HealthServer:
             doc = {"status": "ready" if ready else "unready", "checks": results}
             return (200 if ready else 503), "application/json", json.dumps(doc).encode() + b"\n"
         if path == "/metrics" and self._metrics is not None:
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics().encode()
+            return 200, METRICS_CONTENT_TYPE, self._metrics().encode()
         return 404, "text/plain", b"not found\n"
+
+
+async def run_checks(checks: dict[str, ReadinessCheck]) -> dict[str, str]:
+    """Run readiness checks (5 s each at most); map of check name to "ok" or the reason it fails."""
+    results: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            reason = await asyncio.wait_for(check(), 5)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        results[name] = reason or "ok"
+    return results
+
+
+#: Content type of the Prometheus text exposition format.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def serve_health(

@@ -106,7 +106,7 @@ def _admit(
             f"content_type {content_type!r} is not supported; use application/json or application/msgpack",
         )
     if len(body) > max_body_bytes:
-        raise Refusal(RejectReason.TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}")
+        raise too_large(f"{len(body)} bytes", max_body_bytes)
     try:
         data = codec.decode(body, kind)
     except ProtocolError as exc:
@@ -184,6 +184,11 @@ def _admit(
         capabilities=sorted({t.capability for t in tasks}),
     )
     return Admitted(workflow, tasks)
+
+
+def too_large(size: str, max_body_bytes: int) -> Refusal:
+    """The refusal of a body over the limit; ``size`` says how big it is (e.g. ``"5000 bytes"``)."""
+    return Refusal(RejectReason.TOO_LARGE, f"body is {size}; the limit is {max_body_bytes}")
 
 
 def fingerprint(data: dict[str, Any]) -> str:

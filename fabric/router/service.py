@@ -21,7 +21,8 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Self
 
 from opentelemetry import trace
@@ -38,7 +39,6 @@ from fabric.errors import (
     TopologyMismatch,
     TransportError,
 )
-from fabric.health import HealthServer, serve_health
 from fabric.metrics import RouterMetrics, TaskCounter
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import (
@@ -56,6 +56,7 @@ from fabric.protocol.messages import (
     WorkflowStatus,
 )
 from fabric.router.admission import Admitted, Refusal, admit
+from fabric.router.api import ApiServer, build_app
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
 from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
@@ -92,6 +93,27 @@ MAX_WATCHED_CAPABILITIES = 500
 def _agent_lost(agent: AgentRecord, now: float) -> bool:
     """True after three missed heartbeats."""
     return now - agent.last_seen > 3 * agent.interval_s + 1
+
+
+#: Sends one reply document (``accepted``, ``rejected``, ``completed``) in a content type.
+Respond = Callable[[dict[str, Any], str], Awaitable[None]]
+
+
+async def _no_reply(doc: dict[str, Any], content_type: str) -> None:
+    """The submitter asked for no replies."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """How :meth:`Router.submit` decided: the ``accepted`` or ``rejected`` reply it sent.
+
+    ``resent``: the workflow existed already (an idempotent resend); ``completed``: its completion
+    document, when that workflow has finished.
+    """
+
+    reply: Accepted | Rejected
+    resent: bool = False
+    completed: dict[str, Any] | None = None
 
 
 class _KeyedLocks:
@@ -216,7 +238,9 @@ class Router:
         #: Capabilities this router has published tasks to (their queue depths are exported).
         self._capabilities: set[str] = set()
         self._consumers: list[Consumer] = []
-        self._health: HealthServer | None = None
+        self._http: ApiServer | None = None
+        #: When this router started (seconds since the epoch).
+        self.started_at = time.time()
         self._locks = _KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -285,17 +309,16 @@ class Router:
                 await self._amqp.consume(names.heartbeats_queue(self.ns), self._on_heartbeat, prefetch=64),
             ]
             http = self.settings.http
-            self._health = await serve_health(
-                http.host,
-                http.port,
+            app = build_app(
+                self,
                 checks={
                     "broker": self._check_broker,
                     "consumers": self._check_consumers,
                     "store": self._check_store,
                 },
                 metrics=self.render_metrics,
-                fallback=False,
             )
+            self._http = await ApiServer(app, http.host, http.port).__aenter__()
         except BaseException:
             await self._shutdown()
             raise
@@ -310,8 +333,8 @@ class Router:
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self._health is not None:
-            await self._health.__aexit__(None, None, None)
+        if self._http is not None:
+            await self._http.__aexit__(None, None, None)
         for consumer in self._consumers:
             await consumer.cancel()
         if self._in_flight:
@@ -343,8 +366,13 @@ class Router:
 
     @property
     def http_port(self) -> int | None:
-        """The port of the health endpoints (useful when configured as 0)."""
-        return self._health.port if self._health else None
+        """The port of the HTTP API and health endpoints (useful when configured as 0)."""
+        return self._http.port if self._http else None
+
+    @property
+    def active(self) -> bool:
+        """True once this router consumes submissions or events (the others are standbys)."""
+        return self._active
 
     async def _check_broker(self) -> str | None:
         return None if self._amqp.connected else "broker connection is down"
@@ -517,86 +545,109 @@ class Router:
             await self._guarded(delivery, self._submission(delivery), reply_on_bug=True)
 
     async def _submission(self, delivery: Delivery) -> None:
-        reply_type = codec.normalize_content_type(delivery.content_type) or codec.JSON
+        async def respond(doc: dict[str, Any], content_type: str) -> None:
+            await self._reply(delivery.reply_to, delivery.correlation_id, doc, content_type)
+
+        await self.submit(
+            delivery.body,
+            delivery.content_type,
+            message_id=delivery.message_id,
+            reply_to=delivery.reply_to,
+            correlation_id=delivery.correlation_id,
+            respond=respond,
+        )
+        await delivery.ack()
+
+    async def submit(
+        self,
+        body: bytes,
+        content_type: str | None,
+        *,
+        message_id: str | None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        respond: Respond | None = None,
+    ) -> Submitted:
+        """Admit a submission: the one path of AMQP (``{ns}.submit``) and HTTP (``POST /api/v1/workflows``).
+
+        Validation, rejection codes and idempotency are those of DESIGN.md §3-4. An accepted workflow is
+        stored and its ready tasks are confirmed by the broker before this returns (or ``respond`` is
+        called). ``respond(document, content_type)`` sends each reply document in order: the
+        ``accepted`` or ``rejected`` reply, then, for a resend of a finished workflow, its ``completed``
+        document; it is called under the workflow's lock, so no ``completed`` announcement can overtake
+        the ``accepted`` reply.
+
+        Raises:
+            StoreError, TransportError: nothing was decided; the caller asks again (same message id).
+        """
+        respond = respond or _no_reply
         router = self.settings.router
         try:
             admitted = admit(
-                delivery.body,
-                delivery.content_type,
-                message_id=delivery.message_id,
-                reply_to=delivery.reply_to,
-                correlation_id=delivery.correlation_id,
+                body,
+                content_type,
+                message_id=message_id,
+                reply_to=reply_to,
+                correlation_id=correlation_id,
                 max_body_bytes=router.max_body_bytes,
                 max_tasks=router.max_tasks,
                 default_max_attempts=router.default_max_attempts,
                 policy=self.settings.policy,
             )
         except Refusal as refusal:
-            await self._refuse(delivery, reply_type, refusal)
-            return
-        await self._accept(delivery, admitted)
+            reply_type = codec.normalize_content_type(content_type) or codec.JSON
+            return await self._refuse(message_id, refusal, respond, reply_type)
+        return await self._accept(admitted, respond)
 
-    async def _refuse(self, delivery: Delivery, reply_type: str, refusal: Refusal) -> None:
+    async def _refuse(
+        self, message_id: str | None, refusal: Refusal, respond: Respond, reply_type: str
+    ) -> Submitted:
         self.stats["rejected"] += 1
         self.metrics.rejected(str(refusal.reason))
-        log.info("rejected submission %s: %s: %s", delivery.message_id, refusal.reason, refusal.detail)
+        log.info("rejected submission %s: %s: %s", message_id, refusal.reason, refusal.detail)
         reply = Rejected(
             workflow_id=refusal.workflow_id,
             reason=refusal.reason,
             detail=refusal.detail,
             errors=list(refusal.errors),
         )
-        try:
-            await self._reply(
-                delivery.reply_to, delivery.correlation_id, reply.model_dump(mode="json"), reply_type
-            )
-        except TransportError as exc:
-            await self._requeue_later(delivery, exc)
-            return
-        await delivery.ack()
+        await respond(reply.model_dump(mode="json"), reply_type)
+        return Submitted(reply)
 
-    async def _accept(self, delivery: Delivery, admitted: Admitted) -> None:
+    async def _accept(self, admitted: Admitted, respond: Respond) -> Submitted:
         workflow = admitted.workflow
         trace.get_current_span().set_attribute("fabric.workflow.id", workflow.workflow_id)
         async with self._locks.hold(workflow.workflow_id):
             existing = await self._store.insert_workflow(workflow, admitted.tasks)
             if existing is not None:
-                await self._resubmitted(delivery, workflow, existing)
-                return
+                return await self._resubmitted(workflow, existing, respond)
             self.metrics.workflow_submitted()
             for task in admitted.tasks:
                 self.metrics.count_task("submitted", task.capability)
             await self._dispatch(admitted.ready)
             self.stats["accepted"] += 1
             accepted = Accepted(workflow_id=workflow.workflow_id, tasks=workflow.task_count)
-            await self._reply(
-                workflow.reply_to,
-                workflow.correlation_id,
-                accepted.model_dump(mode="json"),
-                workflow.content_type,
-            )
-        await delivery.ack()
+            await respond(accepted.model_dump(mode="json"), workflow.content_type)
+        return Submitted(accepted)
 
-    async def _resubmitted(self, delivery: Delivery, new: WorkflowRecord, existing: WorkflowRecord) -> None:
+    async def _resubmitted(
+        self, new: WorkflowRecord, existing: WorkflowRecord, respond: Respond
+    ) -> Submitted:
         """The workflow id is taken: the same body gets the same answer, another body a conflict."""
         if existing.fingerprint != new.fingerprint:
-            await self._refuse(
-                delivery,
-                new.content_type,
-                Refusal(
-                    RejectReason.CONFLICT,
-                    f"workflow {existing.workflow_id!r} already exists with a different body",
-                    existing.workflow_id,
-                ),
+            refusal = Refusal(
+                RejectReason.CONFLICT,
+                f"workflow {existing.workflow_id!r} already exists with a different body",
+                existing.workflow_id,
             )
-            return
+            return await self._refuse(new.message_id, refusal, respond, new.content_type)
         # A resend: perhaps the router died after storing it but before dispatching everything.
         await self._reconcile(existing.workflow_id, announce=False, locked=True)
-        subscriber = [delivery.reply_to or "", delivery.correlation_id or ""]
+        subscriber = [new.reply_to or "", new.correlation_id or ""]
         if (
             not existing.status.terminal
-            and delivery.reply_to
-            and delivery.reply_to != existing.reply_to
+            and new.reply_to
+            and new.reply_to != existing.reply_to
             and subscriber not in existing.subscribers
             and len(existing.subscribers) < _MAX_SUBSCRIBERS
         ):
@@ -604,13 +655,12 @@ class Router:
             existing.subscribers.append(subscriber)
             await self._store.save(workflows=[existing])
         accepted = Accepted(workflow_id=existing.workflow_id, tasks=existing.task_count)
-        await self._reply(
-            delivery.reply_to, delivery.correlation_id, accepted.model_dump(mode="json"), new.content_type
-        )
+        await respond(accepted.model_dump(mode="json"), new.content_type)
+        completed = None
         if existing.status.terminal:
-            document = await self._completion_document(existing)
-            await self._reply(delivery.reply_to, delivery.correlation_id, document, new.content_type)
-        await delivery.ack()
+            completed = await self._completion_document(existing)
+            await respond(completed, new.content_type)
+        return Submitted(accepted, resent=True, completed=completed)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -1502,6 +1552,48 @@ class Router:
                 for t in tasks.values()
             },
         }
+
+    async def refuse(self, message_id: str | None, refusal: Refusal, content_type: str | None) -> Submitted:
+        """Refuse a submission the caller found bad before admission (an HTTP body over the limit)."""
+        reply_type = codec.normalize_content_type(content_type) or codec.JSON
+        return await self._refuse(message_id, refusal, _no_reply, reply_type)
+
+    async def cancel(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
+        """Cancel a workflow, or a task and everything downstream of it (as ``fabric cancel``).
+
+        Raises:
+            KeyError: no such workflow, or no such task in it.
+        """
+        workflow = await self._store.get_workflow(workflow_id)
+        if workflow is None:
+            raise KeyError(f"no workflow {workflow_id!r}")
+        return await self._cancel(workflow, task_id)
+
+    async def agents(self) -> list[dict[str, Any]]:
+        """Every agent seen, with its state (``alive``/``lost``), by id."""
+        now = time.time()
+        return [self._agent_view(a, now) for a in await self._store.list_agents()]
+
+    async def queue_depths(self, capabilities: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Messages and consumers of each capability's queue, as the broker counts them (passive declares);
+        capabilities without a queue are left out."""
+        depths: dict[str, dict[str, Any]] = {}
+        for capability in capabilities:
+            info = await self._amqp.queue_info(names.capability_queue(self.ns, capability))
+            if info is not None:
+                depths[capability] = {
+                    "queue": info.name,
+                    "messages": info.messages,
+                    "consumers": info.consumers,
+                }
+        return depths
+
+    async def dead_queue_depth(self) -> dict[str, Any] | None:
+        """Messages in the parking queue ``{ns}.dead`` (tasks and anything else parked), or None."""
+        info = await self._amqp.queue_info(names.dead_queue(self.ns))
+        if info is None:
+            return None
+        return {"queue": info.name, "messages": info.messages, "consumers": info.consumers}
 
     # -- heartbeats -------------------------------------------------------------------------------
 

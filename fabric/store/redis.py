@@ -657,7 +657,7 @@ class RedisStore:
         chunk = min(max(limit + 1, 64), _CHUNK)
         with self._translate(operation):
             while offset < _MAX_SCAN:
-                entries = await client.zrange(
+                entries: list[Any] = await client.zrange(
                     index, top, bottom, desc=True, byscore=True, offset=offset, num=chunk, withscores=True
                 )
                 offset += len(entries)
@@ -665,7 +665,8 @@ class RedisStore:
                 members: list[str] = []
                 for raw, score in entries:
                     member = _text(raw)
-                    position = (float(score), tuple(member.split(_MEMBER_SEP, parts - 1)))
+                    key: tuple[str, ...] = tuple(member.split(_MEMBER_SEP, parts - 1))
+                    position = (float(score), key)
                     if after is not None and position >= after:
                         continue
                     positions.append(position)

@@ -693,7 +693,9 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
         db.executescript(_SCHEMA)
         _migrate(db)
         db.executescript(_INDEXES_V2)
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,))
+        db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,)
+        )
     except BaseException:
         db.close()
         raise

@@ -113,7 +113,9 @@ async def test_query_workflows_many_with_status_and_capability(store: StateStore
     for n in range(120):
         status = WorkflowStatus.RUNNING if n % 7 == 0 else WorkflowStatus.SUCCEEDED
         caps = ["demo.sum"] if n % 2 == 0 else ["demo.echo"]
-        await store.insert_workflow(workflow(f"wf-{n:03d}", created_at=float(n), status=status, capabilities=caps), [])
+        await store.insert_workflow(
+            workflow(f"wf-{n:03d}", created_at=float(n), status=status, capabilities=caps), []
+        )
         if n % 14 == 0:
             expected.append(f"wf-{n:03d}")
     q = WorkflowQuery(status=WorkflowStatus.RUNNING, capability="demo.sum")
