@@ -117,9 +117,10 @@ class TaskSpec(BaseModel):
     capability: Capability
     input: Any = None
     depends_on: list[TaskId] = Field(default_factory=list)
-    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
-    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
-    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    # Strict: the document says integer/number, so true, "5" or 5.5 are refused, not coerced.
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9, strict=True)
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, strict=True)
+    max_attempts: int | None = Field(default=None, ge=1, le=100, strict=True)
     #: ``park`` or ``escalate`` when out of attempts; default from the settings (``policy``).
     on_exhausted: OnExhausted | None = None
 

@@ -26,8 +26,10 @@ import uvicorn
 from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from fabric.errors import ConfigError, StoreError, TransportError
 from fabric.health import METRICS_CONTENT_TYPE, MetricsRenderer, ReadinessCheck, run_checks
@@ -230,9 +232,9 @@ def _problem(status: int, error: str, detail: str, errors: list[dict[str, Any]] 
     return _json(Problem(error=error, detail=detail, errors=errors or []), status)
 
 
-def _timestamp(value: datetime | None) -> float | None:
-    if value is None:
-        return None
+def _timestamp(value: float | datetime | None) -> float | None:
+    if value is None or isinstance(value, float | int):
+        return value
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.timestamp()
@@ -304,8 +306,8 @@ LimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE, description="most items in 
 CursorQuery = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
 CapabilityQuery = Annotated[str | None, Query(pattern=CAPABILITY_PATTERN)]
 TimeQuery = Annotated[
-    datetime | None,
-    Query(description="RFC 3339 date-time, or seconds since the epoch; a time without zone is UTC"),
+    float | datetime | None,
+    Query(description="seconds since the epoch, or an RFC 3339 date-time (UTC when it has no zone)"),
 ]
 
 
@@ -334,6 +336,10 @@ def build_app(
             for e in exc.errors()
         ]
         detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:5])
+        if request.method == "POST" and request.url.path == f"{API}/workflows":
+            # A submission is answered with a rejection whatever is wrong with it (here: a header).
+            rejected = Rejected(workflow_id=None, reason=RejectReason.INVALID, detail=detail, errors=errors)
+            return _json(rejected, REJECTION_STATUS[RejectReason.INVALID])
         return _problem(400, "invalid_parameter", detail, errors)
 
     @app.exception_handler(StarletteHTTPException)
@@ -343,6 +349,15 @@ def build_app(
         response = _problem(exc.status_code, code, detail)
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            # Starlette names the methods of one route only; a path served by several lists them all.
+            allowed = {
+                method
+                for route in app.routes
+                if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE
+                for method in route.methods
+            }
+            response.headers["Allow"] = ", ".join(sorted(allowed))
         return response
 
     @app.exception_handler(StoreError)

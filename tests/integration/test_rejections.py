@@ -122,6 +122,13 @@ CASES: list[tuple[str, bytes, str | None, str, str]] = [
         "workflow_id",
     ),
     (
+        "priority is a boolean",
+        js({"tasks": [task("a", priority=False)]}),
+        "application/json",
+        "invalid",
+        "priority",
+    ),
+    (
         "max_attempts zero",
         js({"tasks": [task("a", max_attempts=0)]}),
         "application/json",
