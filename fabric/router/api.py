@@ -355,7 +355,7 @@ def build_app(
                 method
                 for route in app.routes
                 if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE
-                for method in route.methods
+                for method in route.methods or ()
             }
             response.headers["Allow"] = ", ".join(sorted(allowed))
         return response
