@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 STAMP := .make/installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install services demo test test-fast test-fault fmt lint type check up down run-router run-worker clean
+.PHONY: help install services demo test test-fast api-fuzz test-fault fmt lint type check up down run-router run-worker clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ test: $(STAMP) services  ## run the whole test suite against the real RabbitMQ, 
 
 test-fast: $(STAMP)  ## unit and store contract tests only
 	$(PYTHON) -m pytest tests/unit tests/contract $(PYTEST_ARGS)
+
+api-fuzz: $(STAMP) services  ## schemathesis against the router's OpenAPI document, 300 examples per operation
+	API_FUZZ_EXAMPLES=300 $(PYTHON) -m pytest tests/integration/test_http_api.py -k schemathesis $(PYTEST_ARGS)
 
 test-fault: $(STAMP) services  ## only the long fault scenarios (kill -9, cut connections)
 	$(PYTHON) -m pytest -m fault $(PYTEST_ARGS)

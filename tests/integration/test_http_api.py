@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -397,7 +398,7 @@ async def test_schemathesis_finds_no_contract_violation(
     router: Router, settings: FabricSettings, broker: AmqpConnection, tmp_path: Path
 ) -> None:
     """Property-based requests against every operation: no 5xx, every status, header and body as the
-    document says."""
+    document says. ``make api-fuzz`` runs it with many more examples (API_FUZZ_EXAMPLES)."""
     url = f"http://127.0.0.1:{router.http_port}/api/v1/openapi.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -410,7 +411,7 @@ async def test_schemathesis_finds_no_contract_violation(
         "--exclude-checks",
         "positive_data_acceptance,use_after_free,ensure_resource_availability",
         "--max-examples",
-        "25",
+        os.environ.get("API_FUZZ_EXAMPLES", "25"),
         "--workers",
         "1",
         "--suppress-health-check",
