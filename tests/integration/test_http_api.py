@@ -363,7 +363,7 @@ async def test_health_answers_while_submissions_pour_in(http: httpx.AsyncClient,
     assert max(latencies) < 5
     metrics = await http.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    assert "fabric_router_accepted_total" in metrics.text
+    assert "fabric_workflows_submitted_total" in metrics.text
 
 
 # -- the OpenAPI document ---------------------------------------------------------------------------
