@@ -441,11 +441,13 @@ def build_app(
         ] = None,
     ) -> Response:
         content_type = request.headers.get("content-type")
-        body = await _read_body(request, settings.max_body_bytes)
-        if isinstance(body, Refusal):
-            outcome = await router.refuse(idempotency_key, body, content_type)
-        else:
-            outcome = await router.submit(body, content_type, message_id=idempotency_key or None)
+        router.stats["submissions"] += 1
+        with router.http_span("POST", f"{API}/workflows", request.headers):
+            body = await _read_body(request, settings.max_body_bytes)
+            if isinstance(body, Refusal):
+                outcome = await router.refuse(idempotency_key, body, content_type)
+            else:
+                outcome = await router.submit(body, content_type, message_id=idempotency_key or None)
         reply = outcome.reply
         if isinstance(reply, Rejected):
             return _json(reply, REJECTION_STATUS.get(reply.reason, 400))

@@ -1553,6 +1553,16 @@ class Router:
             },
         }
 
+    @contextlib.contextmanager
+    def http_span(self, method: str, route: str, request_headers: Mapping[str, str]) -> Iterator[None]:
+        """A SERVER span for an HTTP request handled by the router, under the client's ``traceparent``
+        when it sent one. An HTTP submission's workflow is traced under it, as an AMQP one is under the
+        ``process {ns}.router.submit`` span."""
+        attributes = {"http.request.method": method, "http.route": route}
+        parent = self._telemetry.extract(request_headers)
+        with self._telemetry.span(f"{method} {route}", SpanKind.SERVER, attributes, parent=parent):
+            yield
+
     async def refuse(self, message_id: str | None, refusal: Refusal, content_type: str | None) -> Submitted:
         """Refuse a submission the caller found bad before admission (an HTTP body over the limit)."""
         reply_type = codec.normalize_content_type(content_type) or codec.JSON

@@ -19,7 +19,7 @@ from tests.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.rabbitmq
 
-CONSUMER, PRODUCER = 5, 4  # OTLP span kinds
+SERVER, CONSUMER, PRODUCER = 2, 5, 4  # OTLP span kinds
 
 
 @pytest.fixture
@@ -103,6 +103,51 @@ async def test_a_workflow_is_one_trace(
         assert publish.attributes["fabric.task.id"] == attempt.attributes["fabric.task.id"]
     publish_b = next(s for s in spans if s.kind == PRODUCER and s.attributes.get("fabric.task.id") == "b")
     assert by_id[publish_b.parent_span_id].attributes["fabric.task.id"] == "a"
+    publish_a = next(s for s in spans if s.kind == PRODUCER and s.attributes.get("fabric.task.id") == "a")
+    assert publish_a.parent_span_id == submit.span_id
+
+
+async def test_an_http_submission_is_one_trace_under_the_clients(
+    settings: FabricSettings, receiver: OtlpReceiver
+) -> None:
+    """POST /api/v1/workflows is the root of the workflow's trace, under the client's traceparent."""
+    import httpx
+
+    from workers.demo import agent as demo
+
+    client_trace, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with (
+        Router(settings, telemetry=traced("fabric-router", receiver)) as router,
+        Worker(demo, settings, telemetry=traced("fabric-worker", receiver)),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{router.http_port}") as http,
+    ):
+        response = await http.post(
+            "/api/v1/workflows",
+            json={
+                "workflow_id": "traced-http",
+                "tasks": [
+                    {"id": "a", "capability": "demo.echo"},
+                    {"id": "b", "capability": "demo.echo", "depends_on": ["a"]},
+                ],
+            },
+            headers={"traceparent": f"00-{client_trace}-{client_span}-01"},
+        )
+        assert response.status_code == 202, response.text
+
+        async def finished() -> bool:
+            doc = (await http.get("/api/v1/workflows/traced-http")).json()
+            return bool(doc["kind"] == "completed")
+
+        await eventually(finished, what="the workflow to finish")
+    spans = receiver.spans
+    await eventually(
+        lambda: len([s for s in spans if s.kind == CONSUMER and s.service == "fabric-worker"]) >= 2,
+        what="every attempt's span",
+    )
+    submit = next(s for s in spans if s.name == "POST /api/v1/workflows")
+    assert (submit.kind, submit.trace_id, submit.parent_span_id) == (SERVER, client_trace, client_span)
+    assert submit.attributes["fabric.workflow.id"] == "traced-http"
+    assert {s.trace_id for s in spans} == {client_trace}, "one trace for the whole workflow"
     publish_a = next(s for s in spans if s.kind == PRODUCER and s.attributes.get("fabric.task.id") == "a")
     assert publish_a.parent_span_id == submit.span_id
 
