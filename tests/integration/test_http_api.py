@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from fabric import FabricClient
+from fabric.errors import ConfigError
 from fabric.router.api import REJECTION_STATUS
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
@@ -364,6 +367,28 @@ async def test_health_answers_while_submissions_pour_in(http: httpx.AsyncClient,
     metrics = await http.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "fabric_workflows_submitted_total" in metrics.text
+
+
+async def test_kept_alive_connections_answer_without_delayed_ack_stalls(http: httpx.AsyncClient) -> None:
+    """Nagle plus delayed ACKs put a 40 ms floor under every answer on a kept-alive connection unless the
+    server sets TCP_NODELAY; on loopback an answer takes a few milliseconds."""
+    times = []
+    for _ in range(25):
+        begun = time.perf_counter()
+        assert (await http.get("/healthz")).status_code == 200
+        times.append(time.perf_counter() - begun)
+    assert statistics.median(times) < 0.03, times
+
+
+async def test_a_port_in_use_is_a_clear_error(settings: FabricSettings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
+        with pytest.raises(ConfigError, match=f"FABRIC_HTTP__PORT: cannot listen on 127.0.0.1:{port}"):
+            async with Router(busy):
+                pass
 
 
 # -- the OpenAPI document ---------------------------------------------------------------------------
