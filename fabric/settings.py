@@ -140,6 +140,46 @@ class PolicySettings(_Section):
         return default
 
 
+class CapabilityAlertRules(_Section):
+    """Thresholds of one capability, overriding ``alerts.rules``; a missing one keeps the default."""
+
+    error_rate: float | None = Field(default=None, gt=0, le=1)
+    queue_depth: int | None = Field(default=None, ge=1)
+    queue_age_s: float | None = Field(default=None, gt=0)
+
+
+class AlertRuleSettings(_Section):
+    """Threshold rules the active router checks every ``router.metrics_interval_s``. Each condition
+    fires one alert and one ``resolved`` alert when it clears; set a threshold to null to switch its
+    rule off."""
+
+    #: Fraction of a capability's failed attempts (retried, parked, failed, escalated) over the window
+    #: that fires ``capability.error_rate``; it clears below 80 % of it.
+    error_rate: float | None = Field(default=0.5, gt=0, le=1)
+    #: The window of the error rate.
+    error_rate_window_s: float = Field(default=300.0, ge=10, le=86_400)
+    #: Fewer attempts than this in the window say nothing (no alert, and a firing one clears).
+    error_rate_min_attempts: int = Field(default=10, ge=1)
+    #: Tasks ready in a capability queue that fire ``queue.depth``.
+    queue_depth: int | None = Field(default=1000, ge=1)
+    #: Seconds the oldest task dispatched to a capability queue may wait unstarted (``queue.age``).
+    queue_age_s: float | None = Field(default=600.0, gt=0)
+    #: Seconds a capability may have queued work and no live agent before ``capability.no_agent``.
+    no_agent_after_s: float | None = Field(default=60.0, ge=0)
+    #: ``agent.lost`` when an agent misses three heartbeats without having said it was draining.
+    agent_lost: bool = True
+    #: ``breaker.open`` while a live agent's circuit breaker for a capability is open or half-open.
+    breaker_open: bool = True
+    #: Thresholds per capability, e.g. ``{"llm.call": {"error_rate": 0.2, "queue_depth": 50}}``.
+    capabilities: dict[str, CapabilityAlertRules] = Field(default_factory=dict)
+
+    def threshold(self, capability: str, name: str) -> Any:
+        """The capability's own value of threshold ``name``, else the default."""
+        override = self.capabilities.get(capability)
+        value = getattr(override, name) if override is not None else None
+        return getattr(self, name) if value is None else value
+
+
 class AlertSettings(_Section):
     """Where alerts go besides ``{ns}.alerts`` (which always gets them), and how hard fabric tries."""
 
@@ -164,6 +204,8 @@ class AlertSettings(_Section):
                 raise ValueError(f"the value of header {name!r} holds a line break")
         return value
 
+    #: Threshold rules (error rate, queue depth and age, no agent, agent lost, breaker open).
+    rules: AlertRuleSettings = Field(default_factory=AlertRuleSettings)
     #: Alerts waiting to be delivered at most; beyond that new ones are dropped (logged, counted), so
     #: a slow webhook never holds memory or the router.
     queue_size: int = Field(default=1000, ge=1, le=1_000_000)

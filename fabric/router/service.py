@@ -57,6 +57,7 @@ from fabric.protocol.messages import (
 )
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.api import ApiServer, build_app
+from fabric.router.rules import AgentState, ErrorWindow, QueueAges, RuleEngine, Snapshot
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
 from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
@@ -257,6 +258,14 @@ class Router:
             source="router",
             publish_timeout_s=settings.router.publish_timeout_s,
         )
+        rules = settings.alerts.rules
+        self._rules = RuleEngine(rules)
+        #: Attempt outcomes per capability over the error-rate window (threshold alerts).
+        self._error_window = ErrorWindow(rules.error_rate_window_s)
+        #: Tasks dispatched and not started yet, for the queue-age rule.
+        self._queue_ages = QueueAges()
+        #: Tasks ready per capability queue, as the last metrics refresh read them.
+        self._queue_depths: dict[str, int] = {}
         #: Counters of what this router did since start (exposed through RPC ``ping``).
         self.stats: dict[str, int] = {
             "submissions": 0,
@@ -397,6 +406,10 @@ class Router:
                 await self.refresh_gauges()
             except Exception as exc:
                 log.debug("metrics refresh failed: %s", exc)
+            try:
+                await self.check_alert_rules()
+            except Exception as exc:
+                log.warning("alert rules not checked: %s", exc)
             await asyncio.sleep(interval)
 
     async def refresh_gauges(self) -> None:
@@ -431,12 +444,63 @@ class Router:
         for capability in sorted(capabilities)[:MAX_WATCHED_CAPABILITIES]:
             queues[names.capability_queue(self.ns, capability)] = capability
         infos = await self._amqp.queue_infos(queues)
+        self._queue_depths = {
+            queues[queue]: info.messages
+            for queue, info in infos.items()
+            if info is not None and queues[queue]
+        }
         self.metrics.set_queues(
             {
                 queue: None if info is None else (queues[queue], info.messages, info.consumers)
                 for queue, info in infos.items()
             }
         )
+
+    # -- threshold alerts -------------------------------------------------------------------------
+
+    async def check_alert_rules(self, now: float | None = None) -> None:
+        """Evaluate the threshold rules (:mod:`fabric.router.rules`) on what the last metrics refresh
+        read, and fire or resolve their alerts. Only the active router does: a standby would repeat them.
+        A router that is the only consumer of ``{ns}.router.events`` is the active one even before its
+        first delivery (an idle fabric with work stuck in a queue must still alert)."""
+        if not self._active:
+            info = await self._amqp.queue_info(names.events_queue(self.ns))
+            if info is None or info.consumers != 1:
+                return
+            self._became_active()
+        now = time.time() if now is None else now
+        agents = [
+            AgentState(
+                agent_id=a.agent_id,
+                capabilities=tuple(a.capabilities),
+                lost=_agent_lost(a, now),
+                draining=a.health == "draining",
+                last_seen=a.last_seen,
+                breakers=dict(a.breakers),
+            )
+            for a in await self._store.list_agents()
+        ]
+        verdict = self._rules.check(
+            Snapshot(
+                now=now,
+                queue_depths=dict(self._queue_depths),
+                agents=agents,
+                attempts=self._error_window.totals(now),
+                queue_ages=self._queue_ages.oldest(now),
+            )
+        )
+        for condition in verdict.fire:
+            self._alerts.fire(
+                condition.key,
+                kind=condition.kind,
+                severity=condition.severity,
+                summary=condition.summary,
+                detail=condition.detail,
+                labels=condition.labels,
+                data=condition.data,
+            )
+        for key, summary in verdict.clear.items():
+            self._alerts.resolve(key, summary=summary)
 
     # -- recovery ---------------------------------------------------------------------------------
 
@@ -707,8 +771,10 @@ class Router:
             return_exceptions=True,
         )
         confirmed = [t for t, outcome in zip(deliverable, outcomes, strict=True) if outcome is None]
+        now = time.time()
         for task in confirmed:
             task.dispatched = True
+            self._queue_ages.ready(task.capability, task.key, at=now)
         await self._store.mark_dispatched([t.key for t in confirmed])
         self.stats["dispatched"] += len(confirmed)
         for task in tasks:
@@ -865,6 +931,8 @@ class Router:
         if not found:
             return "unknown"
         task = found[0]
+        # Any event says the task left its queue; a retry is ready again when its delay ends (below).
+        self._queue_ages.left(task.key)
         if task.status.terminal:
             # A redelivered event for a finished task: the router may have died (or a publish failed)
             # between recording it and releasing dependents or announcing: finish that.
@@ -882,6 +950,8 @@ class Router:
             )
             return "late"
         status = event.status
+        if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
+            self._queue_ages.ready(task.capability, task.key, at=event.retry_at or event.at)
         if status is EventStatus.STARTED:
             if event.attempt >= task.attempts:
                 if task.started_at != event.at:  # not this very event again (redelivered)
@@ -1009,8 +1079,11 @@ class Router:
     def _count(self, work: _Work) -> None:
         """Move the counters of a committed batch (once: a batch that failed to commit counts nothing,
         and its redelivered events count then)."""
+        now = time.time()
         for counter, capability in work.counts:
             self.metrics.count_task(counter, capability)
+            if counter in _ATTEMPT_OUTCOMES:
+                self._error_window.observe(capability, failed=counter != "succeeded", now=now)
         work.counts.clear()
         workflow = work.workflow
         if work.workflow_finished and workflow is not None and workflow.finished_at is not None:
@@ -1397,6 +1470,7 @@ class Router:
                 task.status, task.finished_at = TaskStatus.CANCELLED, now
                 task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
                 task.escalation = None
+                self._queue_ages.left(task.key)
                 work.touch(task)
                 cancelled.append(tid)
             if cancelled:
@@ -1729,6 +1803,10 @@ def _remember_failure(task: TaskRecord, event: TaskEvent) -> None:
     )
     if len(task.history) > _MAX_HISTORY:
         del task.history[_MAX_HISTORY // 2]
+
+
+#: Committed task counters that are the outcome of an attempt (for the error-rate rule).
+_ATTEMPT_OUTCOMES = frozenset({"succeeded", "retried", "failed", "parked", "escalated"})
 
 
 def _escalation_key(workflow_id: str, task_id: str) -> str:

@@ -8,8 +8,11 @@ import pytest
 
 from fabric import Agent
 from fabric.policy import FailurePolicy
+from fabric.protocol.messages import Alert, AlertStatus
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
+from fabric.topology import names
+from fabric.transport.amqp import AmqpConnection, Delivery
 from fabric.worker.runtime import Worker
 
 pytestmark = pytest.mark.rabbitmq
@@ -48,3 +51,26 @@ async def start_worker(settings: FabricSettings) -> AsyncIterator[StartWorker]:
     yield start
     for worker in started:
         await worker.drain(timeout_s=5)
+
+
+class AlertQueue:
+    """A test queue bound to ``{ns}.alerts`` with ``alert.#``: every alert published, in order."""
+
+    def __init__(self) -> None:
+        self.alerts: list[tuple[str, Alert]] = []
+
+    async def on_message(self, delivery: Delivery) -> None:
+        await delivery.ack()
+        assert delivery.content_type == "application/json"
+        self.alerts.append((delivery.routing_key, Alert.model_validate_json(delivery.body)))
+
+    def of(self, key: str, status: AlertStatus = AlertStatus.FIRING) -> list[tuple[str, Alert]]:
+        return [(rk, a) for rk, a in self.alerts if a.key == key and a.status is status]
+
+
+@pytest.fixture
+async def alert_queue(broker: AmqpConnection, settings: FabricSettings) -> AlertQueue:
+    queue = AlertQueue()
+    consumer = await broker.reply_queue(queue.on_message, prefetch=100)
+    await consumer.bind(names.alerts_exchange(settings.namespace), "alert.#")
+    return queue

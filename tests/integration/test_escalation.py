@@ -13,39 +13,16 @@ import pytest
 
 from fabric import Agent, Escalate, FabricClient, RequestRefused, Task
 from fabric.protocol import headers
-from fabric.protocol.messages import Alert, AlertStatus
+from fabric.protocol.messages import AlertStatus
 from fabric.router.service import Router
 from fabric.settings import AlertSettings, CapabilityPolicy, FabricSettings, PolicySettings
 from fabric.topology import names
-from fabric.transport.amqp import AmqpConnection, Delivery
+from fabric.transport.amqp import AmqpConnection
 from tests.conftest import eventually
-from tests.integration.conftest import StartWorker
+from tests.integration.conftest import AlertQueue, StartWorker
 from tests.webhook import WebhookServer
 
 pytestmark = pytest.mark.rabbitmq
-
-
-class AlertQueue:
-    """A test queue bound to ``{ns}.alerts`` with ``alert.#``: every alert published, in order."""
-
-    def __init__(self) -> None:
-        self.alerts: list[tuple[str, Alert]] = []
-
-    async def on_message(self, delivery: Delivery) -> None:
-        await delivery.ack()
-        assert delivery.content_type == "application/json"
-        self.alerts.append((delivery.routing_key, Alert.model_validate_json(delivery.body)))
-
-    def of(self, key: str, status: AlertStatus = AlertStatus.FIRING) -> list[tuple[str, Alert]]:
-        return [(rk, a) for rk, a in self.alerts if a.key == key and a.status is status]
-
-
-@pytest.fixture
-async def alert_queue(broker: AmqpConnection, settings: FabricSettings) -> AlertQueue:
-    queue = AlertQueue()
-    consumer = await broker.reply_queue(queue.on_message, prefetch=100)
-    await consumer.bind(names.alerts_exchange(settings.namespace), "alert.#")
-    return queue
 
 
 @pytest.fixture

@@ -179,6 +179,8 @@ def _matches(value: Any, expected: Any) -> bool:
         return expected in (None, "")
     if isinstance(value, Path):
         return value == Path(str(expected))
+    if isinstance(value, bool):
+        return str(expected).lower() == str(value).lower()
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value) == float(expected)
     return bool(value == expected) or str(value) == str(expected)
