@@ -33,6 +33,8 @@ log = logging.getLogger("fabric.transport")
 
 #: Routing through the default exchange sends straight to the queue named by the routing key.
 DEFAULT_EXCHANGE = ""
+#: Longest wait for the broker to answer a consumer cancel or a channel close.
+_CANCEL_TIMEOUT_S = 5.0
 
 #: ``basic_publish(wait=False)``: return once the frames are queued for the socket instead of after an
 #: extra event loop round trip for the write (aiormq versions without the argument always wait).
@@ -204,13 +206,17 @@ class Consumer:
         if not self.active:
             return
         self.active = False
+        # The robust queue forgets the consumer at once (no re-subscription after a reconnect); the
+        # basic.cancel itself waits for the channel, which never comes back while the broker is
+        # unreachable, so a worker stopping (or a breaker opening) during an outage must not wait for it.
+        wait_s = _CANCEL_TIMEOUT_S if not self._channel.is_closed else 0.05
         with contextlib.suppress(Exception):
-            await self._queue.cancel(self._tag)
+            await asyncio.wait_for(self._queue.cancel(self._tag), wait_s)
 
     async def close(self) -> None:
         await self.cancel()
         with contextlib.suppress(Exception):
-            await self._channel.close()
+            await asyncio.wait_for(self._channel.close(), _CANCEL_TIMEOUT_S)
 
 
 class AmqpConnection:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -14,6 +17,7 @@ from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection
 from fabric.worker.runtime import Worker
 from tests.conftest import eventually
+from tests.integration.test_health import http_get
 from tests.proxy import TcpProxy
 from workers.demo import agent as demo
 
@@ -86,3 +90,65 @@ async def test_a_publish_during_a_reconnect_waits_for_it(
     info = await broker.queue_info(names.submit_queue(ns))
     assert info is not None
     assert info.messages == 1
+
+
+async def test_readyz_is_unready_while_the_broker_is_cut_off_and_ready_when_it_returns(
+    settings: FabricSettings, proxy: TcpProxy
+) -> None:
+    cut_settings = through(settings, proxy)
+    async with Router(cut_settings) as router, Worker(demo, cut_settings) as worker:
+        ports = {"router": router.http_port, "worker": worker.http_port}
+        for name, port in ports.items():
+            assert port, name
+            status, body = await http_get(port, "/readyz")
+            assert status == 200, f"{name}: {body}"
+
+        proxy.refusing = True  # the broker stays unreachable until the test lets it back
+        try:
+            await proxy.cut()
+            for name, port in ports.items():
+                assert port
+
+                async def unready(port: int = port) -> dict[str, Any] | None:
+                    status, body = await http_get(port, "/readyz")
+                    doc: dict[str, Any] = json.loads(body)
+                    return doc if status == 503 and doc["checks"]["broker"] != "ok" else None
+
+                doc = await eventually(unready, timeout=30, what=f"{name} /readyz to say unready")
+                assert doc["status"] == "unready"
+                assert doc["checks"]["broker"] == "broker connection is down"
+                assert doc["checks"]["consumers"].startswith("not consuming")
+                # Alive all the same: liveness must not make an orchestrator restart a reconnecting process.
+                assert (await http_get(port, "/healthz"))[0] == 200
+        finally:
+            proxy.refusing = False
+
+        for name, port in ports.items():
+            assert port
+
+            async def ready(port: int = port) -> bool:
+                return (await http_get(port, "/readyz"))[0] == 200
+
+            await eventually(ready, timeout=60, what=f"{name} /readyz to say ready again")
+
+
+async def test_router_and_worker_stop_promptly_while_the_broker_is_unreachable(
+    settings: FabricSettings, proxy: TcpProxy
+) -> None:
+    """SIGTERM during a broker outage: closing must not wait for a connection that is not coming back."""
+    cut_settings = through(settings, proxy)
+    router = await Router(cut_settings).__aenter__()
+    worker = await Worker(demo, cut_settings).__aenter__()
+    proxy.refusing = True
+    try:
+        await proxy.cut()
+        await eventually(
+            lambda: not router._amqp.connected and not worker._amqp.connected, what="both to notice the cut"
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(worker.drain(timeout_s=1), 20)
+        await asyncio.wait_for(router.__aexit__(None, None, None), 20)
+        assert loop.time() - started < 20
+    finally:
+        proxy.refusing = False
