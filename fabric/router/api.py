@@ -27,7 +27,7 @@ from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -138,6 +138,9 @@ class TaskDetail(BaseModel):
     started_at: float | None
     finished_at: float | None
     retry_at: float | None = Field(description="while retrying: when the next attempt is due")
+    escalation: dict[str, Any] | None = Field(
+        default=None, description="while escalated: its reason, attempt, agent, error and time"
+    )
 
 
 class WorkflowDetail(WorkflowSummary):
@@ -153,6 +156,35 @@ class CancelResult(BaseModel):
     workflow_id: str
     cancelled: list[str] = Field(description="the tasks this call cancelled (none when all had finished)")
     status: WorkflowStatus
+
+
+class ResumeRequest(BaseModel):
+    """Resume an escalated task; with ``input`` (``null`` included) it runs with that input instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: Any = None
+
+
+class ResumeResult(BaseModel):
+    workflow_id: str
+    task_id: str
+    status: TaskStatus = Field(description="`queued`: published again from attempt 1")
+    new_input: bool
+
+
+class AbortRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=1000, description="recorded as the task's error")
+
+
+class AbortResult(BaseModel):
+    workflow_id: str
+    task_id: str
+    status: TaskStatus = Field(description="`dead`")
+    upstream_failed: list[str] = Field(description="the dependents that will not run")
+    workflow_status: WorkflowStatus
 
 
 class AgentView(BaseModel):
@@ -288,11 +320,15 @@ def _task_detail(t: TaskRecord) -> TaskDetail:
         started_at=t.started_at,
         finished_at=t.finished_at,
         retry_at=t.retry_at,
+        escalation=t.escalation,
     )
 
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "no such workflow (or task)"}
+}
+_NOT_ESCALATED: dict[int | str, dict[str, Any]] = {
+    409: {"model": Problem, "description": "the task is not escalated (`detail` says what it is)"}
 }
 _BAD_PARAMETER: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "a parameter is invalid (named in `detail`)"}
@@ -302,6 +338,7 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 }
 
 WorkflowIdPath = Annotated[str, Path(pattern=WORKFLOW_ID_PATTERN, description="the workflow's id")]
+TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="the task's id")]
 LimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE, description="most items in the page")]
 CursorQuery = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
 CapabilityQuery = Annotated[str | None, Query(pattern=CAPABILITY_PATTERN)]
@@ -520,6 +557,43 @@ def build_app(
         except KeyError as exc:
             return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
         return _json(CancelResult(**result))
+
+    @app.post(
+        f"{API}/workflows/{{workflow_id}}/tasks/{{task_id}}/resume",
+        response_model=ResumeResult,
+        tags=["workflows"],
+        summary="run an escalated task again (fresh attempts), optionally with a new input",
+        responses={**_NOT_FOUND, **_NOT_ESCALATED, **_UNAVAILABLE},
+    )
+    async def resume_task(
+        workflow_id: WorkflowIdPath, task_id: TaskIdPath, body: ResumeRequest | None = None
+    ) -> Response:
+        new = {"input": body.input} if body is not None and "input" in body.model_fields_set else {}
+        try:
+            result = await router.resume(workflow_id, task_id, **new)
+        except KeyError as exc:
+            return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
+        except ValueError as exc:
+            return _problem(409, "not_escalated", str(exc))
+        return _json(ResumeResult(**result))
+
+    @app.post(
+        f"{API}/workflows/{{workflow_id}}/tasks/{{task_id}}/abort",
+        response_model=AbortResult,
+        tags=["workflows"],
+        summary="give up on an escalated task: dead, its dependents upstream_failed",
+        responses={**_NOT_FOUND, **_NOT_ESCALATED, **_UNAVAILABLE},
+    )
+    async def abort_task(
+        workflow_id: WorkflowIdPath, task_id: TaskIdPath, body: AbortRequest | None = None
+    ) -> Response:
+        try:
+            result = await router.abort(workflow_id, task_id, body.reason if body is not None else None)
+        except KeyError as exc:
+            return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
+        except ValueError as exc:
+            return _problem(409, "not_escalated", str(exc))
+        return _json(AbortResult(**result))
 
     # -- agents, dead letters, stats --------------------------------------------------------------
 

@@ -1223,8 +1223,7 @@ class Router:
         if method == "resume":
             return await self._resume(workflow, _task_param(request), request)
         if method == "abort":
-            reason = str(request.get("reason") or "") or "aborted by an operator"
-            return await self._abort(workflow, _task_param(request), reason[:1000])
+            return await self.abort(workflow.workflow_id, _task_param(request), request.get("reason"))
         if method == "result":
             if not workflow.status.terminal:
                 return {"kind": "running", "workflow_id": workflow_id, "status": str(workflow.status)}
@@ -1652,6 +1651,31 @@ class Router:
         if workflow is None:
             raise KeyError(f"no workflow {workflow_id!r}")
         return await self._cancel(workflow, task_id)
+
+    async def resume(self, workflow_id: str, task_id: str, **new: Any) -> dict[str, Any]:
+        """Run an escalated task again with a fresh attempt budget (as ``fabric resume``); pass
+        ``input=...`` to replace its input.
+
+        Raises:
+            KeyError: no such workflow, or no such task in it.
+            ValueError: the task is not escalated (or the new input is too large).
+        """
+        workflow = await self._store.get_workflow(workflow_id)
+        if workflow is None:
+            raise KeyError(f"no workflow {workflow_id!r}")
+        return await self._resume(workflow, task_id, new)
+
+    async def abort(self, workflow_id: str, task_id: str, reason: str | None = None) -> dict[str, Any]:
+        """End an escalated task ``dead`` with ``reason`` (as ``fabric abort``).
+
+        Raises:
+            KeyError: no such workflow, or no such task in it.
+            ValueError: the task is not escalated.
+        """
+        workflow = await self._store.get_workflow(workflow_id)
+        if workflow is None:
+            raise KeyError(f"no workflow {workflow_id!r}")
+        return await self._abort(workflow, task_id, (reason or "aborted by an operator")[:1000])
 
     async def agents(self) -> list[dict[str, Any]]:
         """Every agent seen, with its state (``alive``/``lost``), by id."""

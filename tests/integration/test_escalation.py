@@ -394,3 +394,40 @@ async def test_webhook_posts_carry_the_configured_headers_and_client_errors_are_
     assert busy[1].headers["authorization"] == "Bearer s3cret"
     assert busy[1].body["summary"] == "hello"
     assert alerts.stats == {**alerts.stats, "delivered": 1, "failed": 1}
+
+
+async def test_resume_and_abort_over_http(
+    client: FabricClient, router: Router, start_worker: StartWorker, extra_caps: list[str]
+) -> None:
+    import httpx
+
+    extra_caps.extend(["t.review", "t.after"])
+    await start_worker(review_agent(Counter()))
+    for workflow_id in ("esc-http-1", "esc-http-2"):
+        await client.submit({"workflow_id": workflow_id, **DIAMOND})
+    for workflow_id in ("esc-http-1", "esc-http-2"):
+        await escalated(client, workflow_id, "review")
+    base = f"http://127.0.0.1:{router.http_port}/api/v1/workflows"
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        detail = (await http.get("/esc-http-1")).json()
+        assert detail["tasks"]["review"]["status"] == "escalated"
+        assert detail["tasks"]["review"]["escalation"]["reason"] == "requested"
+        waiting = await http.post("/esc-http-1/tasks/after/resume", json={})
+        assert waiting.status_code == 409
+        assert "not escalated" in waiting.json()["detail"]
+        assert (await http.post("/esc-http-1/tasks/nope/abort")).status_code == 404
+        assert (await http.post("/nope/tasks/review/resume")).status_code == 404
+        resumed = await http.post("/esc-http-1/tasks/review/resume", json={"input": {"approved": True}})
+        assert resumed.status_code == 200, resumed.text
+        assert resumed.json() == {
+            "workflow_id": "esc-http-1",
+            "task_id": "review",
+            "status": "queued",
+            "new_input": True,
+        }
+        aborted = await http.post("/esc-http-2/tasks/review/abort", json={"reason": "no"})
+        assert aborted.status_code == 200, aborted.text
+        assert aborted.json()["upstream_failed"] == ["after"]
+        assert aborted.json()["workflow_status"] == "failed"
+    assert (await client.wait("esc-http-1", timeout_s=60)).status == "succeeded"
+    assert (await client.wait("esc-http-2", timeout_s=60)).status == "failed"
