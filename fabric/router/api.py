@@ -104,6 +104,9 @@ class WorkflowSummary(BaseModel):
     metadata: dict[str, str]
     created_at: float = Field(description="seconds since the epoch (UTC)")
     finished_at: float | None
+    trace_id: str | None = Field(
+        default=None, description="W3C trace id of the workflow's trace (when tracing was on), for Jaeger"
+    )
 
 
 class WorkflowPage(BaseModel):
@@ -150,6 +153,30 @@ class WorkflowDetail(WorkflowSummary):
     kind: Literal["running", "completed"]
     counts: dict[str, int] = Field(description="tasks by status")
     tasks: dict[str, TaskDetail]
+
+
+class WhyAnswer(BaseModel):
+    """Why a task is not running (or where it runs), as ``fabric why``; fields beyond ``detail`` come
+    with the reasons they belong to."""
+
+    task_id: str
+    status: TaskStatus
+    reason: str = Field(
+        description="finished, waiting_on, queued, no_agent, circuit_open, running_on, backoff_until, "
+        "escalated, or a status that waits for an operator"
+    )
+    detail: str
+    waiting_on: list[str] | None = Field(default=None, description="waiting_on: unfinished dependencies")
+    queue_depth: int | None = Field(default=None, description="queued: tasks in the capability's queue")
+    agents: list[str] | None = Field(default=None, description="queued, circuit_open: the live agents")
+    agent: str | None = Field(default=None, description="running_on, escalated: the agent")
+    since: float | None = Field(default=None, description="running_on, escalated: since when")
+    until: float | None = Field(default=None, description="backoff_until: when the next attempt is due")
+    escalation_reason: str | None = None
+
+
+class WhyList(BaseModel):
+    items: list[WhyAnswer]
 
 
 class CancelResult(BaseModel):
@@ -298,6 +325,7 @@ def _summary(w: WorkflowRecord) -> dict[str, Any]:
         "metadata": w.metadata,
         "created_at": w.created_at,
         "finished_at": w.finished_at,
+        "trace_id": w.trace_id,
     }
 
 
@@ -538,6 +566,23 @@ def build_app(
             tasks={t.task_id: _task_detail(t) for t in tasks.values()},
         )
         return _json(detail)
+
+    @app.get(
+        f"{API}/workflows/{{workflow_id}}/why",
+        response_model=WhyList,
+        tags=["workflows"],
+        summary="why each unfinished task is not running (as `fabric why`)",
+        responses={**_NOT_FOUND, **_UNAVAILABLE},
+    )
+    async def why(
+        workflow_id: WorkflowIdPath,
+        task: Annotated[str | None, Query(pattern=TASK_ID_PATTERN, description="only this task")] = None,
+    ) -> Response:
+        try:
+            answers = await router.why(workflow_id, task)
+        except KeyError as exc:
+            return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
+        return _json(WhyList(items=[WhyAnswer(**a) for a in answers]))
 
     @app.post(
         f"{API}/workflows/{{workflow_id}}/cancel",

@@ -680,7 +680,11 @@ class Router:
 
     async def _accept(self, admitted: Admitted, respond: Respond) -> Submitted:
         workflow = admitted.workflow
-        trace.get_current_span().set_attribute("fabric.workflow.id", workflow.workflow_id)
+        span = trace.get_current_span()
+        span.set_attribute("fabric.workflow.id", workflow.workflow_id)
+        context = span.get_span_context()
+        if context.is_valid:
+            workflow.trace_id = format(context.trace_id, "032x")
         async with self._locks.hold(workflow.workflow_id):
             existing = await self._store.insert_workflow(workflow, admitted.tasks)
             if existing is not None:
@@ -1676,6 +1680,17 @@ class Router:
         if workflow is None:
             raise KeyError(f"no workflow {workflow_id!r}")
         return await self._abort(workflow, task_id, (reason or "aborted by an operator")[:1000])
+
+    async def why(self, workflow_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Why each unfinished task (or the one asked about) is not running, as ``fabric why``.
+
+        Raises:
+            KeyError: no such workflow, or no such task in it.
+        """
+        workflow = await self._store.get_workflow(workflow_id)
+        if workflow is None:
+            raise KeyError(f"no workflow {workflow_id!r}")
+        return await self._why(workflow, task_id)
 
     async def agents(self) -> list[dict[str, Any]]:
         """Every agent seen, with its state (``alive``/``lost``), by id."""

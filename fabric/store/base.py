@@ -153,6 +153,8 @@ class WorkflowRecord(_Record):
     #: The distinct capabilities of its tasks, sorted (set once at admission; workflows stored by an
     #: older fabric have none and are not found by a capability filter).
     capabilities: list[str] = field(default_factory=list)
+    #: W3C trace id (32 hex digits) of the workflow's trace, when tracing was on at admission.
+    trace_id: str | None = None
 
 
 @dataclass(slots=True)

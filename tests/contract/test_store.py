@@ -109,6 +109,8 @@ async def test_insert_then_get_round_trips_every_field(store: StateStore) -> Non
         created_at=1_234.5,
         finished_at=None,
         notified=False,
+        capabilities=["http.fetch"],
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
     )
     first = TaskRecord(
         workflow_id="wf-1",

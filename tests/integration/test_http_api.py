@@ -289,6 +289,12 @@ async def test_cancel_over_http(http: httpx.AsyncClient, client: FabricClient, r
         {"workflow_id": "to-cancel", "tasks": [task("a"), task("b", "a"), task("c")]}
     )
     assert accepted.tasks == 3
+    why = (await http.get("/api/v1/workflows/to-cancel/why")).json()["items"]
+    assert {w["task_id"]: w["reason"] for w in why} == {"a": "no_agent", "b": "waiting_on", "c": "no_agent"}
+    assert next(w for w in why if w["task_id"] == "b")["waiting_on"] == ["a"]
+    only = (await http.get("/api/v1/workflows/to-cancel/why?task=b")).json()["items"]
+    assert [w["task_id"] for w in only] == ["b"]
+    assert (await http.get("/api/v1/workflows/to-cancel/why?task=zz")).status_code == 404
     one = await http.post("/api/v1/workflows/to-cancel/cancel?task=a")
     assert one.status_code == 200, one.text
     assert one.json() == {"workflow_id": "to-cancel", "cancelled": ["a", "b"], "status": "running"}
@@ -405,6 +411,7 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
         "/api/v1/workflows",
         "/api/v1/workflows/{workflow_id}",
         "/api/v1/workflows/{workflow_id}/cancel",
+        "/api/v1/workflows/{workflow_id}/why",
         "/api/v1/agents",
         "/api/v1/dead",
         "/api/v1/stats",

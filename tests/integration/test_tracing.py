@@ -139,6 +139,10 @@ async def test_an_http_submission_is_one_trace_under_the_clients(
             return bool(doc["kind"] == "completed")
 
         await eventually(finished, what="the workflow to finish")
+        detail = (await http.get("/api/v1/workflows/traced-http")).json()
+        assert detail["trace_id"] == client_trace, "the API links the workflow to its trace"
+        listed = (await http.get("/api/v1/workflows")).json()["items"]
+        assert listed[0]["trace_id"] == client_trace
     spans = receiver.spans
     await eventually(
         lambda: len([s for s in spans if s.kind == CONSUMER and s.service == "fabric-worker"]) >= 2,
