@@ -331,9 +331,12 @@ def status(
     for task_id, task in doc["tasks"].items():
         for entry in task.get("history") or []:
             error = entry.get("error") or {}
+            what = f"{error.get('type')}: {error.get('message')}" if error else ""
+            if entry.get("late"):
+                # An outcome reported after its attempt was given up: recorded, not counted.
+                what = f"late {entry['late']} ignored" + (f" ({what})" if what else "")
             console.print(
-                f"  {task_id} attempt {entry.get('attempt')} on {entry.get('agent')}: "
-                f"{error.get('type')}: {error.get('message')}",
+                f"  {task_id} attempt {entry.get('attempt')} on {entry.get('agent')}: {what}",
                 soft_wrap=True,
                 highlight=False,
             )

@@ -51,7 +51,9 @@ _IO_BUCKETS: Final = (
 #: The router's task counters, by the name of their metric (``fabric_tasks_<name>_total``).
 TaskCounter = Literal["submitted", "started", "succeeded", "failed", "retried", "parked", "escalated"]
 #: A worker's, ``fabric_worker_tasks_<name>_total``.
-WorkerCounter = Literal["started", "succeeded", "failed", "retried", "parked", "escalated"]
+WorkerCounter = Literal[
+    "started", "succeeded", "failed", "retried", "parked", "escalated", "adopted", "leased"
+]
 
 
 class _Children:
@@ -309,6 +311,7 @@ class WorkerMetrics(_Metrics):
         concurrency: int,
         overdue_threads: Callable[[], int],
         breakers: Callable[[], Mapping[str, str]],
+        under_lease: Callable[[], int] = lambda: 0,
     ) -> None:
         super().__init__()
         r = self.registry
@@ -319,6 +322,9 @@ class WorkerMetrics(_Metrics):
             "retried": "Failed attempts this worker sent to be retried or reassigned.",
             "parked": "Task messages this worker parked on the dead-letter queue.",
             "escalated": "Tasks this worker escalated to an operator.",
+            "adopted": "Copies of task messages delivered again for an attempt this worker runs or "
+            "reported (consumer_timeout, a dropped connection): not run again.",
+            "leased": "Task attempts that outlived lease_after_s: acked, they ran on under a lease.",
         }
         self._counters = {
             name: _Children(Counter(f"fabric_worker_tasks_{name}", text, ["capability"], registry=r))
@@ -354,6 +360,11 @@ class WorkerMetrics(_Metrics):
             "fabric_worker_concurrency",
             "Tasks this worker runs at once at most.",
             lambda: [((), concurrency)],
+        )
+        self.gauge_from(
+            "fabric_worker_tasks_under_lease",
+            "Task attempts running now under a lease (their message acked; heartbeats renew them).",
+            lambda: [((), under_lease())],
         )
         self.gauge_from(
             "fabric_worker_handler_threads_overdue",

@@ -20,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -68,6 +69,8 @@ class RouterSettings(_Section):
     #: How often the router reads queue depths from the broker (passive declares) and counts live
     #: agents for ``/metrics``.
     metrics_interval_s: float = Field(default=5.0, gt=0)
+    #: How often the router looks for long tasks whose lease lapsed (their worker stopped renewing it).
+    lease_check_interval_s: float = Field(default=5.0, gt=0)
 
 
 class WorkerSettings(_Section):
@@ -88,6 +91,22 @@ class WorkerSettings(_Section):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
     #: Stable agent id; generated as ``<agent name>@<host>:<pid>`` when empty.
     agent_id: str = ""
+    #: A task still running after this long has its message acked and runs on under a lease the
+    #: router holds, renewed by heartbeats. Keep it well below RabbitMQ's ``consumer_timeout`` (30 min
+    #: by default), which closes the channel of a delivery left unacked longer.
+    lease_after_s: float = Field(default=1200.0, gt=0)
+    #: A lease not renewed for this long lapses: the router runs the task again as a new attempt. A
+    #: worker that could not renew one for half of it gives the attempt up (reports nothing).
+    lease_ttl_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> WorkerSettings:
+        if self.lease_ttl_s < 4 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"lease_ttl_s ({self.lease_ttl_s:g}) must be at least 4 heartbeat intervals "
+                f"({4 * self.heartbeat_interval_s:g}s): heartbeats renew leases"
+            )
+        return self
 
 
 class CapabilityPolicy(_Section):

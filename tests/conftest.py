@@ -75,6 +75,32 @@ def amqp_url() -> Iterator[str]:
     yield url
 
 
+#: consumer_timeout of the node started by `short_timeout_amqp_url` (ms): tasks outlive it in a few seconds.
+SHORT_CONSUMER_TIMEOUT_MS = 2000
+
+
+@pytest.fixture(scope="session")
+def short_timeout_amqp_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A RabbitMQ node of its own with ``consumer_timeout`` of 2 s (checked every 0.5 s), for the long-task
+    tests; started once per session as a child process, stopped at the end (see tests/brokernode.py)."""
+    from tests.brokernode import BrokerNode, BrokerNodeError, find_server
+
+    if find_server() is None:
+        message = "rabbitmq-server is not installed: the long-task tests start a broker node of their own"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: install the rabbitmq-server package)")
+        pytest.skip(message)
+    node = BrokerNode(tmp_path_factory.mktemp("rabbit-node"), consumer_timeout_ms=SHORT_CONSUMER_TIMEOUT_MS)
+    try:
+        node.start()
+    except BrokerNodeError as exc:
+        pytest.fail(f"could not start a RabbitMQ node with a short consumer_timeout: {exc}", pytrace=False)
+    try:
+        yield node.url
+    finally:
+        node.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real Redis: TEST_REDIS_URL, else a testcontainer where Docker runs, else the local server."""

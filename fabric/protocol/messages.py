@@ -168,6 +168,9 @@ class TaskEvent(BaseModel):
     #: With ``escalated`` (and ``dead``): why, as a code (``requested``, ``exhausted``, ``no_other_agent``,
     #: ``worker_lost``, or the reason a handler gave to ``Abort``).
     reason: str | None = None
+    #: With ``started``: the worker acked the task message and holds the attempt under a lease that
+    #: lapses unless its heartbeats renew it within this many seconds (a long task, see "Long tasks").
+    lease_s: float | None = Field(default=None, gt=0)
 
 
 class Heartbeat(BaseModel):
@@ -187,6 +190,9 @@ class Heartbeat(BaseModel):
     #: Seconds between this agent's heartbeats: three missed ones and the router calls it lost.
     interval_s: float = 5.0
     at: float
+    #: ``[workflow_id, task_id, attempt]`` of every attempt running here under a lease: each heartbeat
+    #: renews them.
+    leases: list[tuple[str, str, int]] = Field(default_factory=list)
 
 
 class TaskOutcome(BaseModel):

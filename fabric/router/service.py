@@ -11,6 +11,14 @@ Order of durability (what makes "nothing lost, nothing completed twice" hold acr
   dependents it releases marked ``queued`` in the same batch.
 * A finished workflow is committed with ``notified=False``; after its ``completed`` document is
   published it is saved ``notified=True``; at start any finished, unnotified workflow is announced.
+
+Long tasks run under a lease: a worker acks the message of a task still running after
+``lease_after_s`` (before RabbitMQ's ``consumer_timeout`` closes its channel) once its ``started`` event
+with ``lease_s`` is confirmed; from then on the router, not the broker, owns the task's redelivery. The
+worker's heartbeats renew the lease; one not renewed within ``lease_s`` lapses, and the router counts the
+attempt as lost (``WorkerLost``) and publishes the next one, or parks the task ``worker_lost`` at its
+limit. Events of an attempt the router gave up, or of any attempt older than the current one, are
+recorded in the task's history and change nothing else.
 """
 
 from __future__ import annotations
@@ -74,6 +82,9 @@ _REQUEUE_PAUSE_S = 1.0
 
 #: Task notifications in flight at most; beyond, progress signals are dropped rather than queued.
 _MAX_PENDING_NOTES = 10_000
+
+#: Lease renewals the router remembers at most (one per long task running).
+_MAX_LEASES = 100_000
 
 #: Most resubmitting clients a workflow remembers to send its completed document to.
 _MAX_SUBSCRIBERS = 16
@@ -249,6 +260,10 @@ class Router:
         self._event_queue: dict[str, list[tuple[Delivery, TaskEvent]]] = {}
         self._active = False
         self._agent_first_seen: dict[str, float] = {}
+        #: When each leased attempt was last renewed (its started event, then heartbeats listing it).
+        self._lease_renewed: dict[tuple[str, str, int], float] = {}
+        #: When this router became the active one: a lease it has not seen renewed yet counts from here.
+        self._active_since = 0.0
         self._started = False
         self._closed = asyncio.Event()
         self._alerts = AlertPublisher(
@@ -333,6 +348,7 @@ class Router:
             raise
         self._background(self._recovery_loop(), "periodic recovery")
         self._background(self._gauges_loop(), "metrics refresh")
+        self._background(self._lease_loop(), "lease checks")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
 
@@ -573,12 +589,118 @@ class Router:
                 except Exception as exc:
                     log.error("periodic recovery failed: %s", exc)
 
+    async def _lease_loop(self) -> None:
+        """While this router is the active one, run again every long task whose lease lapsed."""
+        interval = self.settings.router.lease_check_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self._active:
+                try:
+                    await self._check_leases()
+                except Exception as exc:
+                    log.error("lease check failed: %s", exc)
+
+    async def _check_leases(self, now: float | None = None) -> int:
+        """Give up every leased attempt not renewed within its ``lease_s``; returns how many."""
+        now = time.time() if now is None else now
+        leased = await self._store.leased(limit=10_000)
+        live: set[tuple[str, str, int]] = set()
+        lapsed: list[TaskRecord] = []
+        for task in leased:
+            key = (task.workflow_id, task.task_id, task.attempts)
+            live.add(key)
+            renewed = max(self._lease_renewed.get(key, 0.0), self._active_since)
+            if lease_lapsed(renewed, task.lease_s, now):
+                lapsed.append(task)
+        for key in [k for k in self._lease_renewed if k not in live]:
+            del self._lease_renewed[key]
+        given_up = 0
+        for task in lapsed:
+            try:
+                given_up += await self._lapse(task.workflow_id, task.task_id, task.attempts, now)
+            except Exception as exc:
+                log.error("lapsed lease of %s/%s not handled (will try again): %s", *task.key, exc)
+        return given_up
+
+    async def _lapse(self, workflow_id: str, task_id: str, attempt: int, now: float) -> int:
+        """The lease of ``attempt`` lapsed: count it lost; publish the next attempt or park the task."""
+        async with self._locks.hold(workflow_id):
+            work = _Work(self._store, workflow_id)
+            found = await work.load([task_id])
+            if not found:
+                return 0
+            task = found[0]
+            if task.status is not TaskStatus.RUNNING or task.lease_s is None or task.attempts != attempt:
+                return 0  # an event overtook the check
+            self._lease_renewed.pop((workflow_id, task_id, attempt), None)
+            error = ErrorInfo(
+                type="WorkerLost",
+                message=f"attempt {attempt} on {task.agent} stopped renewing its lease for "
+                f"{task.lease_s:g}s: its worker died, stalled or lost the broker",
+            )
+            exhausted = attempt >= task.max_attempts
+            escalate = exhausted and task.on_exhausted == "escalate"
+            event = TaskEvent(
+                workflow_id=workflow_id,
+                task_id=task_id,
+                attempt=attempt,
+                agent_id=task.agent or "unknown",
+                status=EventStatus.ESCALATED
+                if escalate
+                else (EventStatus.DEAD if exhausted else EventStatus.RETRYING),
+                error=error,
+                at=now,
+                reason="worker_lost" if exhausted else None,
+            )
+            if escalate:
+                # Out of attempts and the task asks for an operator, as when a worker dies under it.
+                self._escalate(work, task, event)
+                log.warning("task %s/%s escalated: %s", workflow_id, task_id, error.message)
+            elif exhausted:
+                # Parked like a task whose worker died under an unacked message: `fabric dead` sees it.
+                await self._park_task(work, task, "worker_lost", error)
+                await self._finish(work, task, event, TaskStatus.DEAD)
+                log.warning("task %s/%s parked: %s", workflow_id, task_id, error.message)
+            else:
+                _remember_failure(task, event)
+                task.status, task.dispatched, task.lease_s = TaskStatus.QUEUED, False, None
+                task.error, task.queued_at, task.retry_at = error.model_dump(), now, None
+                work.touch(task)
+                work.released.append(task)
+                log.warning(
+                    "task %s/%s runs again (attempt %d): %s", workflow_id, task_id, attempt + 1, error.message
+                )
+            _mark_lapsed(task, attempt)
+            await self._commit(work)
+            for escalated in work.escalated:
+                self._alert_escalated(escalated)
+            if work.workflow is not None and work.workflow.status.terminal and work.workflow_changed:
+                await self._announce(work.workflow, work)
+            return 1
+
+    async def _park_task(self, work: _Work, task: TaskRecord, reason: str, error: ErrorInfo) -> None:
+        """Publish ``task``'s message, as its last attempt got it, to ``{ns}.dead`` (confirmed)."""
+        upstream = {t.task_id: t.result for t in await work.load(task.depends_on)}
+        body, task_headers = self._task_message(task, upstream, task.attempts)
+        message_id = f"{task.workflow_id}/{task.task_id}/{task.attempts}"
+        parked = headers.parked(
+            task_headers,
+            reason=reason,
+            last_error=f"{error.type}: {error.message}",
+            routing_key=task.capability,
+            **{headers.AGENT_ID: task.agent or ""},
+        )
+        await self._amqp.publish(
+            names.dead_exchange(self.ns), task.capability, body, headers=parked, message_id=message_id
+        )
+
     def _became_active(self) -> None:
         """The first submission or event proves this router is the active one (single active consumer):
         a standby that just took over repairs what its predecessor left."""
         if self._active:
             return
         self._active = True
+        self._active_since = time.time()
         self._background(self._recover(), "recovery on becoming active")
 
     def _background(self, coro: Any, what: str) -> None:
@@ -954,14 +1076,36 @@ class Router:
             )
             return "late"
         status = event.status
+        if is_stale(event.attempt, task.attempts, _lapsed_attempts(task)):
+            # An attempt older than the current one (overtaken by a retry, or given up when its lease
+            # lapsed): its outcome is not this task's. Failures and late results go to the history.
+            if status is not EventStatus.STARTED:
+                log.info(
+                    "ignoring %s of stale attempt %d of %s/%s (current %d)",
+                    status,
+                    event.attempt,
+                    task.workflow_id,
+                    task.task_id,
+                    task.attempts,
+                )
+                _remember_stale(task, event)
+                work.touch(task, notify=False)
+            return "ok"
         if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
             self._queue_ages.ready(task.capability, task.key, at=event.retry_at or event.at)
         if status is EventStatus.STARTED:
-            if event.attempt >= task.attempts:
+            # A lease announced for the attempt already running is not a new start.
+            leasing = task.status is TaskStatus.RUNNING and event.attempt == task.attempts
+            if not (leasing and event.lease_s is not None):
                 if task.started_at != event.at:  # not this very event again (redelivered)
                     work.counts.append(("started", task.capability))
                 task.started_at = event.at
-                self._transition(work, task, event, TaskStatus.RUNNING)
+            if event.lease_s is not None:
+                task.lease_s = event.lease_s
+                self._lease_renewed[(task.workflow_id, task.task_id, event.attempt)] = time.time()
+            elif event.attempt > task.attempts:
+                task.lease_s = None
+            self._transition(work, task, event, TaskStatus.RUNNING)
         elif status is EventStatus.SUCCEEDED:
             released_before = len(work.released)
             await self._finish(work, task, event, TaskStatus.SUCCEEDED)
@@ -979,20 +1123,26 @@ class Router:
                 work.counts.append(("retried", task.capability))
             self._transition(work, task, event, TaskStatus.RETRYING)
         elif status is EventStatus.ESCALATED:
-            self._transition(work, task, event, TaskStatus.ESCALATED)
-            work.counts.append(("escalated", task.capability))
-            task.escalation = {
-                "reason": event.reason or "requested",
-                "attempt": event.attempt,
-                "agent": event.agent_id,
-                "error": event.error.model_dump() if event.error is not None else None,
-                "at": event.at,
-            }
-            work.escalated.append(task)
+            self._escalate(work, task, event)
         return "ok"
+
+    def _escalate(self, work: _Work, task: TaskRecord, event: TaskEvent) -> None:
+        """``task`` waits for an operator; its alert fires once the change is committed."""
+        self._transition(work, task, event, TaskStatus.ESCALATED)
+        work.counts.append(("escalated", task.capability))
+        task.escalation = {
+            "reason": event.reason or "requested",
+            "attempt": event.attempt,
+            "agent": event.agent_id,
+            "error": event.error.model_dump() if event.error is not None else None,
+            "at": event.at,
+        }
+        work.escalated.append(task)
 
     def _transition(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
         task.retry_at = event.retry_at if status is TaskStatus.RETRYING else None
+        if status is not TaskStatus.RUNNING:
+            task.lease_s = None
         task.status = status
         task.attempts = max(task.attempts, event.attempt)
         task.agent = event.agent_id
@@ -1007,6 +1157,7 @@ class Router:
         workflow = await work.get_workflow()
         now = time.time()
         task.status = status
+        task.lease_s = None
         task.attempts = max(task.attempts, event.attempt)
         task.agent = event.agent_id
         task.finished_at = event.at
@@ -1470,7 +1621,7 @@ class Router:
                         _escalation_key(workflow.workflow_id, tid),
                         summary=f"task {workflow.workflow_id}/{tid} cancelled by an operator",
                     )
-                task.status, task.finished_at = TaskStatus.CANCELLED, now
+                task.status, task.finished_at, task.lease_s = TaskStatus.CANCELLED, now, None
                 task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
                 task.escalation = None
                 self._queue_ages.left(task.key)
@@ -1625,6 +1776,7 @@ class Router:
                     "queued_at": t.queued_at,
                     "started_at": t.started_at,
                     "finished_at": t.finished_at,
+                    "lease_s": t.lease_s,
                 }
                 for t in tasks.values()
             },
@@ -1744,6 +1896,11 @@ class Router:
             interval_s=beat.interval_s,
             last_seen=beat.at,
         )
+        now = time.time()
+        for workflow_id, task_id, attempt in beat.leases:
+            self._lease_renewed[(workflow_id, task_id, attempt)] = now
+        if len(self._lease_renewed) > _MAX_LEASES:
+            self._lease_renewed.clear()  # bounded; the next beats renew the live ones again
         first_seen = self._agent_first_seen.setdefault(beat.agent_id, beat.at)
         if len(self._agent_first_seen) > 10_000:
             self._agent_first_seen.clear()  # bounded; first_seen then restarts from the next beat
@@ -1858,3 +2015,61 @@ def _task_param(request: Mapping[str, Any]) -> str:
     if not isinstance(task_id, str) or not task_id:
         raise ValueError("this request needs a task_id")
     return task_id
+
+
+def _mark_lapsed(task: TaskRecord, attempt: int) -> None:
+    """Mark ``attempt`` in the history as given up by the router (its lease lapsed)."""
+    for entry in task.history:
+        if entry.get("attempt") == attempt:
+            entry["lapsed"] = True
+
+
+def _lapsed_attempts(task: TaskRecord) -> set[int]:
+    """Attempts the router gave up since the task was last replayed (a replay counts from 1 again)."""
+    lapsed: set[int] = set()
+    for entry in task.history:
+        error = entry.get("error") or {}
+        if error.get("type") == "Replayed":
+            lapsed.clear()
+        elif entry.get("lapsed"):
+            lapsed.add(int(entry["attempt"]))
+    return lapsed
+
+
+def _remember_stale(task: TaskRecord, event: TaskEvent) -> None:
+    """Record what a stale attempt reported, once per attempt and status, bounded like failures."""
+    if any(e.get("attempt") == event.attempt and e.get("late") == str(event.status) for e in task.history):
+        return
+    error = event.error.model_dump() if event.error is not None else None
+    task.history.append(
+        {
+            "attempt": event.attempt,
+            "agent": event.agent_id,
+            "late": str(event.status),
+            "error": error,
+            "at": event.at,
+        }
+    )
+    if len(task.history) > _MAX_HISTORY:
+        del task.history[_MAX_HISTORY // 2]
+
+
+def is_stale(attempt: int, current: int, lapsed: set[int]) -> bool:
+    """Whether an event of ``attempt`` is stale for a task whose current attempt is ``current``: an
+    earlier attempt, or one the router gave up when its lease lapsed.
+
+    Example:
+        >>> is_stale(1, 2, set()), is_stale(2, 2, {2}), is_stale(2, 2, set())
+        (True, True, False)
+    """
+    return attempt < current or attempt in lapsed
+
+
+def lease_lapsed(renewed_at: float, lease_s: float | None, now: float) -> bool:
+    """Whether a lease last renewed at ``renewed_at`` (seconds since the epoch) has lapsed by ``now``.
+
+    Example:
+        >>> lease_lapsed(100.0, 60.0, 159.0), lease_lapsed(100.0, 60.0, 161.0)
+        (False, True)
+    """
+    return lease_s is not None and now - renewed_at > lease_s

@@ -12,6 +12,8 @@ Semantics every backend keeps (the contract suite in ``tests/contract`` checks t
 * The router is the single writer of workflow and task records (its queues use single active consumer);
   the store therefore needs no compare-and-set: the router reads, decides, and saves. The one exception
   is :meth:`StateStore.mark_dispatched`, below.
+* ``leased`` finds tasks ``running`` with ``lease_s`` set (long tasks whose message was acked early), so
+  the router can run one again when its worker stops renewing the lease.
 * ``undispatched`` finds tasks stored as ready (``queued``) whose publish the broker has not confirmed,
   so a restarted router publishes them again.
 * :meth:`StateStore.mark_dispatched` records the broker's publish confirm as a conditional flag flip, not
@@ -120,6 +122,9 @@ class TaskRecord(_Record):
     retry_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    #: While ``running`` under a lease (a long task whose message the worker acked): the seconds within
+    #: which its worker's heartbeats must renew it, else the router runs the task again. None otherwise.
+    lease_s: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -308,6 +313,10 @@ class StateStore(Protocol):
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         """Finished workflows whose ``completed`` document was not yet published."""
+        ...
+
+    async def leased(self, limit: int = 1000) -> list[TaskRecord]:
+        """Tasks ``running`` under a lease (``lease_s`` set), oldest first: the router watches them."""
         ...
 
     async def list_workflows(

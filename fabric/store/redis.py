@@ -16,6 +16,8 @@ the indexes the router queries by are kept beside them and are only ever written
                                                   dispatched, by created_at
     {prefix}dead                      sorted set  "{workflow_id}\\x1f{task_id}" of dead tasks, by finished_at
     {prefix}dead_cap:{capability}     sorted set  the same, for one capability
+    {prefix}leased                    sorted set  "{workflow_id}\\x1f{task_id}" of tasks running under a
+                                                  lease, by created_at
     {prefix}agents                    hash        agent_id -> msgpack document of the agent
     {prefix}ping                      string      written by :meth:`RedisStore.ping`
 
@@ -214,6 +216,10 @@ class RedisStore:
         return f"{self._prefix}undispatched"
 
     @property
+    def _leased_key(self) -> str:
+        return f"{self._prefix}leased"
+
+    @property
     def _unnotified_key(self) -> str:
         return f"{self._prefix}unnotified"
 
@@ -247,6 +253,8 @@ class RedisStore:
         not_ready: list[str] = []
         # Dead-task index, per capability: member -> parked time (dead) or None (not dead), last one wins.
         dead: dict[str, dict[str, float | None]] = {}
+        leased: dict[str, float] = {}
+        not_leased: list[str] = []
         for task in tasks:
             docs.setdefault(task.workflow_id, {})[task.task_id] = codec.encode(task.to_dict())
             member = f"{task.workflow_id}{_MEMBER_SEP}{task.task_id}"
@@ -257,6 +265,11 @@ class RedisStore:
                 not_ready.append(member)
             parked = parked_at(task) if task.status is TaskStatus.DEAD else None
             dead.setdefault(task.capability, {})[member] = parked
+            if task.status is TaskStatus.RUNNING and task.lease_s is not None:
+                leased[member] = task.created_at
+            else:
+                leased.pop(member, None)
+                not_leased.append(member)
         for workflow_id, mapping in docs.items():
             pipe.hset(self._tasks_key(workflow_id), mapping=mapping)
         gone = [m for m in dict.fromkeys(not_ready) if m not in ready]
@@ -272,6 +285,11 @@ class RedisStore:
                     pipe.zrem(key, *alive[start : start + _CHUNK])
                 if parked_now:
                     pipe.zadd(key, parked_now)
+        gone = [m for m in dict.fromkeys(not_leased) if m not in leased]
+        for start in range(0, len(gone), _CHUNK):
+            pipe.zrem(self._leased_key, *gone[start : start + _CHUNK])
+        if leased:
+            pipe.zadd(self._leased_key, leased)
 
     async def insert_workflow(
         self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
@@ -510,6 +528,26 @@ class RedisStore:
         records = [TaskRecord.from_dict(_decode(b)) for b in blobs if b is not None]
         # The index is written with the documents, so this only filters a race with a concurrent save.
         return [t for t in records if t.status is TaskStatus.QUEUED and not t.dispatched]
+
+    async def leased(self, limit: int = 1000) -> list[TaskRecord]:
+        """Tasks ``running`` under a lease, oldest first.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        client = self._conn()
+        if limit <= 0:
+            return []
+        with self._translate("leased"):
+            members = await client.zrange(self._leased_key, 0, limit - 1)
+            pipe = client.pipeline(transaction=False)
+            for member in members:
+                workflow_id, _, task_id = _text(member).partition(_MEMBER_SEP)
+                pipe.hget(self._tasks_key(workflow_id), task_id)
+            blobs: list[object] = await pipe.execute() if members else []
+        records = [TaskRecord.from_dict(_decode(b)) for b in blobs if b is not None]
+        return [t for t in records if t.status is TaskStatus.RUNNING and t.lease_s is not None]
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         """Finished workflows whose ``completed`` document was not yet published, oldest first.

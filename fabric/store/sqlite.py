@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_undispatched ON tasks (created_at)
     WHERE status = 'queued' AND dispatched = 0;
+CREATE INDEX IF NOT EXISTS tasks_running ON tasks (created_at) WHERE status = 'running';
 CREATE TABLE IF NOT EXISTS agents (
     agent_id  TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
@@ -375,6 +376,15 @@ class SqliteStore:
         )
         tasks = [_task_from_row(r) for r in rows]
         return [t for t in tasks if t.key not in flips][:limit]
+
+    async def leased(self, limit: int = 1000) -> list[TaskRecord]:
+        # The lease lives in the document: running tasks are few (bounded by the workers' concurrency),
+        # so they are read through their index and filtered here.
+        rows = await self._read(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = 'running' ORDER BY created_at"
+        )
+        found = (_task_from_row(r) for r in rows)
+        return [t for t in found if t.lease_s is not None][: max(limit, 0)]
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         rows = await self._read(

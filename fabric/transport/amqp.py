@@ -243,6 +243,8 @@ class AmqpConnection:
         #: Called with the exchange and the seconds from publish to the broker's confirm, for each
         #: confirmed publish (the publish-confirm latency metric).
         self.on_confirm: Callable[[str, float], None] | None = None
+        #: Callbacks running on deliveries; they outlive the channel that delivered them (_guard_callback).
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> AmqpConnection:
         await self.connect()
@@ -289,6 +291,10 @@ class AmqpConnection:
         self._closed = True
         for consumer in self._consumers:
             await consumer.close()
+        for handler in list(self._handlers):
+            handler.cancel()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
@@ -625,7 +631,7 @@ class AmqpConnection:
                 # A passive declare registers the queue with the robust channel, which re-subscribes
                 # its consumers after a reconnect (get_queue(ensure=False) would not).
                 declared = await channel.declare_queue(queue, passive=True)
-                on_message = _guard_callback(queue, callback)
+                on_message = _guard_callback(queue, callback, self._handlers)
                 tag = await declared.consume(on_message)
                 consumers.append(Consumer(declared, tag, channel, on_message))
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
@@ -674,7 +680,7 @@ class AmqpConnection:
             channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
             declared = await channel.declare_queue("", exclusive=True, auto_delete=True)
-            tag = await declared.consume(_guard_callback(declared.name, callback))
+            tag = await declared.consume(_guard_callback(declared.name, callback, self._handlers))
         except aiormq.exceptions.AMQPError as exc:
             raise TransportError(f"cannot declare a reply queue: {exc}") from exc
         consumer = Consumer(declared, tag, channel)
@@ -760,10 +766,19 @@ COALESCE_WRITES = True
 
 
 def _guard_callback(
-    queue: str, callback: DeliveryCallback
+    queue: str, callback: DeliveryCallback, handlers: set[asyncio.Task[None]]
 ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-    async def on_message(message: AbstractIncomingMessage) -> None:
-        delivery = Delivery(message)
+    """Wrap ``callback`` for aio-pika: errors are logged and the message requeued, and the callback runs
+    in a task of its own.
+
+    aiormq runs each delivery's callback in a task of the channel and cancels them all when the channel
+    closes, as RabbitMQ closes it when a delivery stays unacked past ``consumer_timeout``: every task
+    running on the channel would be cancelled halfway and counted as lost. Run apart, a callback goes on
+    to the end and settles its delivery (a settle on the dead channel is logged, and the broker delivers
+    the message again; the worker adopts that copy). :meth:`AmqpConnection.close` cancels what is left.
+    """
+
+    async def guarded(delivery: Delivery) -> None:
         try:
             await callback(delivery)
         except Exception:
@@ -772,6 +787,14 @@ def _guard_callback(
             log.exception("consumer of %s crashed on message %s; requeueing it", queue, delivery.message_id)
             await asyncio.sleep(1.0)
             await delivery.nack(requeue=True)
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        handler = asyncio.create_task(guarded(Delivery(message)))
+        handlers.add(handler)
+        handler.add_done_callback(handlers.discard)
+        # The channel's task waits for the handler, so the channel's prefetch accounting is unchanged; if
+        # the channel closes, only this wait is cancelled.
+        await asyncio.shield(handler)
 
     return on_message
 

@@ -4,6 +4,14 @@ For every task message: publish ``started``; run the handler under the concurren
 attempt's time limit; publish the outcome event and wait for the broker's confirm; only then ack the
 task message (DESIGN.md §6). If the process dies anywhere before the ack, the broker redelivers the task.
 
+Long tasks: RabbitMQ closes a channel whose delivery stays unacked past its ``consumer_timeout`` (30 min
+by default) and requeues every unacked message on it, while the handlers go on running. So a task still
+running after ``lease_after_s`` is handed over: the worker publishes ``started`` with ``lease_s``
+(confirmed), acks the message, and from then on its heartbeats renew the lease; the router runs the task
+again as a new attempt if the lease lapses. A redelivered copy of an attempt that is running here (the
+channel was closed under it, or the connection dropped) is adopted, never run a second time, and a copy
+of an attempt already reported here is only acked.
+
 All capability queues are consumed on one channel with one prefetch limit, so a worker never holds more
 than ``concurrency`` unacked tasks in all. Sync handlers run on daemon threads of their own: a thread
 cannot be killed, so one stuck past its timeout keeps its concurrency slot until it returns, and never
@@ -108,6 +116,7 @@ class Worker:
             concurrency=self.concurrency,
             overdue_threads=lambda: self.overdue_threads,
             breakers=lambda: {cap: str(b.state) for cap, b in self._breakers.items()},
+            under_lease=lambda: sum(1 for running in self._attempts.values() if running.leased),
         )
         self._amqp.on_confirm = self.metrics.observe_publish
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -123,6 +132,10 @@ class Worker:
         self._cancelled: OrderedDict[tuple[str, str | None], None] = OrderedDict()
         #: Tasks running now, with the asyncio future of an async handler (to cancel it).
         self._current: dict[tuple[str, str], tuple[Task, asyncio.Future[Any] | None]] = {}
+        #: Attempts held here from their delivery until they are settled, by (workflow, task, attempt).
+        self._attempts: dict[_AttemptKey, _Running] = {}
+        #: Attempts this worker ran and reported (bounded): a copy delivered again is only acked.
+        self._reported: OrderedDict[_AttemptKey, None] = OrderedDict()
         self._health: HealthServer | None = None
         self._draining = False
         self._started = False
@@ -131,6 +144,10 @@ class Worker:
         self.failed_fatally = False
         self.processed = 0
         self.failed = 0
+        #: Copies of attempts held or reported here that arrived again and were not run again.
+        self.adopted = 0
+        #: Attempts handed over to a lease (their message acked while they ran on).
+        self.leased = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -369,6 +386,9 @@ class Worker:
             cancelled=threading.Event(),
             on_exhausted=_on_exhausted_header(msg_headers),
         )
+        key = (workflow_id, task_id, task.attempt)
+        if await self._adopt(key, delivery):
+            return
         if self.agent_id in headers.get_list(msg_headers, headers.AVOID) and await self._pass_on(
             delivery, task
         ):
@@ -385,11 +405,58 @@ class Worker:
         if delivery.redelivered:
             await self._lost_attempt(delivery, task)
             return
+        running = _Running(task, [delivery])
+        self._attempts[key] = running
+        try:
+            await self._start(handler, running)
+        except BaseException:
+            for copy in running.deliveries[1:]:  # the first one is settled by the caller
+                if not copy.settled:
+                    await copy.nack(requeue=True)
+            raise
+        finally:
+            del self._attempts[key]
+
+    async def _adopt(self, key: _AttemptKey, delivery: Delivery) -> bool:
+        """Another copy of an attempt this worker holds or has reported: never run it a second time.
+
+        The broker closed the consumer channel under a running task (``consumer_timeout``, a dropped
+        connection) and requeued its message, or a router republished it. A copy of a running attempt is
+        settled with it (acked at once when the attempt runs under a lease); a redelivered copy of an
+        attempt already reported is acked. Returns True when handled.
+        """
+        running = self._attempts.get(key)
+        if running is not None:
+            self.adopted += 1
+            self.metrics.count("adopted", running.task.capability)
+            log.info(
+                "task %s/%s attempt %d was delivered again while it runs here: adopting the copy",
+                *key,
+            )
+            if running.leased:
+                await delivery.ack()
+            else:
+                running.deliveries.append(delivery)
+            return True
+        # Only a redelivered copy: a replayed task (``fabric dead replay``) starts again from attempt 1.
+        if delivery.redelivered and key in self._reported:
+            self.adopted += 1
+            self.metrics.count("adopted", delivery.routing_key)
+            log.info("task %s/%s attempt %d was delivered again after it was reported: acking", *key)
+            await delivery.ack()
+            return True
+        return False
+
+    async def _start(self, handler: Handler, running: _Running) -> None:
+        task = running.task
+        delivery = running.deliveries[0]
         slot = await self._take_slot()
         if slot is None:
-            # Draining: a task not started yet is another worker's to run.
-            log.info("draining: returning task %s/%s to its queue unstarted", workflow_id, task_id)
+            # Draining: a task not started yet is another worker's to run (one copy of it is enough).
+            log.info("draining: returning task %s/%s to its queue unstarted", task.workflow_id, task.task_id)
             await self._return_unstarted(delivery)
+            for copy in running.deliveries[1:]:
+                await copy.ack()
             return
         destination = names.capability_queue(self.ns, handler.capability)
         attributes = messaging_attributes(
@@ -406,14 +473,17 @@ class Worker:
             f"process {destination}",
             SpanKind.CONSUMER,
             attributes,
-            parent=self._telemetry.extract(msg_headers),
+            parent=self._telemetry.extract(delivery.headers),
         ) as span:
-            await self._attempt(handler, delivery, task, slot, span)
+            await self._attempt(handler, running, slot, span)
 
-    async def _attempt(
-        self, handler: Handler, delivery: Delivery, task: Task, slot: _Slot, span: Span
-    ) -> None:
+    async def _attempt(self, handler: Handler, running: _Running, slot: _Slot, span: Span) -> None:
+        task, delivery = running.task, running.deliveries[0]
         workflow_id, task_id = task.workflow_id, task.task_id
+        # A timer, not a task per attempt: most attempts end long before it fires.
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.worker.lease_after_s, self._begin_handover, running
+        )
         try:
             try:
                 await self._event(task, EventStatus.STARTED)
@@ -421,6 +491,19 @@ class Worker:
                 began = time.perf_counter()
                 outcome = await self._run(handler, task, slot)
                 self.metrics.ran(task.capability, _RUN_OUTCOMES[outcome.status], time.perf_counter() - began)
+                timer.cancel()
+                await _finish_handover(running)
+                if running.leased and not self._lease_held(running):
+                    # Not renewed for half its lifetime: the router may have given the attempt up and run
+                    # it again already, so this one reports nothing (a retry it sent would run twice).
+                    log.warning(
+                        "task %s/%s attempt %d: its lease could not be renewed; dropping its outcome "
+                        "(the router runs it again when the lease lapses)",
+                        workflow_id,
+                        task_id,
+                        task.attempt,
+                    )
+                    return
                 if outcome.error is not None:
                     self._telemetry.failed(span, outcome.error.type, outcome.error.message)
                 if self._is_cancelled(task):
@@ -448,6 +531,16 @@ class Worker:
                 )
                 self._count_outcome(task.capability, outcome.status)
             except TransportError as exc:
+                if running.leased:
+                    # The message is acked: the lease, no longer renewed, lapses and the router runs
+                    # the task again.
+                    log.warning(
+                        "could not report task %s/%s (%s); the router runs it again when its lease lapses",
+                        workflow_id,
+                        task_id,
+                        exc,
+                    )
+                    return
                 # The outcome is not confirmed, so the task must not be acked: the broker redelivers it,
                 # after a pause so a broker refusing publishes does not spin it in a hot loop.
                 log.warning(
@@ -455,10 +548,18 @@ class Worker:
                 )
                 slot.release()
                 await asyncio.sleep(NACK_PAUSE_S)
-                await delivery.nack(requeue=True)
+                for copy in running.deliveries:
+                    await copy.nack(requeue=True)
                 return
-            await delivery.ack()
+            self._reported[(workflow_id, task_id, task.attempt)] = None
+            while len(self._reported) > _MAX_REPORTED:
+                self._reported.popitem(last=False)
+            for copy in running.deliveries:
+                await copy.ack()
         finally:
+            timer.cancel()
+            if running.handover is not None:
+                running.handover.cancel()
             slot.release()
 
     def _count_outcome(self, capability: str, status: EventStatus) -> None:
@@ -475,6 +576,69 @@ class Worker:
             self.metrics.count("parked", capability)
         elif status is EventStatus.ESCALATED:
             self.metrics.count("escalated", capability)
+
+    def _begin_handover(self, running: _Running) -> None:
+        running.handover = asyncio.create_task(
+            self._hand_over(running), name=f"fabric-lease-{running.task.task_id}"
+        )
+
+    async def _hand_over(self, running: _Running) -> None:
+        """Hand a task still running after ``lease_after_s`` over to a lease, before the broker's
+        ``consumer_timeout`` closes the channel under it.
+
+        ``started`` with ``lease_s`` is confirmed first, so the router knows the attempt is leased before
+        its message is acked; from then on every heartbeat renews the lease.
+        """
+        worker = self.settings.worker
+        task = running.task
+        while True:
+            running.handing_over = True
+            renewed_at = time.monotonic()
+            try:
+                await self._event(task, EventStatus.STARTED, lease_s=worker.lease_ttl_s)
+                break
+            except TransportError as exc:
+                running.handing_over = False
+                log.warning(
+                    "could not lease task %s/%s (%s); trying again", task.workflow_id, task.task_id, exc
+                )
+            await asyncio.sleep(NACK_PAUSE_S)
+        running.renewed_at = renewed_at
+        running.leased = True
+        self.leased += 1
+        self.metrics.count("leased", task.capability)
+        for copy in running.deliveries:
+            await copy.ack()
+        running.handing_over = False
+        log.info(
+            "task %s/%s has run %.0fs: its message is acked; it runs on under a lease of %.0fs",
+            task.workflow_id,
+            task.task_id,
+            worker.lease_after_s,
+            worker.lease_ttl_s,
+        )
+
+    def _lease_held(self, running: _Running) -> bool:
+        """False once a leased attempt went half its lease without a confirmed renewal: then it is
+        given up (its handler cancelled, its outcome dropped) before the router can run it again."""
+        if running.forfeited:
+            return False
+        if time.monotonic() - running.renewed_at <= self.settings.worker.lease_ttl_s / 2:
+            return True
+        running.forfeited = True
+        task = running.task
+        log.warning(
+            "task %s/%s attempt %d: lease not renewed for %.0fs; giving the attempt up",
+            task.workflow_id,
+            task.task_id,
+            task.attempt,
+            time.monotonic() - running.renewed_at,
+        )
+        task.cancelled.set()
+        current = self._current.get((task.workflow_id, task.task_id))
+        if current is not None and current[1] is not None:
+            current[1].cancel()
+        return False
 
     async def _take_slot(self) -> _Slot | None:
         """Wait for a concurrency slot; None when the worker is draining (then no slot is taken)."""
@@ -824,11 +988,13 @@ class Worker:
         error: ErrorInfo | None = None,
         retry_in_s: float | None = None,
         reason: str | None = None,
+        lease_s: float | None = None,
     ) -> None:
         now = time.time()
         event = TaskEvent(
             reason=reason if status in (EventStatus.ESCALATED, EventStatus.DEAD) else None,
             retry_at=None if retry_in_s is None else now + retry_in_s,
+            lease_s=lease_s,
             workflow_id=task.workflow_id,
             task_id=task.task_id,
             attempt=task.attempt,
@@ -928,7 +1094,12 @@ class Worker:
         interval = self.settings.worker.heartbeat_interval_s
         host = socket.gethostname()
         while True:
+            # Leases are checked before the beat: after the event loop stalled, a beat would renew them
+            # at the router though they went unrenewed too long.
+            leased = [r for r in self._attempts.values() if r.leased and self._lease_held(r)]
+            sent_at = time.monotonic()
             beat = Heartbeat(
+                leases=[(r.task.workflow_id, r.task.task_id, r.task.attempt) for r in leased],
                 interval_s=interval,
                 agent_id=self.agent_id,
                 agent=self.agent.name,
@@ -954,6 +1125,9 @@ class Worker:
                 )
             except TransportError as exc:
                 log.warning("heartbeat not sent: %s", exc)
+            else:
+                for running in leased:
+                    running.renewed_at = max(running.renewed_at, sent_at)
             await asyncio.sleep(interval)
 
 
@@ -1043,6 +1217,39 @@ def _unserializable(result: Any) -> str | None:
     return None
 
 
+#: An attempt's identity: (workflow id, task id, attempt).
+_AttemptKey = tuple[str, str, int]
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    """One attempt this worker holds, from its delivery until it is settled."""
+
+    task: Task
+    #: The delivery that runs, then any copies delivered again meanwhile: all are settled together.
+    deliveries: list[Delivery]
+    #: True once the messages are acked and the attempt runs under a lease the router holds.
+    leased: bool = False
+    #: Publishing the lease and acking: the hand-over must not be interrupted then.
+    handing_over: bool = False
+    #: time.monotonic() of the last confirmed renewal (the lease itself, then heartbeats).
+    renewed_at: float = 0.0
+    #: Given up: the lease went unrenewed too long; nothing of this attempt is reported.
+    forfeited: bool = False
+    #: The hand-over to a lease, once ``lease_after_s`` has passed.
+    handover: asyncio.Task[None] | None = None
+
+
+async def _finish_handover(running: _Running) -> None:
+    """The attempt ended: stop a hand-over still retrying its publish, or let one under way complete."""
+    handover = running.handover
+    if handover is None:
+        return
+    if not running.handing_over:
+        handover.cancel()
+    await asyncio.gather(handover, return_exceptions=True)
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     """What one run of a handler comes to: the event to report, and the policy's decision on a failure."""
@@ -1059,6 +1266,8 @@ MAX_BOUNCES = 20
 _NOT_AGENT_FAULTS = frozenset({"Abort", "Escalate", "ResultNotSerializable", "Cancelled"})
 #: Cancellations a worker remembers (oldest forgotten first).
 _MAX_CANCELLED = 10_000
+#: Reported attempts a worker remembers, to ack copies of them delivered again.
+_MAX_REPORTED = 10_000
 #: The error recorded on a task an operator cancelled.
 _CANCELLED = ErrorInfo(type="Cancelled", message="cancelled by an operator")
 

@@ -682,6 +682,49 @@ async def test_a_save_after_mark_dispatched_stays_unconfirmed_in_a_new_store(
         assert await second.undispatched() == [retry]
 
 
+# -- leased --------------------------------------------------------------------------------------------
+
+
+async def test_leased_is_running_with_a_lease_oldest_first(store: StateStore) -> None:
+    running = TaskStatus.RUNNING
+    tasks = [
+        task("plain", created_at=1.0, status=running),
+        task("late", created_at=5.0, status=running, lease_s=60.0, attempts=2, agent="w2"),
+        task("early", created_at=2.0, status=running, lease_s=30.0, attempts=1, agent="w1"),
+        task("done", created_at=3.0, status=TaskStatus.SUCCEEDED, lease_s=60.0),
+        task("queued", created_at=4.0),
+    ]
+    await store.insert_workflow(workflow(task_count=len(tasks)), tasks)
+
+    found = await store.leased()
+    assert keys(found) == [("wf-1", "early"), ("wf-1", "late")]
+    assert found[0] == tasks[2], "every field comes back"
+    assert keys(await store.leased(limit=1)) == [("wf-1", "early")]
+    assert await store.leased(limit=0) == []
+
+
+async def test_leased_follows_saves(store: StateStore) -> None:
+    await store.insert_workflow(
+        workflow(task_count=2), [task("a", created_at=1.0), task("b", created_at=2.0)]
+    )
+    assert await store.leased() == []
+
+    a = task("a", created_at=1.0, status=TaskStatus.RUNNING, lease_s=60.0, attempts=1)
+    b = task("b", created_at=2.0, status=TaskStatus.RUNNING, lease_s=60.0, attempts=1)
+    await store.save(tasks=[a, b])
+    assert keys(await store.leased()) == [("wf-1", "a"), ("wf-1", "b")]
+
+    # The lease lapsed and the task went back to the queue; the other one finished.
+    await store.save(
+        tasks=[
+            task("a", created_at=1.0, attempts=1),
+            task("b", created_at=2.0, status=TaskStatus.SUCCEEDED, lease_s=None),
+        ]
+    )
+    assert await store.leased() == []
+    assert keys(await store.undispatched()) == [("wf-1", "a")]
+
+
 # -- unnotified ----------------------------------------------------------------------------------------
 
 

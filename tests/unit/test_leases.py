@@ -1,0 +1,176 @@
+"""Long tasks, the pure parts: when a lease lapses, which events are stale, how the router applies them
+(on the in-memory store, no broker), and when a worker gives a leased attempt up."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from fabric import Agent, Task, load_settings
+from fabric.errors import ConfigError
+from fabric.protocol.messages import EventStatus, TaskEvent, TaskStatus
+from fabric.router.service import Router, _lapsed_attempts, _Work, is_stale, lease_lapsed
+from fabric.store import TaskRecord, WorkflowRecord
+from fabric.store.memory import MemoryStore
+from fabric.worker.runtime import Worker, _Running
+
+
+@pytest.mark.parametrize(
+    ("renewed_at", "lease_s", "now", "lapsed"),
+    [
+        (100.0, 60.0, 100.0, False),
+        (100.0, 60.0, 160.0, False),  # exactly the lease: still held
+        (100.0, 60.0, 160.5, True),
+        (100.0, None, 1e9, False),  # not leased
+    ],
+)
+def test_lease_lapses_only_after_lease_s_unrenewed(
+    renewed_at: float, lease_s: float | None, now: float, lapsed: bool
+) -> None:
+    assert lease_lapsed(renewed_at, lease_s, now) is lapsed
+
+
+@pytest.mark.parametrize(
+    ("attempt", "current", "given_up", "stale"),
+    [
+        (2, 2, set(), False),
+        (3, 2, set(), False),  # a newer attempt (its started may come after a retry's event)
+        (1, 2, set(), True),
+        (2, 2, {2}, True),  # the router gave attempt 2 up: the task is queued for attempt 3
+        (3, 2, {2}, False),
+    ],
+)
+def test_stale_attempts(attempt: int, current: int, given_up: set[int], stale: bool) -> None:
+    assert is_stale(attempt, current, given_up) is stale
+
+
+def test_lapsed_attempts_count_from_the_last_replay() -> None:
+    task = TaskRecord(workflow_id="wf", task_id="a", capability="demo.echo")
+    lost = {"type": "WorkerLost", "message": "lease"}
+    task.history = [
+        {"attempt": 1, "agent": "w1", "error": lost, "at": 1.0, "lapsed": True},
+        {"attempt": 2, "agent": "w2", "error": {"type": "ValueError", "message": "x"}, "at": 2.0},
+    ]
+    assert _lapsed_attempts(task) == {1}
+    task.history.append({"attempt": 2, "agent": "operator", "error": {"type": "Replayed", "message": ""}})
+    assert _lapsed_attempts(task) == set(), "after a replay, attempt 1 is a new attempt"
+    task.history.append({"attempt": 1, "agent": "w3", "error": lost, "at": 3.0, "lapsed": True})
+    assert _lapsed_attempts(task) == {1}
+
+
+class _Delivery:
+    """What the router reads of an event's delivery."""
+
+    redelivered = False
+    headers: dict[str, Any] = {}
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[Router]:
+    store = MemoryStore()
+    async with store:
+        yield Router(load_settings(namespace="unit"), store=store)
+
+
+async def _stored(router: Router, task: TaskRecord) -> None:
+    workflow = WorkflowRecord(workflow_id="wf", fingerprint="fp", task_count=1, remaining=1)
+    await router.store.insert_workflow(workflow, [task])
+
+
+async def _apply(router: Router, status: EventStatus, attempt: int, **fields: Any) -> tuple[str, TaskRecord]:
+    work = _Work(router.store, "wf")
+    event = TaskEvent(
+        workflow_id="wf",
+        task_id="a",
+        attempt=attempt,
+        agent_id=f"w{attempt}",
+        status=status,
+        at=1.0,
+        **fields,
+    )
+    verdict = await router._apply_event(work, event, _Delivery())  # type: ignore[arg-type]
+    await router.store.save(
+        workflows=[work.workflow] if work.workflow else [], tasks=list(work.changed.values())
+    )
+    return verdict, (await router.store.get_tasks("wf"))["a"]
+
+
+async def test_started_with_a_lease_is_held_until_the_attempt_ends(router: Router) -> None:
+    await _stored(router, TaskRecord(workflow_id="wf", task_id="a", capability="c", status=TaskStatus.QUEUED))
+    _, task = await _apply(router, EventStatus.STARTED, 1)
+    assert (task.status, task.lease_s) == (TaskStatus.RUNNING, None)
+    _, task = await _apply(router, EventStatus.STARTED, 1, lease_s=60.0)
+    assert (task.status, task.lease_s) == (TaskStatus.RUNNING, 60.0)
+    assert [t.key for t in await router.store.leased()] == [("wf", "a")]
+    _, task = await _apply(router, EventStatus.RETRYING, 1, error={"type": "E", "message": "m"})
+    assert (task.status, task.lease_s) == (TaskStatus.RETRYING, None)
+    assert await router.store.leased() == []
+
+
+async def test_outcome_of_a_given_up_attempt_is_history_not_a_completion(router: Router) -> None:
+    """The router gave attempt 1 up (lease lapsed) and queued attempt 2; attempt 1 reports late."""
+    lost = {"type": "WorkerLost", "message": "lease lapsed"}
+    task = TaskRecord(workflow_id="wf", task_id="a", capability="c", status=TaskStatus.QUEUED, attempts=1)
+    task.history = [{"attempt": 1, "agent": "w1", "error": lost, "at": 1.0, "lapsed": True}]
+    await _stored(router, task)
+
+    verdict, task = await _apply(router, EventStatus.SUCCEEDED, 1, result="late")
+    assert verdict == "ok"
+    assert (task.status, task.result) == (TaskStatus.QUEUED, None), "not completed by the stale attempt"
+    assert task.history[-1]["late"] == "succeeded"
+    _, task = await _apply(router, EventStatus.RETRYING, 1, error={"type": "E", "message": "m"})
+    assert task.status is TaskStatus.QUEUED, "a stale retry changes nothing"
+
+    _, task = await _apply(router, EventStatus.STARTED, 2)
+    assert task.status is TaskStatus.RUNNING
+    _, task = await _apply(router, EventStatus.SUCCEEDED, 2, result="on time")
+    assert (task.status, task.result, task.attempts) == (TaskStatus.SUCCEEDED, "on time", 2)
+    verdict, task = await _apply(router, EventStatus.SUCCEEDED, 2, result="again")
+    assert verdict == "late"
+    assert task.result == "on time", "one completion recorded"
+
+
+def test_lease_must_outlive_several_heartbeats() -> None:
+    with pytest.raises(ConfigError, match="lease_ttl_s"):
+        load_settings(worker={"heartbeat_interval_s": 5, "lease_ttl_s": 10})
+    assert load_settings(worker={"heartbeat_interval_s": 5, "lease_ttl_s": 20}).worker.lease_ttl_s == 20
+
+
+async def test_worker_gives_up_a_lease_unrenewed_for_half_its_ttl() -> None:
+    agent = Agent("unit")
+
+    @agent.handler("demo.echo")
+    async def echo(task: Task) -> Any:
+        return task.input
+
+    worker = Worker(agent, load_settings(namespace="unit", worker={"lease_ttl_s": 60}))
+    task = Task(
+        input=None,
+        upstream={},
+        workflow_id="wf",
+        task_id="a",
+        capability="demo.echo",
+        attempt=1,
+        max_attempts=3,
+        agent_id=worker.agent_id,
+        timeout_s=3600,
+        cancelled=threading.Event(),
+    )
+    handler = asyncio.ensure_future(asyncio.sleep(3600))
+    worker._current[("wf", "a")] = (task, handler)
+    running = _Running(task, [], leased=True, renewed_at=time.monotonic() - 29)
+    assert worker._lease_held(running)
+    assert not task.is_cancelled
+    running.renewed_at = time.monotonic() - 31
+    assert not worker._lease_held(running)
+    assert running.forfeited
+    assert task.is_cancelled, "a sync handler is told to stop"
+    await asyncio.gather(handler, return_exceptions=True)
+    assert handler.cancelled(), "an async handler is cancelled"
+    running.renewed_at = time.monotonic()
+    assert not worker._lease_held(running), "given up for good"
