@@ -174,3 +174,34 @@ async def test_worker_gives_up_a_lease_unrenewed_for_half_its_ttl() -> None:
     assert handler.cancelled(), "an async handler is cancelled"
     running.renewed_at = time.monotonic()
     assert not worker._lease_held(running), "given up for good"
+
+
+async def test_router_lapses_only_unrenewed_leases_and_escalates_when_asked(router: Router) -> None:
+    """A lapsed lease at the last attempt of a task whose on_exhausted is escalate: the task waits for
+    an operator (no broker needed: nothing is published but the alert, queued in the background)."""
+    task = TaskRecord(
+        workflow_id="wf",
+        task_id="a",
+        capability="c",
+        status=TaskStatus.RUNNING,
+        attempts=1,
+        max_attempts=1,
+        agent="w1",
+        lease_s=3.0,
+        on_exhausted="escalate",
+    )
+    await _stored(router, task)
+    now = time.time()
+    router._lease_renewed[("wf", "a", 1)] = now
+    assert await router._check_leases(now + 2.9) == 0, "renewed within lease_s"
+    assert await router._check_leases(now + 3.5) == 1
+    stored = (await router.store.get_tasks("wf"))["a"]
+    assert stored.status is TaskStatus.ESCALATED
+    assert stored.lease_s is None
+    assert stored.escalation is not None
+    assert stored.escalation["reason"] == "worker_lost"
+    assert [(e["attempt"], e["error"]["type"], e.get("lapsed")) for e in stored.history] == [
+        (1, "WorkerLost", True)
+    ]
+    assert await router.store.leased() == []
+    assert await router._check_leases(now + 100) == 0, "handled once"
