@@ -594,11 +594,23 @@ class Router:
         interval = self.settings.router.lease_check_interval_s
         while True:
             await asyncio.sleep(interval)
-            if self._active:
-                try:
+            try:
+                if not self._active and await self._sole_router():
+                    # A router restarted into an idle fabric gets no delivery that would tell it it is
+                    # the active one; a leased task whose worker died meanwhile must still lapse.
+                    self._became_active()
+                if self._active:
                     await self._check_leases()
-                except Exception as exc:
-                    log.error("lease check failed: %s", exc)
+            except Exception as exc:
+                log.error("lease check failed: %s", exc)
+
+    async def _sole_router(self) -> bool:
+        """True when this router is the only consumer of the events queue (so the active one)."""
+        consumer = next((c for c in self._consumers if c.queue_name == names.events_queue(self.ns)), None)
+        if consumer is None or not consumer.healthy:
+            return False
+        info = await self._amqp.queue_info(names.events_queue(self.ns))
+        return info is not None and info.consumers == 1
 
     async def _check_leases(self, now: float | None = None) -> int:
         """Give up every leased attempt not renewed within its ``lease_s``; returns how many."""

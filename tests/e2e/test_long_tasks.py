@@ -101,3 +101,32 @@ async def test_leased_task_whose_worker_keeps_dying_is_parked_worker_lost(
     assert headers.get_str(parked[0].headers, headers.DEAD_REASON) == "worker_lost"
     assert headers.get_str(parked[0].headers, headers.TASK_ID) == "long"
     assert headers.get_int(parked[0].headers, headers.ATTEMPT, 0) == 1
+
+
+async def test_router_restarted_into_an_idle_fabric_still_lapses_the_lease(
+    fleet: Fleet, settings: FabricSettings
+) -> None:
+    """Router and worker both die while a leased task runs; the new router receives no delivery that
+    would make it the active one, yet it still notices the lapsed lease."""
+    fleet.env.update(LEASES)
+    router = await fleet.router("router-1")
+    victim = await fleet.worker("victim", queue="demo.sleep")
+    async with FabricClient(settings, reply_timeout_s=60) as client:
+        workflow = {
+            "workflow_id": "wf-idle",
+            "tasks": [{"id": "long", "capability": "demo.sleep", "input": 3}],
+        }
+        await client.submit(workflow)
+        await eventually(
+            lambda: leased_on(client, "wf-idle", "victim"), what="the long task leased on victim"
+        )
+        victim.kill()
+        router.kill()
+        victim.wait()
+        router.wait()
+        await fleet.router("router-2")
+        await fleet.worker("rescuer", queue="demo.sleep")
+        done = await client.wait("wf-idle", timeout_s=60)
+
+    assert done.status == "succeeded"
+    assert (done.tasks["long"].attempts, done.tasks["long"].agent) == (2, "rescuer")
