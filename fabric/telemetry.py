@@ -16,16 +16,30 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["Context", "Span", "SpanKind", "Telemetry", "messaging_attributes", "tracing_configured"]
+__all__ = [
+    "MAX_LINKS",
+    "Context",
+    "Span",
+    "SpanKind",
+    "SpanLink",
+    "Telemetry",
+    "messaging_attributes",
+    "tracing_configured",
+]
+
+#: A link to another span: its W3C ``traceparent`` and the link's attributes.
+SpanLink = tuple[str, Mapping[str, Any]]
+#: Links a span carries at most (the SDK's own default limit is 128).
+MAX_LINKS = 64
 
 log = logging.getLogger("fabric.telemetry")
 
@@ -89,16 +103,56 @@ class Telemetry:
 
     @contextmanager
     def span(
-        self, name: str, kind: SpanKind, attributes: Mapping[str, Any], *, parent: Context | None = None
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: Mapping[str, Any],
+        *,
+        parent: Context | None = None,
+        links: Sequence[SpanLink] = (),
     ) -> Iterator[Span]:
-        """A span made current for its block; an exception escaping it is recorded as its error."""
+        """A span made current for its block; an exception escaping it is recorded as its error.
+
+        ``links``: spans this one follows from without being their child, as ``(traceparent,
+        attributes)`` (an unreadable traceparent is left out).
+        """
         if not self.enabled:
             yield trace.INVALID_SPAN  # tracing off: no span, no context switch
             return
+        span_links = [link for link in (_link(tp, attrs) for tp, attrs in links[:MAX_LINKS]) if link]
         with self.tracer.start_as_current_span(
-            name, context=parent, kind=kind, attributes=dict(attributes), record_exception=True
+            name,
+            context=parent,
+            kind=kind,
+            attributes=dict(attributes),
+            links=span_links,
+            record_exception=True,
         ) as span:
             yield span
+
+    def current(self) -> str | None:
+        """The W3C ``traceparent`` of the current span: what a record keeps to link to it or to publish
+        under it later (None when tracing is off or no span is current)."""
+        if not self.enabled:
+            return None
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)
+        return carrier.get("traceparent")
+
+    def traceparent(self, headers: Mapping[str, Any] | None) -> str | None:
+        """The ``traceparent`` header as text (None when absent, or tracing is off)."""
+        if not self.enabled or not headers:
+            return None
+        value = headers.get("traceparent")
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def context(self, traceparent: str | None) -> Context | None:
+        """A parent context from a stored ``traceparent`` (None for none, or when tracing is off)."""
+        if not self.enabled or not traceparent:
+            return None
+        return _PROPAGATOR.extract({"traceparent": traceparent})
 
     def extract(self, headers: Mapping[str, Any] | None) -> Context | None:
         """The W3C trace context carried in message headers (None when there is none, or tracing is off)."""
@@ -121,6 +175,11 @@ class Telemetry:
         """Mark a span failed without an exception object (a handler error reported as an outcome)."""
         span.set_attribute("error.type", error_type)
         span.set_status(Status(StatusCode.ERROR, f"{error_type}: {message}"))
+
+
+def _link(traceparent: str, attributes: Mapping[str, Any]) -> Link | None:
+    context = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
+    return Link(context, dict(attributes)) if context.is_valid else None
 
 
 def messaging_attributes(destination: str, operation: str, **fabric: Any) -> dict[str, Any]:

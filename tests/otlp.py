@@ -14,6 +14,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 
 @dataclass
+class ReceivedLink:
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any]
+
+
+@dataclass
 class ReceivedSpan:
     name: str
     kind: int
@@ -23,7 +30,11 @@ class ReceivedSpan:
     service: str
     attributes: dict[str, Any]
     status_code: int
+    start_ns: int = 0
+    #: Span ids of the linked spans.
     links: list[str] = field(default_factory=list)
+    #: The links in full: trace id, span id and attributes.
+    linked: list[ReceivedLink] = field(default_factory=list)
 
 
 class OtlpReceiver:
@@ -96,7 +107,16 @@ class OtlpReceiver:
                             service=service,
                             attributes=attributes,
                             status_code=span.status.code,
+                            start_ns=span.start_time_unix_nano,
                             links=[link.span_id.hex() for link in span.links],
+                            linked=[
+                                ReceivedLink(
+                                    link.trace_id.hex(),
+                                    link.span_id.hex(),
+                                    {a.key: _value(a.value) for a in link.attributes},
+                                )
+                                for link in span.links
+                            ],
                         )
                     )
 

@@ -45,6 +45,12 @@ AGENT_ID = "fabric-agent-id"
 #: W3C trace context.
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+#: With tracing: a table ``{dependency task id: traceparent}`` of the spans of the task's other
+#: dependencies (those that did not release it), which its attempt spans link to.
+LINKS = "fabric-links"
+#: With tracing: the ``traceparent`` of the span of the task's previous attempt (set by a retry, a
+#: reassignment, a replay or a resume), which the next attempt's span links to.
+PREVIOUS_ATTEMPT = "fabric-previous-attempt"
 
 
 def get_str(headers: Mapping[str, Any] | None, name: str, default: str = "") -> str:
@@ -88,6 +94,17 @@ def get_list(headers: Mapping[str, Any] | None, name: str) -> list[str]:
     if isinstance(value, list | tuple):
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value]
     return [get_str(headers, name)]
+
+
+def get_table(headers: Mapping[str, Any] | None, name: str) -> dict[str, str]:
+    """Read a header holding a table of strings (an AMQP field table); anything else reads as empty."""
+    value = headers.get(name) if headers else None
+    if not isinstance(value, Mapping):
+        return {}
+    return {
+        str(k): (v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v))
+        for k, v in value.items()
+    }
 
 
 def parked(

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
@@ -70,7 +69,7 @@ from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
 from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
 from fabric.store.timed import timed
-from fabric.telemetry import Telemetry, messaging_attributes
+from fabric.telemetry import MAX_LINKS, Telemetry, messaging_attributes
 from fabric.topology import names, spec
 from fabric.transport.amqp import DEFAULT_EXCHANGE, AmqpConnection, Consumer, Delivery
 
@@ -160,8 +159,6 @@ class _Work:
         #: Task notifications to send after the commit, as they were at each change.
         self.notes: list[dict[str, Any]] = []
         self.released: list[TaskRecord] = []
-        #: Trace context of the event that released each task: its publish span's parent.
-        self.parents: dict[str, Context | None] = {}
         self.workflow: WorkflowRecord | None = None
         self.workflow_changed = False
         #: True when this batch finished the workflow.
@@ -819,6 +816,9 @@ class Router:
         context = span.get_span_context()
         if context.is_valid:
             workflow.trace_id = format(context.trace_id, "032x")
+        # The submission's span is the root of the workflow's trace: kept, so that tasks published
+        # later (recovery, replay, resume) stay in the trace.
+        workflow.traceparent = self._telemetry.current()
         async with self._locks.hold(workflow.workflow_id):
             existing = await self._store.insert_workflow(workflow, admitted.tasks)
             if existing is not None:
@@ -826,7 +826,7 @@ class Router:
             self.metrics.workflow_submitted()
             for task in admitted.tasks:
                 self.metrics.count_task("submitted", task.capability)
-            await self._dispatch(admitted.ready)
+            await self._dispatch(admitted.ready, workflow=workflow)
             self.stats["accepted"] += 1
             accepted = Accepted(workflow_id=workflow.workflow_id, tasks=workflow.task_count)
             await respond(accepted.model_dump(mode="json"), workflow.content_type)
@@ -871,9 +871,13 @@ class Router:
         tasks: Iterable[TaskRecord],
         *,
         known: dict[str, TaskRecord] | None = None,
-        parents: Mapping[str, Context | None] | None = None,
+        workflow: WorkflowRecord | None = None,
     ) -> None:
         """Publish ready tasks (confirmed, pipelined), then flag them dispatched.
+
+        With tracing, each publish span hangs under the attempt that released its task (or, for a task
+        ready at submission, the workflow's root) and the message carries the spans of the task's other
+        dependencies and of its previous attempt, for its attempt span to link to.
 
         A task whose capability queue cannot be declared (it exists with other arguments) fails with
         that reason instead of blocking its workflow; other publish failures raise, so the message that
@@ -897,12 +901,24 @@ class Router:
         missing = upstream_ids - upstream.keys()
         if missing:
             upstream.update(await self._store.get_tasks(workflow_id, missing))
+        root: str | None = None
+        if self._telemetry.enabled and any(t.release is None for t in deliverable):
+            if workflow is None:
+                workflow = await self._store.get_workflow(workflow_id)
+            root = workflow.traceparent if workflow is not None else None
         outcomes = await asyncio.gather(
             *(
                 self._publish_task(
                     t,
                     {d: upstream[d].result for d in t.depends_on if d in upstream},
-                    (parents or {}).get(t.task_id),
+                    t.release or root,
+                    {
+                        d: span
+                        for d in t.depends_on
+                        if d in upstream and (span := upstream[d].span) and span != t.release
+                    }
+                    if self._telemetry.enabled
+                    else None,
                 )
                 for t in deliverable
             ),
@@ -942,8 +958,14 @@ class Router:
             await self._announce(work.workflow, work)
 
     async def _publish_task(
-        self, task: TaskRecord, upstream: dict[str, Any], parent: Context | None = None
+        self,
+        task: TaskRecord,
+        upstream: dict[str, Any],
+        parent: str | None = None,
+        links: dict[str, str] | None = None,
     ) -> None:
+        """Publish one task message; ``parent`` is the traceparent its publish span hangs under and
+        ``links`` the spans of its other dependencies (by task id), both only with tracing."""
         destination = names.tasks_exchange(self.ns)
         attributes = messaging_attributes(
             destination,
@@ -952,8 +974,10 @@ class Router:
             task_id=task.task_id,
             attempt=task.attempts + 1,
         )
-        with self._telemetry.span(f"publish {destination}", SpanKind.PRODUCER, attributes, parent=parent):
-            await self._publish_task_message(task, upstream)
+        with self._telemetry.span(
+            f"publish {destination}", SpanKind.PRODUCER, attributes, parent=self._telemetry.context(parent)
+        ):
+            await self._publish_task_message(task, upstream, links)
 
     @staticmethod
     def _task_message(
@@ -973,10 +997,17 @@ class Router:
             task_headers[headers.TIMEOUT_S] = task.timeout_s
         return codec.encode({"input": task.input, "upstream": upstream}), task_headers
 
-    async def _publish_task_message(self, task: TaskRecord, upstream: dict[str, Any]) -> None:
+    async def _publish_task_message(
+        self, task: TaskRecord, upstream: dict[str, Any], links: dict[str, str] | None = None
+    ) -> None:
         attempt = task.attempts + 1
         body, task_headers = self._task_message(task, upstream, attempt)
-        self._telemetry.inject(task_headers)
+        if self._telemetry.enabled:
+            self._telemetry.inject(task_headers)
+            if links:
+                task_headers[headers.LINKS] = dict(list(links.items())[:MAX_LINKS])
+            if task.span:  # a replay or resume: the attempt before it
+                task_headers[headers.PREVIOUS_ATTEMPT] = task.span
         kwargs: dict[str, Any] = {
             "headers": task_headers,
             "message_id": f"{task.workflow_id}/{task.task_id}/{attempt}",
@@ -1103,6 +1134,10 @@ class Router:
                 _remember_stale(task, event)
                 work.touch(task, notify=False)
             return "ok"
+        # With tracing, an event carries its attempt's span: dependents and later attempts link to it.
+        span = self._telemetry.traceparent(delivery.headers)
+        if span is not None and event.attempt >= task.attempts:
+            task.span = span
         if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
             self._queue_ages.ready(task.capability, task.key, at=event.retry_at or event.at)
         if status is EventStatus.STARTED:
@@ -1121,9 +1156,9 @@ class Router:
         elif status is EventStatus.SUCCEEDED:
             released_before = len(work.released)
             await self._finish(work, task, event, TaskStatus.SUCCEEDED)
-            context = self._telemetry.extract(delivery.headers)
+            # The attempt that succeeded released them: their publish spans hang under it.
             for dependent in work.released[released_before:]:
-                work.parents[dependent.task_id] = context
+                dependent.release = span
         elif status is EventStatus.FAILED:
             await self._finish(work, task, event, TaskStatus.FAILED)
         elif status is EventStatus.DEAD:
@@ -1239,7 +1274,7 @@ class Router:
         workflows = [work.workflow] if work.workflow is not None and work.workflow_changed else []
         await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
         self._count(work)
-        await self._dispatch(work.released, known=work.tasks, parents=work.parents)
+        await self._dispatch(work.released, known=work.tasks, workflow=work.workflow)
         for note in work.notes:
             self._notify_task(note)
 

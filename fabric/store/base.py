@@ -125,6 +125,12 @@ class TaskRecord(_Record):
     #: While ``running`` under a lease (a long task whose message the worker acked): the seconds within
     #: which its worker's heartbeats must renew it, else the router runs the task again. None otherwise.
     lease_s: float | None = None
+    #: With tracing: the W3C ``traceparent`` of the span of its latest attempt (from the worker's
+    #: events), which its dependents' attempts and its own next attempt link to.
+    span: str | None = None
+    #: With tracing: the ``traceparent`` of the attempt that released it (its last dependency to
+    #: succeed), under which it is published; None for a task ready at submission (the workflow's root).
+    release: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -160,6 +166,9 @@ class WorkflowRecord(_Record):
     capabilities: list[str] = field(default_factory=list)
     #: W3C trace id (32 hex digits) of the workflow's trace, when tracing was on at admission.
     trace_id: str | None = None
+    #: With tracing: the ``traceparent`` of the submission's span, the root of the workflow's trace, so
+    #: tasks published later (recovery, replay, resume) stay in it.
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)

@@ -58,7 +58,7 @@ from fabric.policy.breaker import BreakerState, CircuitBreaker
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, OnExhausted, TaskEvent
 from fabric.settings import FabricSettings
-from fabric.telemetry import Span, SpanKind, Telemetry, messaging_attributes
+from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attributes
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 from fabric.worker.agent import Agent, Handler, Task
@@ -403,7 +403,9 @@ class Worker:
             await delivery.ack()
             return
         if delivery.redelivered:
-            await self._lost_attempt(delivery, task)
+            # The lost attempt's own span died with its worker: this one stands for it in the trace.
+            with self._attempt_span(task, msg_headers, lost=True) as span:
+                await self._lost_attempt(delivery, task, span)
             return
         running = _Running(task, [delivery])
         self._attempts[key] = running
@@ -458,7 +460,16 @@ class Worker:
             for copy in running.deliveries[1:]:
                 await copy.ack()
             return
-        destination = names.capability_queue(self.ns, handler.capability)
+        with self._attempt_span(task, delivery.headers) as span:
+            await self._attempt(handler, running, slot, span)
+
+    def _attempt_span(
+        self, task: Task, msg_headers: dict[str, Any], *, lost: bool = False
+    ) -> contextlib.AbstractContextManager[Span]:
+        """The span of one attempt, under the publish that released the task (a retry keeps that
+        parent), linked to the previous attempt and to the task's other dependencies. The handler's
+        own spans, made with the plain OpenTelemetry API, nest under it."""
+        destination = names.capability_queue(self.ns, task.capability)
         attributes = messaging_attributes(
             destination,
             "process",
@@ -466,16 +477,22 @@ class Worker:
             task_id=task.task_id,
             attempt=task.attempt,
             agent_id=self.agent_id,
+            attempt_lost=True if lost else None,
         )
-        # One span per attempt, under the publish that released the task (or its retry): the handler's
-        # own spans, made with the plain OpenTelemetry API, nest under it.
-        with self._telemetry.span(
+        links: list[SpanLink] = []
+        if self._telemetry.enabled:
+            previous = headers.get_str(msg_headers, headers.PREVIOUS_ATTEMPT)
+            if previous:
+                links.append((previous, {"fabric.link.type": "previous_attempt"}))
+            for dependency, traceparent in headers.get_table(msg_headers, headers.LINKS).items():
+                links.append((traceparent, {"fabric.link.type": "dependency", "fabric.task.id": dependency}))
+        return self._telemetry.span(
             f"process {destination}",
             SpanKind.CONSUMER,
             attributes,
-            parent=self._telemetry.extract(delivery.headers),
-        ) as span:
-            await self._attempt(handler, running, slot, span)
+            parent=self._telemetry.extract(msg_headers),
+            links=links,
+        )
 
     async def _attempt(self, handler: Handler, running: _Running, slot: _Slot, span: Span) -> None:
         task, delivery = running.task, running.deliveries[0]
@@ -859,11 +876,12 @@ class Worker:
         moved[headers.MUST_AVOID] = "true"
         moved[headers.BOUNCES] = 0
         moved[headers.DISPATCHED_AT_MS] = headers.now_ms()
+        self._previous_attempt(moved)
         await self._republish(
             delivery, task.capability, moved, f"{task.workflow_id}/{task.task_id}/{task.attempt + 1}"
         )
 
-    async def _lost_attempt(self, delivery: Delivery, task: Task) -> None:
+    async def _lost_attempt(self, delivery: Delivery, task: Task, span: Span) -> None:
         """A redelivered task message: a consumer got this attempt before and never settled it, because
         its worker died (or lost the broker connection) while running it. That counts as an attempt,
         so a task that kills its worker every time is parked as ``worker_lost`` instead of looping."""
@@ -872,6 +890,7 @@ class Worker:
             message=f"attempt {task.attempt} was lost: its worker died or lost the broker connection "
             "while running it",
         )
+        self._telemetry.failed(span, error.type, error.message)
         decision = self._policy.decide(
             Failure(
                 error=error,
@@ -940,6 +959,7 @@ class Worker:
         retry_headers[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
         # Ready again once the delay is over: the next attempt's queue wait counts from then.
         retry_headers[headers.DISPATCHED_AT_MS] = headers.now_ms(decision.delay_ms or 0)
+        self._previous_attempt(retry_headers)
         await self._amqp.publish(
             names.retry_exchange(self.ns),
             task.capability,
@@ -959,6 +979,12 @@ class Worker:
             task.attempt + 1,
             decision.tier,
         )
+
+    def _previous_attempt(self, message_headers: dict[str, Any]) -> None:
+        """With tracing, the next attempt's span links to this one (the current span)."""
+        current = self._telemetry.current()
+        if current is not None:
+            message_headers[headers.PREVIOUS_ATTEMPT] = current
 
     async def _park_task(self, delivery: Delivery, task: Task, decision: Decision) -> None:
         """Park a task that will not run again on ``{ns}.dead``, with why and its last error."""

@@ -111,6 +111,7 @@ async def test_insert_then_get_round_trips_every_field(store: StateStore) -> Non
         notified=False,
         capabilities=["http.fetch"],
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+        traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     )
     first = TaskRecord(
         workflow_id="wf-1",
@@ -133,6 +134,8 @@ async def test_insert_then_get_round_trips_every_field(store: StateStore) -> Non
         queued_at=1_234.6,
         started_at=1_235.0,
         finished_at=1_240.25,
+        span="00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01",
+        release="00-4bf92f3577b34da6a3ce929d0e0e4736-a3ce929d0e0e4736-01",
     )
     second = task("sum", depends_on=["fetch"], pending_deps=1, status=TaskStatus.WAITING, input=[1, 2])
 
