@@ -35,6 +35,10 @@ Semantics every backend keeps (the contract suite in ``tests/contract`` checks t
   from an index (SQLite indexes, Redis sorted sets), not by reading every record. A page may hold
   fewer than ``limit`` records while more follow (a backend bounds the work one call does): callers go
   on while ``next_cursor`` is not None.
+* Samples (:meth:`StateStore.add_sample`, :meth:`StateStore.samples`) are a small time series for the
+  dashboard's trend charts: the router appends one every ``router.sample_interval_s``, and each append
+  drops samples older than ``keep_since`` and keeps at most :data:`MAX_SAMPLES`, so the series stays
+  bounded whatever runs; a restarted router finds the history its predecessor wrote.
 """
 
 from __future__ import annotations
@@ -191,6 +195,14 @@ class AgentRecord(_Record):
     last_seen: float = field(default_factory=time.time)
 
 
+@dataclass(slots=True)
+class Sample(_Record):
+    """One point of the dashboard's time series: when, and what was measured (a JSON-able mapping)."""
+
+    at: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+
 _T = TypeVar("_T")
 
 
@@ -230,6 +242,9 @@ class DeadQuery:
 
 #: Most records one query page may hold.
 MAX_PAGE = 1000
+
+#: Most samples a store keeps (an hour at one per second); older ones are dropped on append.
+MAX_SAMPLES = 3600
 
 
 def encode_cursor(at: float, *key: str) -> str:
@@ -361,6 +376,15 @@ class StateStore(Protocol):
 
     async def list_agents(self) -> list[AgentRecord]:
         """Every agent seen, by id."""
+        ...
+
+    async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
+        """Append a sample of the time series, and drop every sample older than ``keep_since`` and all
+        but the newest :data:`MAX_SAMPLES` (in the same write)."""
+        ...
+
+    async def samples(self, since: float) -> list[Sample]:
+        """Samples taken at or after ``since``, oldest first (at most :data:`MAX_SAMPLES`)."""
         ...
 
     async def ping(self) -> None:

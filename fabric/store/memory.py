@@ -10,8 +10,10 @@ from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
     AgentRecord,
+    MAX_SAMPLES,
     DeadQuery,
     Page,
+    Sample,
     TaskRecord,
     WorkflowQuery,
     WorkflowRecord,
@@ -21,7 +23,7 @@ from fabric.store.base import (
     parked_at,
 )
 
-_R = TypeVar("_R", TaskRecord, WorkflowRecord, AgentRecord)
+_R = TypeVar("_R", TaskRecord, WorkflowRecord, AgentRecord, Sample)
 
 
 def _copy(record: _R) -> _R:
@@ -52,6 +54,7 @@ class MemoryStore:
         self._workflows: dict[str, WorkflowRecord] = {}
         self._tasks: dict[str, dict[str, TaskRecord]] = {}
         self._agents: dict[str, AgentRecord] = {}
+        self._samples: list[Sample] = []
 
     async def __aenter__(self) -> Self:
         if self._open:
@@ -205,6 +208,17 @@ class MemoryStore:
     async def list_agents(self) -> list[AgentRecord]:
         self._check_open()
         return [_copy(a) for _, a in sorted(self._agents.items())]
+
+    async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
+        self._check_open()
+        kept = [s for s in self._samples if s.at >= keep_since]
+        kept.append(_copy(sample))
+        kept.sort(key=lambda s: s.at)
+        self._samples = kept[-MAX_SAMPLES:]
+
+    async def samples(self, since: float) -> list[Sample]:
+        self._check_open()
+        return [_copy(s) for s in self._samples if s.at >= since]
 
     async def ping(self) -> None:
         self._check_open()

@@ -52,6 +52,8 @@ from fabric.errors import ConfigError, NotConnectedError, ProtocolError, StoreEr
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
+    MAX_SAMPLES,
+    Sample,
     AgentRecord,
     DeadQuery,
     Page,
@@ -226,6 +228,10 @@ class RedisStore:
     @property
     def _agents_key(self) -> str:
         return f"{self._prefix}agents"
+
+    @property
+    def _samples_key(self) -> str:
+        return f"{self._prefix}samples"
 
     # -- writes ----------------------------------------------------------------------------------------
 
@@ -439,6 +445,34 @@ class RedisStore:
         doc = codec.encode(agent.to_dict())
         with self._translate("put_agent"):
             await client.hset(self._agents_key, agent.agent_id, doc)
+
+    async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
+        """Append a sample (a sorted set scored by time) and trim the old ones, in one transaction.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed.
+        """
+        client = self._conn()
+        member = codec.encode(sample.to_dict())
+        with self._translate("add_sample"):
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._samples_key, {member: sample.at})
+                pipe.zremrangebyscore(self._samples_key, "-inf", f"({keep_since!r}")
+                pipe.zremrangebyrank(self._samples_key, 0, -MAX_SAMPLES - 1)
+                await pipe.execute()
+
+    async def samples(self, since: float) -> list[Sample]:
+        """Samples taken at or after ``since``, oldest first.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        client = self._conn()
+        with self._translate("samples"):
+            members = await client.zrangebyscore(self._samples_key, repr(since), "+inf", 0, MAX_SAMPLES)
+        return [Sample.from_dict(_decode(m)) for m in members]
 
     async def ping(self) -> None:
         """Raise StoreError unless Redis answers and accepts a write.

@@ -51,6 +51,8 @@ from fabric.errors import NotConnectedError, ProtocolError, StoreError
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
+    MAX_SAMPLES,
+    Sample,
     AgentRecord,
     DeadQuery,
     Page,
@@ -104,6 +106,7 @@ CREATE TABLE IF NOT EXISTS agents (
     doc       BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (at REAL PRIMARY KEY, doc BLOB NOT NULL);
 """
 
 #: Indexes over columns added in schema version 2: created after :func:`_migrate` added the columns.
@@ -490,6 +493,26 @@ class SqliteStore:
     async def list_agents(self) -> list[AgentRecord]:
         rows = await self._read("SELECT doc FROM agents ORDER BY agent_id")
         return [AgentRecord.from_dict(_decode(r[0])) for r in rows]
+
+    async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
+        session = self._require()
+        row = (sample.at, codec.encode(sample.data))
+
+        def apply(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO samples (at, doc) VALUES (?, ?)", row)
+            db.execute("DELETE FROM samples WHERE at < ?", (keep_since,))
+            db.execute(
+                "DELETE FROM samples WHERE at < (SELECT at FROM samples ORDER BY at DESC LIMIT 1 OFFSET ?)",
+                (MAX_SAMPLES - 1,),
+            )
+
+        await session.write(apply, 1)
+
+    async def samples(self, since: float) -> list[Sample]:
+        rows = await self._read(
+            "SELECT at, doc FROM samples WHERE at >= ? ORDER BY at LIMIT ?", (since, MAX_SAMPLES)
+        )
+        return [Sample(at=r[0], data=_decode(r[1])) for r in rows]
 
     async def ping(self) -> None:
         await self._require().write(_ping, 1)
