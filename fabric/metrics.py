@@ -173,6 +173,10 @@ class RouterMetrics(_Metrics):
             "parked": "Tasks parked on the dead-letter queue (ended dead).",
             "escalated": "Escalations to an operator (a resumed task may escalate again).",
         }
+        #: Totals over every capability, read by the dashboard (rates, samples): plain ints, no scrape.
+        self.totals: dict[str, int] = dict.fromkeys(
+            [*(f"tasks_{name}" for name in descriptions), "workflows_submitted", "workflows_finished"], 0
+        )
         self._tasks = {
             name: _Children(Counter(f"fabric_tasks_{name}", text, ["capability"], registry=r))
             for name, text in descriptions.items()
@@ -234,11 +238,14 @@ class RouterMetrics(_Metrics):
 
     def count_task(self, counter: TaskCounter, capability: str, amount: int = 1) -> None:
         self._tasks[counter].get(capability).inc(amount)
+        self.totals[f"tasks_{counter}"] += amount
 
     def workflow_submitted(self) -> None:
         self._workflows_submitted.inc()
+        self.totals["workflows_submitted"] += 1
 
     def workflow_finished(self, status: str, duration_s: float) -> None:
+        self.totals["workflows_finished"] += 1
         self._workflows_completed.get(status).inc()
         self._workflow_duration.get(status).observe(max(0.0, duration_s))
 

@@ -71,6 +71,11 @@ class RouterSettings(_Section):
     metrics_interval_s: float = Field(default=5.0, gt=0)
     #: How often the router looks for long tasks whose lease lapsed (their worker stopped renewing it).
     lease_check_interval_s: float = Field(default=5.0, gt=0)
+    #: While active, how often the router stores a sample of the dashboard's trend charts (throughput,
+    #: errors, queue depths, agents); samples older than ``history_s`` are dropped.
+    sample_interval_s: float = Field(default=10.0, ge=1.0)
+    #: How far back the stored samples reach (the dashboard's trend charts show the last hour).
+    history_s: float = Field(default=3600.0, ge=60.0, le=7 * 24 * 3600.0)
 
 
 class WorkerSettings(_Section):
@@ -234,6 +239,11 @@ class HttpSettings(_Section):
     #: Port of the HTTP API (router) and health endpoints.
     port: int = Field(default=8080, ge=0, le=65535)
     host: str = "127.0.0.1"
+    #: Base URL of the Jaeger UI: the dashboard links each workflow to ``<jaeger_url>/trace/<trace id>``.
+    #: Empty: no trace links.
+    jaeger_url: str = Field(default="http://localhost:16686", pattern=r"^(https?://\S+)?$")
+    #: How often the dashboard's live stream (``/api/v1/stream``) pushes a snapshot.
+    stream_interval_s: float = Field(default=1.0, ge=0.1, le=60.0)
 
 
 class FabricSettings(BaseSettings):

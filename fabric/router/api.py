@@ -652,7 +652,7 @@ def build_app(
     async def list_agents(
         state: Literal["alive", "lost"] | None = None, capability: CapabilityQuery = None
     ) -> Response:
-        views = [AgentView(**v) for v in await router.agents()]
+        views = await agent_views(router)
         items = [
             v
             for v in views
@@ -705,22 +705,7 @@ def build_app(
         responses={**_UNAVAILABLE},
     )
     async def stats() -> Response:
-        views = await router.agents()
-        alive = [v for v in views if v["state"] == "alive"]
-        capabilities = sorted({c for v in views for c in v["capabilities"]})
-        depths = await router.queue_depths(capabilities)
-        dead = await router.dead_queue_depth()
-        return _json(
-            Stats(
-                namespace=router.ns,
-                active=router.active,
-                uptime_s=round(time.time() - router.started_at, 3),
-                counters=dict(router.stats),
-                agents=AgentCounts(alive=len(alive), lost=len(views) - len(alive)),
-                queues={c: QueueDepth(**d) for c, d in depths.items()},
-                dead=QueueDepth(**dead) if dead else None,
-            )
-        )
+        return _json(await build_stats(router))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -746,6 +731,36 @@ def build_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+async def agent_views(router: Router) -> list[AgentView]:
+    """Every agent seen, alive or lost (``GET /api/v1/agents`` and the dashboard)."""
+    return [AgentView(**v) for v in await router.agents()]
+
+
+async def build_stats(router: Router, views: list[AgentView] | None = None) -> Stats:
+    """The summary of ``GET /api/v1/stats`` (the dashboard's live view pushes the same)."""
+    if views is None:
+        views = await agent_views(router)
+    alive = [v for v in views if v.state == "alive"]
+    capabilities = sorted({c for v in views for c in v.capabilities})
+    depths = await router.queue_depths(capabilities)
+    dead = await router.dead_queue_depth()
+    return Stats(
+        namespace=router.ns,
+        active=router.active,
+        uptime_s=round(time.time() - router.started_at, 3),
+        counters=dict(router.stats),
+        agents=AgentCounts(alive=len(alive), lost=len(views) - len(alive)),
+        queues={c: QueueDepth(**d) for c, d in depths.items()},
+        dead=QueueDepth(**dead) if dead else None,
+    )
+
+
+async def workflow_summaries(router: Router, query: WorkflowQuery, limit: int) -> list[WorkflowSummary]:
+    """The first page of ``GET /api/v1/workflows`` for ``query``."""
+    page = await router.store.query_workflows(query, limit=limit)
+    return [WorkflowSummary(**_summary(w)) for w in page.items]
 
 
 def _openapi_problem(description: str) -> dict[str, Any]:

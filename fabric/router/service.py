@@ -64,10 +64,11 @@ from fabric.protocol.messages import (
 )
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.api import ApiServer, build_app
+from fabric.router.dashboard import mount_dashboard
 from fabric.router.rules import AgentState, ErrorWindow, QueueAges, RuleEngine, Snapshot
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
-from fabric.store.base import AgentRecord, TaskRecord, WorkflowRecord
+from fabric.store.base import AgentRecord, Sample, TaskRecord, WorkflowRecord
 from fabric.store.timed import timed
 from fabric.telemetry import MAX_LINKS, Telemetry, messaging_attributes
 from fabric.topology import names, spec
@@ -263,6 +264,10 @@ class Router:
         self._active_since = 0.0
         self._started = False
         self._closed = asyncio.Event()
+        #: Set when the router begins to shut down (the dashboard's live streams end then).
+        self.stopping = asyncio.Event()
+        #: Totals of the previous sample (the next one stores what moved since).
+        self._sampled: tuple[float, dict[str, int]] = (time.time(), dict(self.metrics.totals))
         self._alerts = AlertPublisher(
             settings.alerts,
             self.ns,
@@ -339,6 +344,7 @@ class Router:
                 },
                 metrics=self.render_metrics,
             )
+            mount_dashboard(app, self)
             self._http = await ApiServer(app, http.host, http.port).__aenter__()
         except BaseException:
             await self._shutdown()
@@ -346,6 +352,7 @@ class Router:
         self._background(self._recovery_loop(), "periodic recovery")
         self._background(self._gauges_loop(), "metrics refresh")
         self._background(self._lease_loop(), "lease checks")
+        self._background(self._sample_loop(), "dashboard samples")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
 
@@ -353,6 +360,7 @@ class Router:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
+        self.stopping.set()
         for task in list(self._tasks):
             task.cancel()
         if self._http is not None:
@@ -514,6 +522,45 @@ class Router:
             )
         for key, summary in verdict.clear.items():
             self._alerts.resolve(key, summary=summary)
+
+    async def _sample_loop(self) -> None:
+        """While active, store a sample of the dashboard's time series every ``sample_interval_s``."""
+        interval = self.settings.router.sample_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if not self._active:
+                # A standby saw nothing; the active router samples (one series per namespace).
+                self._sampled = (time.time(), dict(self.metrics.totals))
+                continue
+            try:
+                await self.take_sample()
+            except Exception as exc:
+                log.debug("dashboard sample failed: %s", exc)
+
+    async def take_sample(self) -> Sample:
+        """Store one sample: what the task and workflow totals moved since the previous one, and the
+        queue depths and agents now; samples older than ``history_s`` are dropped."""
+        now = time.time()
+        since, before = self._sampled
+        totals = dict(self.metrics.totals)
+        views = await self.agents()
+        alive = [v for v in views if v["state"] == "alive"]
+        capabilities = sorted({c for v in views for c in v["capabilities"]} | self._capabilities)
+        depths = await self.queue_depths(capabilities[:MAX_WATCHED_CAPABILITIES])
+        sample = Sample(
+            at=now,
+            data={
+                "interval_s": round(now - since, 3),
+                "moved": {k: v - before.get(k, 0) for k, v in totals.items()},
+                "queues": {c: d["messages"] for c, d in depths.items()},
+                "agents_alive": len(alive),
+                "agents_lost": len(views) - len(alive),
+                "in_flight": sum(int(v["in_flight"]) for v in alive),
+            },
+        )
+        await self._store.add_sample(sample, keep_since=now - self.settings.router.history_s)
+        self._sampled = (now, totals)
+        return sample
 
     # -- recovery ---------------------------------------------------------------------------------
 

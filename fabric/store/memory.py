@@ -9,8 +9,8 @@ from fabric.errors import NotConnectedError, StoreError
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
-    AgentRecord,
     MAX_SAMPLES,
+    AgentRecord,
     DeadQuery,
     Page,
     Sample,

@@ -52,10 +52,10 @@ from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
     MAX_SAMPLES,
-    Sample,
     AgentRecord,
     DeadQuery,
     Page,
+    Sample,
     TaskRecord,
     WorkflowQuery,
     WorkflowRecord,

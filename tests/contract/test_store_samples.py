@@ -9,7 +9,6 @@ from fabric.store import Sample, StateStore
 from fabric.store.base import MAX_SAMPLES
 
 from .conftest import Backend
-from .test_store import workflow
 
 
 async def test_samples_come_back_oldest_first_from_since(store: StateStore) -> None:
@@ -49,15 +48,3 @@ async def test_samples_outlive_the_store_instance(durable_backend: Backend) -> N
         await first.add_sample(Sample(100.0, {"n": 1}), keep_since=0)
     async with durable_backend.make() as second:
         assert [(s.at, s.data) for s in await second.samples(0)] == [(100.0, {"n": 1})]
-
-
-async def test_trace_id_round_trips(store: StateStore) -> None:
-    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    await store.insert_workflow(workflow("wf-t", trace_id=trace_id), [])
-    stored = await store.get_workflow("wf-t")
-    assert stored is not None
-    assert stored.trace_id == trace_id
-    await store.insert_workflow(workflow("wf-u"), [])
-    untraced = await store.get_workflow("wf-u")
-    assert untraced is not None
-    assert untraced.trace_id is None
