@@ -55,6 +55,10 @@ topology_app = typer.Typer(
     help="Inspect or create the broker topology (exchanges and queues).", no_args_is_help=True
 )
 app.add_typer(topology_app, name="topology")
+docs_app = typer.Typer(
+    help="Documents generated from the code: the AsyncAPI description of the wire contract."
+)
+app.add_typer(docs_app, name="docs")
 
 console = Console()
 err = Console(stderr=True)
@@ -898,6 +902,41 @@ def topology_delete(
 
     _run(main())
     console.print(f"deleted topology of namespace {settings.namespace!r}")
+
+
+@docs_app.command("asyncapi")
+def docs_asyncapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="yaml or json (default: from the file name, else yaml).")
+    ] = None,
+) -> None:
+    """Write the AsyncAPI 3.0 document of the exchanges, queues and messages (generated from the code).
+
+    The namespace is FABRIC_NAMESPACE (default fabric). Example: fabric docs asyncapi -o asyncapi.yaml
+    """
+    from fabric.asyncapi import asyncapi_document
+
+    settings = _settings()
+    kind = fmt or ("json" if output is not None and output.suffix == ".json" else "yaml")
+    if kind not in ("yaml", "json"):
+        _die(f"--format must be yaml or json, not {kind!r}", 2)
+    document = asyncapi_document(settings.namespace)
+    text = (
+        json.dumps(document, indent=2) + "\n"
+        if kind == "json"
+        else yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    )
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        _die(f"cannot write {output}: {exc}", 2)
+    console.print(f"AsyncAPI document of namespace {settings.namespace!r} written to {output}")
 
 
 def main() -> None:
