@@ -1944,18 +1944,21 @@ class Router:
         return [self._agent_view(a, now) for a in await self._store.list_agents()]
 
     async def queue_depths(self, capabilities: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Messages and consumers of each capability's queue, as the broker counts them (passive declares);
-        capabilities without a queue are left out."""
-        depths: dict[str, dict[str, Any]] = {}
-        for capability in capabilities:
-            info = await self._amqp.queue_info(names.capability_queue(self.ns, capability))
-            if info is not None:
-                depths[capability] = {
-                    "queue": info.name,
-                    "messages": info.messages,
-                    "consumers": info.consumers,
-                }
-        return depths
+        """Messages and consumers of each capability's queue, as the broker counts them (passive declares
+        on one channel, the first MAX_WATCHED_CAPABILITIES by name); capabilities without a queue are
+        left out."""
+        queues = {
+            names.capability_queue(self.ns, c): c
+            for c in sorted(set(capabilities))[:MAX_WATCHED_CAPABILITIES]
+        }
+        if not queues:
+            return {}
+        infos = await self._amqp.queue_infos(queues)
+        return {
+            queues[queue]: {"queue": info.name, "messages": info.messages, "consumers": info.consumers}
+            for queue, info in infos.items()
+            if info is not None
+        }
 
     async def dead_queue_depth(self) -> dict[str, Any] | None:
         """Messages in the parking queue ``{ns}.dead`` (tasks and anything else parked), or None."""
