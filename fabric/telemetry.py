@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import trace
@@ -46,6 +47,54 @@ log = logging.getLogger("fabric.telemetry")
 _PROPAGATOR = TraceContextTextMapPropagator()
 #: Spans waiting for export at most; beyond, new spans are dropped (never blocks).
 _MAX_QUEUE = 8192
+
+
+#: The tracer provider of the fabric span current in this context: handler spans made with the plain
+#: OpenTelemetry API go to it, under the attempt span.
+_ACTIVE: ContextVar[Any] = ContextVar("fabric_tracer_provider", default=None)
+
+
+class _ContextTracer(trace.Tracer):
+    """A tracer that starts spans with the provider of the fabric span current in its context (a no-op
+    outside one)."""
+
+    def __init__(self, name: str, version: str | None, schema_url: str | None) -> None:
+        self._scope = (name, version, schema_url)
+
+    def _target(self) -> trace.Tracer:
+        provider = _ACTIVE.get()
+        if provider is None:
+            return trace.NoOpTracer()
+        name, version, schema_url = self._scope
+        tracer: trace.Tracer = provider.get_tracer(name, version, schema_url)
+        return tracer
+
+    def start_span(self, *args: Any, **kwargs: Any) -> Span:
+        return self._target().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target().start_as_current_span(*args, **kwargs)
+
+
+class _ContextTracerProvider(trace.TracerProvider):
+    """The global provider fabric installs when tracing is on (and nobody installed one): a handler's
+    ``trace.get_tracer(__name__)`` then records into its worker's pipeline."""
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> trace.Tracer:
+        return _ContextTracer(instrumenting_module_name, instrumenting_library_version, schema_url)
+
+
+def _install_global_provider() -> None:
+    """Make the plain OpenTelemetry API record handler spans (once per process, and never over a
+    provider the application installed itself)."""
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(_ContextTracerProvider())
 
 
 def tracing_configured() -> bool:
@@ -93,6 +142,7 @@ class Telemetry:
             )
         )
         self.tracer = self._provider.get_tracer("fabric")
+        _install_global_provider()
         log.info("tracing on: spans of %s exported over OTLP", name)
 
     def shutdown(self) -> None:
@@ -120,15 +170,19 @@ class Telemetry:
             yield trace.INVALID_SPAN  # tracing off: no span, no context switch
             return
         span_links = [link for link in (_link(tp, attrs) for tp, attrs in links[:MAX_LINKS]) if link]
-        with self.tracer.start_as_current_span(
-            name,
-            context=parent,
-            kind=kind,
-            attributes=dict(attributes),
-            links=span_links,
-            record_exception=True,
-        ) as span:
-            yield span
+        token = _ACTIVE.set(self._provider)
+        try:
+            with self.tracer.start_as_current_span(
+                name,
+                context=parent,
+                kind=kind,
+                attributes=dict(attributes),
+                links=span_links,
+                record_exception=True,
+            ) as span:
+                yield span
+        finally:
+            _ACTIVE.reset(token)
 
     def current(self) -> str | None:
         """The W3C ``traceparent`` of the current span: what a record keeps to link to it or to publish

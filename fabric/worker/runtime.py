@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -1195,7 +1196,10 @@ class _HandlerThread:
         self.result: asyncio.Future[Any] = self._loop.create_future()
         self.finished = False
         self._on_finish: list[Callable[[], None]] = []
-        threading.Thread(target=self._main, args=(func, task), name=name, daemon=True).start()
+        # The thread runs in a copy of this context: the attempt's span is current there too, so the
+        # handler's own spans (plain OpenTelemetry API) nest under it.
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._main, func, task), name=name, daemon=True).start()
 
     def when_finished(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the event loop once the thread has returned (at once if it has)."""

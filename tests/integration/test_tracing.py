@@ -194,6 +194,55 @@ async def test_parking_and_replay_keep_the_trace(
     assert (publish.kind, publish.parent_span_id) == (PRODUCER, submit.span_id)
 
 
+async def test_handlers_open_child_spans_with_the_plain_api(
+    settings: FabricSettings, receiver: OtlpReceiver, extra_caps: list[str]
+) -> None:
+    """``trace.get_tracer(__name__)`` in a handler, async or sync: its spans are exported with the
+    worker's, under the attempt span."""
+    from opentelemetry import trace as otel
+
+    agent = Agent("child-spans")
+    extra_caps.extend(["t.async", "t.sync"])
+
+    @agent.handler("t.async")
+    async def in_loop(task: Task) -> int:
+        with otel.get_tracer("my.handlers").start_as_current_span("async work") as span:
+            span.set_attribute("work.items", 3)
+        return 1
+
+    @agent.handler("t.sync")
+    def in_thread(task: Task) -> int:
+        with otel.get_tracer("my.handlers").start_as_current_span("sync work"):
+            return 2
+
+    async with (
+        Router(settings, telemetry=traced("fabric-router", receiver)),
+        Worker(agent, settings, telemetry=traced("fabric-worker", receiver)),
+        FabricClient(settings) as client,
+    ):
+        done = await client.run(
+            {
+                "tasks": [
+                    {"id": "a", "capability": "t.async"},
+                    {"id": "s", "capability": "t.sync", "depends_on": ["a"]},
+                ]
+            },
+            timeout_s=60,
+        )
+        assert done.status == "succeeded"
+    spans = receiver.spans
+    await eventually(lambda: len([s for s in spans if s.name.endswith(" work")]) == 2, what="handler spans")
+    by_id = {s.span_id: s for s in spans}
+    assert len({s.trace_id for s in spans}) == 1
+    for name, task_id in (("async work", "a"), ("sync work", "s")):
+        child = next(s for s in spans if s.name == name)
+        attempt = by_id[child.parent_span_id]
+        assert attempt.kind == CONSUMER
+        assert attempt.attributes["fabric.task.id"] == task_id
+        assert child.service == "fabric-worker"
+    assert next(s for s in spans if s.name == "async work").attributes["work.items"] == 3
+
+
 async def test_an_http_submission_is_one_trace_under_the_clients(
     settings: FabricSettings, receiver: OtlpReceiver
 ) -> None:
