@@ -68,7 +68,7 @@ function live() {
     render(JSON.parse(e.data));
   });
   loadHistory();
-  setInterval(loadHistory, 15000);
+  setInterval(loadHistory, 10000);  // samples come every router.sample_interval_s (10 s)
 
   function render(snap) {
     const { stats, rates, agents, running, recent } = snap;
