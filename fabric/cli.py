@@ -22,6 +22,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -539,7 +540,8 @@ def abort(
 
 @app.command()
 def agents(json_out: JsonOpt = False) -> None:
-    """List the agents seen through their heartbeats, with load and health."""
+    """List the agents seen through their heartbeats: state (alive, unhealthy with its reason, lost),
+    each capability with its score (the consumer priority it consumes with) and breaker, load."""
     settings = _settings()
 
     async def main() -> list[dict[str, Any]]:
@@ -551,21 +553,35 @@ def agents(json_out: JsonOpt = False) -> None:
         console.print_json(data=found)
         return
     table = Table(
-        "agent id", "state", "capabilities", "in flight", "processed", "failed", "health", "last seen"
+        "agent id", "state", "capabilities (score)", "in flight", "processed", "failed", "last seen"
     )
     now = time.time()
     for a in found:
+        state = a.get("state", "?")
+        if state == "unhealthy":
+            state = f"[red]unhealthy[/]: {escape(a.get('reason', ''))}"
+        elif a.get("health") == "draining":
+            state = f"{state} (draining)"
         table.add_row(
             a["agent_id"],
-            a.get("state", "?"),
-            ", ".join(a["capabilities"]),
+            state,
+            ", ".join(_capability_cell(a, c) for c in a["capabilities"]),
             f"{a['in_flight']}/{a['concurrency']}",
             str(a["processed"]),
             str(a["failed"]),
-            a["health"],
             f"{now - a['last_seen']:.0f}s ago",
         )
     console.print(table)
+
+
+def _capability_cell(agent: dict[str, Any], capability: str) -> str:
+    """``cap (score)``, with the breaker when it is not closed."""
+    consumer = (agent.get("consumers") or {}).get(capability) or {}
+    notes = [] if consumer.get("score") is None else [str(consumer["score"])]
+    breaker = (agent.get("breakers") or {}).get(capability, "closed")
+    if breaker != "closed":
+        notes.append(f"breaker {breaker}")
+    return f"{capability} ({', '.join(notes)})" if notes else capability
 
 
 # -- demo -----------------------------------------------------------------------------------------

@@ -279,9 +279,12 @@ class RouterMetrics(_Metrics):
         lost: int,
         alive_by_capability: Mapping[str, int],
         open_by_capability: Mapping[str, int],
+        unhealthy: int = 0,
     ) -> None:
-        """Agents seen through heartbeats; capabilities no live agent serves any more read 0."""
+        """Agents seen through heartbeats (``unhealthy``: alive, but marked by the stall watchdog);
+        capabilities no live agent serves any more read 0."""
         self._agents.get("alive").set(alive)
+        self._agents.get("unhealthy").set(unhealthy)
         self._agents.get("lost").set(lost)
         for (capability,) in self._agents_alive.label_values():
             if capability not in alive_by_capability:

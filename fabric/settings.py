@@ -76,6 +76,12 @@ class RouterSettings(_Section):
     sample_interval_s: float = Field(default=10.0, ge=1.0)
     #: How far back the stored samples reach (the dashboard's trend charts show the last hour).
     history_s: float = Field(default=3600.0, ge=60.0, le=7 * 24 * 3600.0)
+    #: Stall watchdog: a live agent with a free slot and its breaker closed that got no task of a
+    #: capability for this long, while that capability's queue had tasks ready all along, is marked
+    #: ``unhealthy`` and an alert goes to ``{ns}.alerts``.
+    stall_after_s: float = Field(default=60.0, gt=0)
+    #: How often the active router runs the stall watchdog (checks the queues of idle agents).
+    stall_check_interval_s: float = Field(default=5.0, gt=0)
 
 
 class WorkerSettings(_Section):
@@ -94,6 +100,13 @@ class WorkerSettings(_Section):
     breaker_failures: int = Field(default=5, ge=1, le=10_000)
     #: How long an open breaker waits before one probe task.
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    #: Agent score (consumer priority): the handler latency that halves the speed factor.
+    score_latency_ref_s: float = Field(default=5.0, gt=0)
+    #: Agent score: attempts older than this are forgotten.
+    score_window_s: float = Field(default=300.0, gt=0)
+    #: Agent score: the least time between two re-subscriptions of one capability with a new
+    #: priority (with hysteresis on the score, so a worker does not churn its consumers).
+    rescore_min_interval_s: float = Field(default=30.0, ge=0)
     #: Stable agent id; generated as ``<agent name>@<host>:<pid>`` when empty.
     agent_id: str = ""
     #: A task still running after this long has its message acked and runs on under a lease the

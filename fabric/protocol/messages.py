@@ -173,6 +173,29 @@ class TaskEvent(BaseModel):
     lease_s: float | None = Field(default=None, gt=0)
 
 
+class ConsumerState(BaseModel):
+    """How one capability's consumer of an agent is doing, as its heartbeat reports it.
+
+    Times are seconds since the epoch on the agent's clock.
+    """
+
+    #: True while the broker delivers to the consumer (subscribed on an open channel). False when the
+    #: broker cancelled it (queue deleted), the channel is down, or the breaker is open.
+    consuming: bool = True
+    #: When the consumer was last subscribed (start, breaker closing, watchdog, new priority).
+    subscribed_at: float | None = None
+    #: When the broker last delivered a task of this capability; None if never.
+    last_delivery_at: float | None = None
+    #: Tasks of this capability delivered since the worker started.
+    deliveries: int = 0
+    #: The agent's score for this capability: the consumer priority (``x-priority``) it consumes with.
+    score: int | None = None
+    #: Smoothed share of recent attempts that succeeded; None without recent attempts.
+    success_rate: float | None = None
+    #: Mean duration of recent successful attempts, in milliseconds; None without any.
+    latency_ms: float | None = None
+
+
 class Heartbeat(BaseModel):
     """An agent's heartbeat on ``{ns}.heartbeats``."""
 
@@ -189,6 +212,11 @@ class Heartbeat(BaseModel):
     breakers: dict[str, str] = Field(default_factory=dict)
     #: Seconds between this agent's heartbeats: three missed ones and the router calls it lost.
     interval_s: float = 5.0
+    #: Since when the agent has had a free slot without a break (in_flight below concurrency); None
+    #: while it is at its concurrency limit. The router's stall watchdog judges only agents with room.
+    free_since: float | None = None
+    #: Per capability: consumer state, deliveries, score.
+    consumers: dict[str, ConsumerState] = Field(default_factory=dict)
     at: float
     #: ``[workflow_id, task_id, attempt]`` of every attempt running here under a lease: each heartbeat
     #: renews them.

@@ -227,9 +227,25 @@ class AgentView(BaseModel):
     health: str
     breakers: dict[str, str] = Field(description="capability -> closed, open or half_open")
     interval_s: float
+    free_since: float | None = Field(
+        default=None, description="since when it has had a free slot; null at its concurrency limit"
+    )
+    consumers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="capability -> consuming, subscribed_at, last_delivery_at, deliveries, score "
+        "(its x-priority), success_rate, latency_ms",
+    )
+    unhealthy: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="capability -> {reason, since, quiet_s, last_delivery_at}: stalls the router's "
+        "watchdog found (no task taken although its queue has work and it has room)",
+    )
     first_seen: float
     last_seen: float
-    state: Literal["alive", "lost"] = Field(description="lost after three missed heartbeats")
+    state: Literal["alive", "unhealthy", "lost"] = Field(
+        description="lost after three missed heartbeats; unhealthy while the stall watchdog has marked it"
+    )
+    reason: str | None = Field(default=None, description="with unhealthy: why")
     silent_s: float
 
 
@@ -265,6 +281,7 @@ class DeadPage(BaseModel):
 
 class AgentCounts(BaseModel):
     alive: int
+    unhealthy: int = 0
     lost: int
 
 
@@ -646,11 +663,11 @@ def build_app(
         f"{API}/agents",
         response_model=AgentList,
         tags=["agents"],
-        summary="agents seen through their heartbeats, alive or lost",
+        summary="agents seen through their heartbeats, alive, unhealthy or lost",
         responses={**_BAD_PARAMETER, **_UNAVAILABLE},
     )
     async def list_agents(
-        state: Literal["alive", "lost"] | None = None, capability: CapabilityQuery = None
+        state: Literal["alive", "unhealthy", "lost"] | None = None, capability: CapabilityQuery = None
     ) -> Response:
         views = await agent_views(router)
         items = [
@@ -734,7 +751,7 @@ def build_app(
 
 
 async def agent_views(router: Router) -> list[AgentView]:
-    """Every agent seen, alive or lost (``GET /api/v1/agents`` and the dashboard)."""
+    """Every agent seen, alive, unhealthy or lost (``GET /api/v1/agents`` and the dashboard)."""
     return [AgentView(**v) for v in await router.agents()]
 
 
@@ -742,7 +759,7 @@ async def build_stats(router: Router, views: list[AgentView] | None = None) -> S
     """The summary of ``GET /api/v1/stats`` (the dashboard's live view pushes the same)."""
     if views is None:
         views = await agent_views(router)
-    alive = [v for v in views if v.state == "alive"]
+    states = [v.state for v in views]
     capabilities = sorted({c for v in views for c in v.capabilities})
     depths = await router.queue_depths(capabilities)
     dead = await router.dead_queue_depth()
@@ -751,7 +768,9 @@ async def build_stats(router: Router, views: list[AgentView] | None = None) -> S
         active=router.active,
         uptime_s=round(time.time() - router.started_at, 3),
         counters=dict(router.stats),
-        agents=AgentCounts(alive=len(alive), lost=len(views) - len(alive)),
+        agents=AgentCounts(
+            alive=states.count("alive"), unhealthy=states.count("unhealthy"), lost=states.count("lost")
+        ),
         queues={c: QueueDepth(**d) for c, d in depths.items()},
         dead=QueueDepth(**dead) if dead else None,
     )

@@ -62,6 +62,7 @@ from fabric.protocol.messages import (
     TaskStatus,
     WorkflowStatus,
 )
+from fabric.router import watchdog
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.api import ApiServer, build_app
 from fabric.router.dashboard import mount_dashboard
@@ -100,11 +101,6 @@ _FINAL_COUNTERS: dict[TaskStatus, TaskCounter] = {
 
 #: Capability queues whose depth the router reads at most (the first ones by name).
 MAX_WATCHED_CAPABILITIES = 500
-
-
-def _agent_lost(agent: AgentRecord, now: float) -> bool:
-    """True after three missed heartbeats."""
-    return now - agent.last_seen > 3 * agent.interval_s + 1
 
 
 #: Sends one reply document (``accepted``, ``rejected``, ``completed``) in a content type.
@@ -262,6 +258,10 @@ class Router:
         self._lease_renewed: dict[tuple[str, str, int], float] = {}
         #: When this router became the active one: a lease it has not seen renewed yet counts from here.
         self._active_since = 0.0
+        #: Stall watchdog: agent id -> capability -> mark (kept in each agent record's ``unhealthy``).
+        self._stalls: dict[str, dict[str, dict[str, Any]]] = {}
+        #: Stall watchdog: capability -> since when every check found tasks ready in its queue.
+        self._ready_since: dict[str, float] = {}
         self._started = False
         self._closed = asyncio.Event()
         #: Set when the router begins to shut down (the dashboard's live streams end then).
@@ -322,6 +322,7 @@ class Router:
             await self._amqp.connect()
             await self._amqp.declare(spec.core(self.ns))
             await self._alerts.__aenter__()
+            await self._load_stalls()
             await self._recover()
             prefetch = self.settings.router
             self._consumers = [
@@ -353,6 +354,7 @@ class Router:
         self._background(self._gauges_loop(), "metrics refresh")
         self._background(self._lease_loop(), "lease checks")
         self._background(self._sample_loop(), "dashboard samples")
+        self._background(self._stall_loop(), "stall watchdog")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
 
@@ -437,22 +439,29 @@ class Router:
         """Read live agents from the store and queue depths from the broker (passive declares, one
         channel), into the gauges ``/metrics`` shows."""
         now = time.time()
-        alive = lost = 0
+        alive = lost = unhealthy = 0
         alive_by: dict[str, int] = {}
         open_by: dict[str, int] = {}
         capabilities = set(self._capabilities)
         for agent in await self._store.list_agents():
             capabilities.update(agent.capabilities)
-            if _agent_lost(agent, now):
+            if watchdog.is_lost(agent, now):
                 lost += 1
                 continue
-            alive += 1
+            if agent.unhealthy:
+                unhealthy += 1
+            else:
+                alive += 1
             for capability in agent.capabilities:
                 alive_by[capability] = alive_by.get(capability, 0) + 1
                 if agent.breakers.get(capability, "closed") != "closed":
                     open_by[capability] = open_by.get(capability, 0) + 1
         self.metrics.set_agents(
-            alive=alive, lost=lost, alive_by_capability=alive_by, open_by_capability=open_by
+            alive=alive,
+            lost=lost,
+            unhealthy=unhealthy,
+            alive_by_capability=alive_by,
+            open_by_capability=open_by,
         )
         if not self._amqp.connected:
             return
@@ -479,22 +488,27 @@ class Router:
 
     # -- threshold alerts -------------------------------------------------------------------------
 
+    async def _claim_active(self) -> bool:
+        """True when this router is the active one. A router that is the only consumer of
+        ``{ns}.router.events`` is the active one even before its first delivery: a router restarted
+        into an idle fabric gets no delivery that would tell it, yet work stuck in a queue must still
+        alert, stalled agents must still be found and lapsed leases must still run again."""
+        if not self._active and await self._sole_router():
+            self._became_active()
+        return self._active
+
     async def check_alert_rules(self, now: float | None = None) -> None:
         """Evaluate the threshold rules (:mod:`fabric.router.rules`) on what the last metrics refresh
         read, and fire or resolve their alerts. Only the active router does: a standby would repeat them.
-        A router that is the only consumer of ``{ns}.router.events`` is the active one even before its
-        first delivery (an idle fabric with work stuck in a queue must still alert)."""
-        if not self._active:
-            info = await self._amqp.queue_info(names.events_queue(self.ns))
-            if info is None or info.consumers != 1:
-                return
-            self._became_active()
+        """
+        if not await self._claim_active():
+            return
         now = time.time() if now is None else now
         agents = [
             AgentState(
                 agent_id=a.agent_id,
                 capabilities=tuple(a.capabilities),
-                lost=_agent_lost(a, now),
+                lost=watchdog.is_lost(a, now),
                 draining=a.health == "draining",
                 last_seen=a.last_seen,
                 breakers=dict(a.breakers),
@@ -639,11 +653,7 @@ class Router:
         while True:
             await asyncio.sleep(interval)
             try:
-                if not self._active and await self._sole_router():
-                    # A router restarted into an idle fabric gets no delivery that would tell it it is
-                    # the active one; a leased task whose worker died meanwhile must still lapse.
-                    self._became_active()
-                if self._active:
+                if await self._claim_active():
                     await self._check_leases()
             except Exception as exc:
                 log.error("lease check failed: %s", exc)
@@ -1754,13 +1764,15 @@ class Router:
             selected = [t for t in tasks.values() if not t.status.terminal]
         alive: dict[str, list[str]] = {}
         tripped: dict[str, list[str]] = {}  # capability -> live agents whose breaker for it is not closed
+        stalled: dict[str, list[str]] = {}  # capability -> live agents the stall watchdog marked on it
         for agent in await self._store.list_agents():
-            view = self._agent_view(agent)
-            if view["state"] == "alive":
+            if not watchdog.is_lost(agent, time.time()):  # alive, or alive but unhealthy
                 for capability in agent.capabilities:
                     alive.setdefault(capability, []).append(agent.agent_id)
                     if agent.breakers.get(capability, "closed") != "closed":
                         tripped.setdefault(capability, []).append(agent.agent_id)
+                    if capability in agent.unhealthy:
+                        stalled.setdefault(capability, []).append(agent.agent_id)
         depths: dict[str, Any] = {}
         answers = []
         for task in selected:
@@ -1802,6 +1814,12 @@ class Router:
                         detail=f"{depth} task(s) queued for {task.capability!r} "
                         f"(priority {task.priority} here), {len(alive[task.capability])} live agent(s)",
                     )
+                    if task.capability in stalled:
+                        answer["unhealthy_agents"] = stalled[task.capability]
+                        answer["detail"] += (
+                            f"; not consuming although work waits (unhealthy): "
+                            f"{', '.join(stalled[task.capability])}"
+                        )
             elif task.status is TaskStatus.RUNNING:
                 answer.update(
                     reason="running_on",
@@ -1837,11 +1855,19 @@ class Router:
 
     @staticmethod
     def _agent_view(agent: AgentRecord, now: float | None = None) -> dict[str, Any]:
-        """An agent with its state: ``alive``, or ``lost`` after three missed heartbeats."""
+        """An agent with its state: ``alive``; ``unhealthy`` when the stall watchdog found it not
+        consuming a capability whose queue has work (``reason`` says which and why); ``lost`` after
+        three missed heartbeats."""
         now = time.time() if now is None else now
         silent_s = now - agent.last_seen
         view = agent.to_dict()
-        view["state"] = "lost" if _agent_lost(agent, now) else "alive"
+        if watchdog.is_lost(agent, now):
+            view["state"] = "lost"
+        elif agent.unhealthy:
+            view["state"] = "unhealthy"
+            view["reason"] = "; ".join(mark["reason"] for mark in agent.unhealthy.values())
+        else:
+            view["state"] = "alive"
         view["silent_s"] = round(silent_s, 1)
         return view
 
@@ -1939,7 +1965,7 @@ class Router:
         return await self._why(workflow, task_id)
 
     async def agents(self) -> list[dict[str, Any]]:
-        """Every agent seen, with its state (``alive``/``lost``), by id."""
+        """Every agent seen, with its state (``alive``, ``unhealthy``, ``lost``), by id."""
         now = time.time()
         return [self._agent_view(a, now) for a in await self._store.list_agents()]
 
@@ -1991,6 +2017,9 @@ class Router:
             health=beat.health,
             breakers=beat.breakers,
             interval_s=beat.interval_s,
+            free_since=beat.free_since,
+            consumers={cap: state.model_dump() for cap, state in beat.consumers.items()},
+            unhealthy=dict(self._stalls.get(beat.agent_id, {})),
             last_seen=beat.at,
         )
         now = time.time()
@@ -2005,6 +2034,101 @@ class Router:
         with contextlib.suppress(StoreError):
             await self._store.put_agent(record)
         await delivery.ack()
+
+    # -- stall watchdog ---------------------------------------------------------------------------
+
+    async def _load_stalls(self) -> None:
+        """Take the stall marks from the store (kept there by the active router)."""
+        with contextlib.suppress(StoreError):
+            self._stalls = {
+                a.agent_id: dict(a.unhealthy) for a in await self._store.list_agents() if a.unhealthy
+            }
+
+    async def _stall_loop(self) -> None:
+        """Every interval: the active router looks for stalled agents; a standby only refreshes its
+        copy of the marks, so the heartbeats it records keep them."""
+        interval = self.settings.router.stall_check_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self._claim_active():
+                    await self.check_stalls()
+                else:
+                    await self._load_stalls()
+            except (StoreError, TransportError) as exc:
+                log.warning("stall watchdog pass failed (will try again): %s", exc)
+
+    async def check_stalls(self, now: float | None = None) -> None:
+        """One pass of the stall watchdog (see :mod:`fabric.router.watchdog`): mark agents that heartbeat
+        but do not consume although their queue has work ``unhealthy`` and alert; clear and resolve
+        the ones that consume again."""
+        stall_after_s = self.settings.router.stall_after_s
+        agents = {a.agent_id: a for a in await self._store.list_agents()}
+        now = time.time() if now is None else now
+        # Only queues an agent could be stalled on are inspected: a live agent with room and its
+        # breaker closed serves the capability.
+        capabilities = sorted(
+            {
+                capability
+                for agent in agents.values()
+                if agent.free_since is not None and not watchdog.is_lost(agent, now)
+                for capability in agent.capabilities
+                if agent.breakers.get(capability, "closed") == "closed"
+            }
+        )
+        infos = await self._amqp.queue_infos(names.capability_queue(self.ns, c) for c in capabilities)
+        queues: dict[str, watchdog.QueueWork] = {}
+        for capability in capabilities:
+            info = infos.get(names.capability_queue(self.ns, capability))
+            if info is None or info.messages == 0:
+                continue
+            since = self._ready_since.setdefault(capability, now)
+            queues[capability] = watchdog.QueueWork(info.messages, since)
+        self._ready_since = {c: t for c, t in self._ready_since.items() if c in queues}
+
+        changed: set[str] = set()
+        for agent_id, marks in list(self._stalls.items()):
+            agent = agents.get(agent_id)
+            ended = (
+                watchdog.cleared(agent, marks, now=now)
+                if agent is not None
+                else [watchdog.Cleared(agent_id, c, "the agent is gone from the registry") for c in marks]
+            )
+            for end in ended:
+                marks.pop(end.capability, None)
+                changed.add(agent_id)
+                log.warning("agent %s is healthy again on %s: %s", agent_id, end.capability, end.why)
+                self._alerts.resolve(
+                    _stall_key(agent_id, end.capability), summary=f"agent {agent_id}: {end.why}"
+                )
+            if not marks:
+                del self._stalls[agent_id]
+        for stall in watchdog.find_stalls(agents.values(), queues, now=now, stall_after_s=stall_after_s):
+            marks = self._stalls.setdefault(stall.agent_id, {})
+            if stall.capability not in marks:
+                marks[stall.capability] = stall.mark(now)
+                changed.add(stall.agent_id)
+                log.warning("agent %s is unhealthy: %s", stall.agent_id, stall.reason)
+        # Every mark is firing: after a router restart (the marks come back from the store, the alert
+        # publisher's memory does not) a stall still marked fires once more, and can be resolved.
+        for agent_id, marks in self._stalls.items():
+            for capability, mark in marks.items():
+                self._alerts.fire(
+                    _stall_key(agent_id, capability),
+                    kind="agent.stalled",
+                    severity=AlertSeverity.WARNING,
+                    summary=f"agent {agent_id}: {mark.get('reason', 'not consuming')}",
+                    detail="The agent heartbeats but takes no task of this capability although its "
+                    "queue has work and it has free slots. Check its broker connection and its log, or "
+                    "restart it; the alert resolves when it takes a task again.",
+                    labels={"agent_id": agent_id, "capability": capability},
+                    data={k: v for k, v in mark.items() if k != "reason"},
+                )
+        for agent_id in changed:
+            agent = agents.get(agent_id)
+            if agent is not None:
+                agent.unhealthy = dict(self._stalls.get(agent_id, {}))
+                await self._store.put_agent(agent)
 
     # -- failure handling of the router itself ----------------------------------------------------
 
@@ -2080,6 +2204,11 @@ class Router:
 
 #: Failed attempts remembered per task (the first ones and the latest ones are kept).
 _MAX_HISTORY = 20
+
+
+def _stall_key(agent_id: str, capability: str) -> str:
+    """The alert key of an agent's stall on one capability."""
+    return f"agent.stalled:{agent_id}/{capability}"
 
 
 def _remember_failure(task: TaskRecord, event: TaskEvent) -> None:

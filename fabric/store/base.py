@@ -191,6 +191,13 @@ class AgentRecord(_Record):
     health: str = "ok"
     breakers: dict[str, str] = field(default_factory=dict)
     interval_s: float = 5.0
+    #: From the heartbeat: since when the agent has had a free slot; None at its concurrency limit.
+    free_since: float | None = None
+    #: From the heartbeat: per capability, ``ConsumerState`` as a dict (consuming, deliveries, score...).
+    consumers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Set by the router's stall watchdog: capability -> ``{"reason", "since", "last_delivery_at"}``
+    #: for each capability the agent stopped consuming although its queue has work.
+    unhealthy: dict[str, dict[str, Any]] = field(default_factory=dict)
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
 

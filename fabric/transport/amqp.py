@@ -136,9 +136,16 @@ class Delivery:
 
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
 
+#: Longest wait for the broker's answer when a consumer changes its priority.
+_RESUBSCRIBE_TIMEOUT_S = 10.0
+
 
 class Consumer:
-    """A running consumer; :meth:`cancel` stops new deliveries (in-flight ones stay to be settled)."""
+    """A running consumer; :meth:`cancel` stops new deliveries (in-flight ones stay to be settled).
+
+    ``priority`` is the consumer priority (the ``x-priority`` argument of basic.consume): the broker
+    gives a queue's messages to its highest-priority consumers that have room first.
+    """
 
     def __init__(
         self,
@@ -146,30 +153,83 @@ class Consumer:
         tag: str,
         channel: AbstractChannel,
         on_message: Callable[[AbstractIncomingMessage], Awaitable[None]] | None = None,
+        *,
+        priority: int | None = None,
     ) -> None:
         self.queue_name = queue.name
         self._queue = queue
         self._tag = tag
         self._channel = channel
         self._on_message = on_message
+        self.priority = priority
         self.active = True
+        #: Times this consumer was subscribed (the first time, breaker closing, watchdog, new priority).
+        self.subscriptions = 1
+        # One change of subscription at a time: a watchdog re-subscribing while a new priority is
+        # being applied would leave two consumers.
+        self._lock = asyncio.Lock()
+
+    async def _subscribe(self, timeout: float | None = None) -> None:
+        assert self._on_message is not None
+        self._tag = await self._queue.consume(
+            self._on_message, arguments=_consumer_arguments(self.priority), timeout=timeout
+        )
+        self.subscriptions += 1
 
     async def resume(self) -> None:
         """Subscribe again after :meth:`cancel` (a circuit breaker closing)."""
+        async with self._lock:
+            await self._resume()
+
+    async def _resume(self) -> None:
         if self.active or self._on_message is None:
             return
         try:
-            self._tag = await self._queue.consume(self._on_message)
+            await self._subscribe()
         except aiormq.exceptions.AMQPError as exc:
             raise TransportError(f"cannot consume {self.queue_name} again: {exc}") from exc
         self.active = True
 
+    async def set_priority(self, priority: int) -> None:
+        """Consume with consumer priority ``priority`` from now on.
+
+        The broker cannot change a consumer's arguments, so this cancels the consumer and subscribes
+        again on the same channel. Nothing is lost or delivered twice: basic.cancel leaves the
+        deliveries already made unacked on the channel, to be acked there as usual, and messages the
+        broker sent before its cancel-ok still reach the callback (the tag is only forgotten on
+        cancel-ok). Cancel first, then consume: two consumers at once would each get the prefetch
+        (per-consumer QoS). A cancelled consumer (open breaker) only records the priority for
+        :meth:`resume`.
+
+        Raises:
+            TransportError: the broker refused; if the new basic.consume failed, the consumer is left
+                :attr:`active` but not :attr:`healthy`, so the worker's watchdog subscribes it again.
+        """
+        async with self._lock:
+            if priority == self.priority:
+                return
+            if self.active and self._channel.is_closed:
+                # Reconnecting: the robust channel restores the consumer as it was; try again later.
+                raise TransportError(f"cannot change the priority of {self.queue_name}: its channel is down")
+            self.priority = priority
+            if not self.active or self._on_message is None:
+                return
+            try:
+                await self._queue.cancel(self._tag, timeout=_RESUBSCRIBE_TIMEOUT_S)
+                await self._subscribe(timeout=_RESUBSCRIBE_TIMEOUT_S)
+            except (aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
+                raise TransportError(
+                    f"cannot consume {self.queue_name} with priority {priority}: {exc}"
+                ) from exc
+
     async def resubscribe(self) -> None:
         """Subscribe again after the broker cancelled this consumer (e.g. its queue was deleted)."""
-        with contextlib.suppress(Exception):
-            await self._queue.cancel(self._tag)  # forget the dead tag, so a reconnect does not restore it
-        self.active = False
-        await self.resume()
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                # Forget the dead tag, so a reconnect does not restore it.
+                await asyncio.wait_for(self._queue.cancel(self._tag), self._cancel_wait_s())
+            self.active = False
+            await self._resume()
 
     async def get_one(self) -> Delivery | None:
         """Take one message with basic.get on this consumer's channel (a circuit breaker's probe)."""
@@ -203,15 +263,19 @@ class Consumer:
             ) from exc
 
     async def cancel(self) -> None:
-        if not self.active:
-            return
-        self.active = False
-        # The robust queue forgets the consumer at once (no re-subscription after a reconnect); the
-        # basic.cancel itself waits for the channel, which never comes back while the broker is
-        # unreachable, so a worker stopping (or a breaker opening) during an outage must not wait for it.
-        wait_s = _CANCEL_TIMEOUT_S if not self._channel.is_closed else 0.05
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._queue.cancel(self._tag), wait_s)
+        async with self._lock:
+            if not self.active:
+                return
+            self.active = False
+            # The robust queue forgets the consumer at once (no re-subscription after a reconnect); the
+            # basic.cancel itself waits for the channel, which never comes back while the broker is
+            # unreachable, so a worker stopping (or a breaker opening) during an outage must not wait
+            # for it.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._queue.cancel(self._tag), self._cancel_wait_s())
+
+    def _cancel_wait_s(self) -> float:
+        return _CANCEL_TIMEOUT_S if not self._channel.is_closed else 0.05
 
     async def close(self) -> None:
         await self.cancel()
@@ -614,26 +678,36 @@ class AmqpConnection:
         return consumers[0]
 
     async def consume_many(
-        self, callbacks: Mapping[str, DeliveryCallback], *, prefetch: int
+        self,
+        callbacks: Mapping[str, DeliveryCallback],
+        *,
+        prefetch: int,
+        priorities: Mapping[str, int] | None = None,
+        channel_wide: bool = False,
     ) -> list[Consumer]:
         """Consume several queues on one channel sharing one ``prefetch`` limit (channel-wide QoS).
 
         A worker serving several capabilities holds at most ``prefetch`` unacked tasks in all, so it
-        never hoards work that idle workers could take.
+        never hoards work that idle workers could take. ``priorities`` gives the consumer priority
+        (``x-priority``) per queue; queues not in it consume without one. ``channel_wide`` makes the
+        limit the channel's even for one queue: a consumer subscribed again (new priority, breaker,
+        watchdog) while deliveries of its predecessor are unacked must count those, or the broker
+        would hand it a full prefetch more (per-consumer limits start from zero).
         """
         connection, _ = self._require()
         consumers = []
         try:
             channel = await connection.channel(publisher_confirms=False)
             # global_=True: RabbitMQ applies the limit to the channel, shared by all its consumers.
-            await channel.set_qos(prefetch_count=prefetch, global_=len(callbacks) > 1)
+            await channel.set_qos(prefetch_count=prefetch, global_=channel_wide or len(callbacks) > 1)
             for queue, callback in callbacks.items():
                 # A passive declare registers the queue with the robust channel, which re-subscribes
                 # its consumers after a reconnect (get_queue(ensure=False) would not).
                 declared = await channel.declare_queue(queue, passive=True)
                 on_message = _guard_callback(queue, callback, self._handlers)
-                tag = await declared.consume(on_message)
-                consumers.append(Consumer(declared, tag, channel, on_message))
+                priority = (priorities or {}).get(queue)
+                tag = await declared.consume(on_message, arguments=_consumer_arguments(priority))
+                consumers.append(Consumer(declared, tag, channel, on_message, priority=priority))
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise TopologyMismatch(queue, "queue does not exist (declare the topology first)") from exc
         except aiormq.exceptions.AMQPError as exc:
@@ -797,6 +871,10 @@ def _guard_callback(
         await asyncio.shield(handler)
 
     return on_message
+
+
+def _consumer_arguments(priority: int | None) -> dict[str, Any] | None:
+    return None if priority is None else {"x-priority": priority}
 
 
 def _is_ack(confirm: Any) -> bool:

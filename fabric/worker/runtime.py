@@ -55,9 +55,10 @@ from fabric.policy import (
     RetryPolicy,
     give_up,
 )
+from fabric.policy import score as scoring
 from fabric.policy.breaker import BreakerState, CircuitBreaker
 from fabric.protocol import codec, headers
-from fabric.protocol.messages import ErrorInfo, EventStatus, Heartbeat, OnExhausted, TaskEvent
+from fabric.protocol.messages import ConsumerState, ErrorInfo, EventStatus, Heartbeat, OnExhausted, TaskEvent
 from fabric.settings import FabricSettings
 from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attributes
 from fabric.topology import names, spec
@@ -106,6 +107,19 @@ class Worker:
         }
         self._consumer_of: dict[str, Consumer] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        # Agent health per capability: recent outcomes (the score's input), deliveries, subscriptions.
+        self._recent = {
+            capability: scoring.RecentOutcomes(window_s=worker_settings.score_window_s)
+            for capability in agent.capabilities
+        }
+        self._deliveries = dict.fromkeys(agent.capabilities, 0)
+        self._last_delivery: dict[str, float] = {}
+        self._subscribed_at: dict[str, float] = {}
+        self._rescored_at: dict[str, float] = {}
+        #: Smoothed load (busy slots / concurrency), sampled at each heartbeat: the score's load input.
+        self._load = 0.0
+        #: Since when a slot has been free without a break (None while at the concurrency limit).
+        self._free_since: float | None = time.time()
         self._telemetry = telemetry or Telemetry("fabric-worker")
         self._amqp = AmqpConnection(
             settings.amqp_url.get_secret_value(), name=f"fabric-worker:{self.agent_id}"
@@ -161,6 +175,7 @@ class Worker:
             await self._amqp.declare(spec.build(self.ns, self.agent.capabilities))
             # One channel, one prefetch for every capability: at most `concurrency` unacked tasks in all,
             # so the tasks this worker cannot start yet stay in their queues for idle workers.
+            # Every consumer starts at the top score (no record yet) and moves with its record.
             self._consumers = await self._amqp.consume_many(
                 {
                     names.capability_queue(self.ns, capability): functools.partial(
@@ -169,8 +184,15 @@ class Worker:
                     for capability in self.agent.capabilities
                 },
                 prefetch=self.concurrency,
+                channel_wide=True,
+                priorities={
+                    names.capability_queue(self.ns, capability): scoring.MAX_SCORE
+                    for capability in self.agent.capabilities
+                },
             )
             self._consumer_of = dict(zip(self.agent.capabilities, self._consumers, strict=True))
+            now = time.time()
+            self._subscribed_at = dict.fromkeys(self.agent.capabilities, now)
             # Cancellations and runtime tuning are broadcast on {ns}.control to every worker.
             control = await self._amqp.reply_queue(self._on_control, prefetch=16)
             await control.bind(names.control_exchange(self.ns), "")
@@ -277,9 +299,7 @@ class Worker:
 
     def _count_for_breaker(self, capability: str, outcome: _Outcome) -> None:
         """Feed an attempt's outcome to its capability's breaker; open it, or close it, as it says."""
-        if outcome.status is EventStatus.CANCELLED or (
-            outcome.error is not None and outcome.error.type in _NOT_AGENT_FAULTS
-        ):
+        if not _counts_for_health(outcome):
             return  # the input's fault or an operator's decision, not this agent's health
         breaker = self._breakers[capability]
         before = breaker.state
@@ -293,11 +313,23 @@ class Worker:
             self._background_breaker(capability, self._open_breaker(capability))
         elif after is BreakerState.CLOSED and before is BreakerState.HALF_OPEN:
             log.info("circuit breaker of %s closed: the probe succeeded", capability)
-            self._background_breaker(capability, self._consumer_of[capability].resume())
+            self._background_breaker(capability, self._resume(capability))
+
+    def _count_for_score(self, capability: str, outcome: _Outcome, duration_s: float) -> None:
+        """Feed an attempt's outcome and duration to the capability's recent record (the score)."""
+        if not _counts_for_health(outcome):
+            return
+        self._recent[capability].add(
+            time.time(), ok=outcome.status is EventStatus.SUCCEEDED, duration_s=duration_s
+        )
 
     def _background_breaker(self, capability: str, work: Any) -> None:
         task = asyncio.create_task(work, name=f"fabric-breaker-{capability}")
         self._probes[capability] = task
+
+    async def _resume(self, capability: str) -> None:
+        await self._consumer_of[capability].resume()
+        self._subscribed_at[capability] = time.time()
 
     async def _open_breaker(self, capability: str) -> None:
         """Stop consuming the capability, then after the cool-down run exactly one probe task."""
@@ -331,7 +363,11 @@ class Worker:
     async def _on_task(self, handler: Handler, delivery: Delivery) -> None:
         current = asyncio.current_task()
         assert current is not None
+        capability = handler.capability
+        self._deliveries[capability] += 1
+        self._last_delivery[capability] = time.time()
         self._running.add(current)
+        self._note_load()
         try:
             await self._process(handler, delivery)
         except Exception as exc:
@@ -341,6 +377,15 @@ class Worker:
                 await self._park(delivery, "worker_error", f"{type(exc).__name__}: {exc}")
         finally:
             self._running.discard(current)
+            self._note_load()
+
+    def _note_load(self) -> None:
+        """Keep :attr:`_free_since`: when the worker last went from full (every slot taken by an
+        unacked task) to having room. The router's stall watchdog only judges agents with room."""
+        if self.in_flight >= self.concurrency:
+            self._free_since = None
+        elif self._free_since is None:
+            self._free_since = time.time()
 
     async def _process(self, handler: Handler, delivery: Delivery) -> None:
         try:
@@ -527,6 +572,7 @@ class Worker:
                 if self._is_cancelled(task):
                     outcome = _Outcome(EventStatus.CANCELLED, error=_CANCELLED)
                 self._count_for_breaker(handler.capability, outcome)
+                self._count_for_score(handler.capability, outcome, time.perf_counter() - began)
                 # The retry or the parked copy is confirmed before the event, and both before the ack:
                 # a crash in between repeats a step, it never loses the task.
                 if outcome.status is EventStatus.RETRYING and outcome.decision is not None:
@@ -1103,6 +1149,7 @@ class Worker:
                     await self._amqp.forget(spec.capability(self.ns, capability))
                     await self._amqp.declare(spec.capability(self.ns, capability))
                     await consumer.resubscribe()
+                    self._subscribed_at[capability] = time.time()
                 except FabricError as exc:
                     log.critical(
                         "cannot consume %s again (%s); stopping this worker", consumer.queue_name, exc
@@ -1117,10 +1164,77 @@ class Worker:
 
     # -- heartbeats -------------------------------------------------------------------------------
 
+    async def _rescore(self) -> None:
+        """Score every capability again; consume with the new score as ``x-priority`` when it left
+        its bucket (hysteresis) and the capability was not re-subscribed too recently."""
+        worker = self.settings.worker
+        busy = min(1.0, (self.in_flight + self.overdue_threads) / self.concurrency)
+        # Smoothed: the load sampled at one heartbeat swings with every task; its average does not.
+        self._load += _LOAD_SMOOTHING * (busy - self._load)
+        now = time.time()
+        for capability, consumer in self._consumer_of.items():
+            record = self._recent[capability].record(now)
+            raw = scoring.raw_score(
+                record.success_rate,
+                record.latency_s,
+                self._load,
+                latency_ref_s=worker.score_latency_ref_s,
+            )
+            current = consumer.priority if consumer.priority is not None else scoring.MAX_SCORE
+            wanted = scoring.rebucket(raw, current)
+            if wanted == current:
+                continue
+            if now - self._rescored_at.get(capability, 0.0) < worker.rescore_min_interval_s:
+                continue
+            self._rescored_at[capability] = now
+            log.info(
+                "score of %s: %d -> %d (success %s, latency %s, load %.2f): consuming with that x-priority",
+                capability,
+                current,
+                wanted,
+                "-" if record.success_rate is None else f"{record.success_rate:.2f}",
+                "-" if record.latency_s is None else f"{record.latency_s:.3f}s",
+                self._load,
+            )
+            try:
+                await consumer.set_priority(wanted)
+            except TransportError as exc:
+                log.warning("could not consume %s with priority %d: %s", capability, wanted, exc)
+            else:
+                if consumer.active:
+                    self._subscribed_at[capability] = time.time()
+
+    async def _rescore_guarded(self) -> None:
+        try:
+            await self._rescore()
+        except Exception:
+            log.critical("scoring failed; priorities stay as they are", exc_info=True)
+
+    def _consumer_states(self) -> dict[str, ConsumerState]:
+        now = time.time()
+        states = {}
+        for capability, consumer in self._consumer_of.items():
+            record = self._recent[capability].record(now)
+            states[capability] = ConsumerState(
+                consuming=consumer.healthy,
+                subscribed_at=self._subscribed_at.get(capability),
+                last_delivery_at=self._last_delivery.get(capability),
+                deliveries=self._deliveries[capability],
+                score=consumer.priority,
+                success_rate=None if record.success_rate is None else round(record.success_rate, 4),
+                latency_ms=None if record.latency_s is None else round(record.latency_s * 1000, 3),
+            )
+        return states
+
     async def _heartbeats(self) -> None:
         interval = self.settings.worker.heartbeat_interval_s
         host = socket.gethostname()
+        rescoring: asyncio.Task[None] | None = None
         while True:
+            # Re-scoring may wait on the broker (basic.cancel + basic.consume): never the heartbeats.
+            if not self._draining and (rescoring is None or rescoring.done()):
+                rescoring = asyncio.create_task(self._rescore_guarded(), name="fabric-rescore")
+                self._probes["__rescore__"] = rescoring
             # Leases are checked before the beat: after the event loop stalled, a beat would renew them
             # at the router though they went unrenewed too long.
             leased = [r for r in self._attempts.values() if r.leased and self._lease_held(r)]
@@ -1139,6 +1253,8 @@ class Worker:
                 failed=self.failed,
                 health="draining" if self._draining else "ok",
                 breakers={cap: str(b.state) for cap, b in self._breakers.items()},
+                free_since=self._free_since,
+                consumers=self._consumer_states(),
                 at=time.time(),
             )
             try:
@@ -1290,6 +1406,8 @@ class _Outcome:
     decision: Decision | None = None
 
 
+#: Weight of the newest load sample in the smoothed load (an exponential moving average).
+_LOAD_SMOOTHING = 0.3
 #: Hand-overs of a task this agent must avoid before it is parked as ``no_other_agent``.
 MAX_BOUNCES = 20
 #: Error types that say nothing about the agent's health (its input's fault, or a decision).
@@ -1349,6 +1467,13 @@ _LOST_COUNTER: dict[EventStatus, WorkerCounter] = {
     EventStatus.ESCALATED: "escalated",
     EventStatus.DEAD: "parked",
 }
+
+
+def _counts_for_health(outcome: _Outcome) -> bool:
+    """False for outcomes that say nothing about the agent's health (cancelled, the input's fault)."""
+    return outcome.status is not EventStatus.CANCELLED and not (
+        outcome.error is not None and outcome.error.type in _NOT_AGENT_FAULTS
+    )
 
 
 def _retry_in_s(decision: Decision | None) -> float | None:

@@ -77,7 +77,7 @@ function live() {
     const queues = Object.entries(stats.queues).sort();
     setText("queued", queues.reduce((sum, [, q]) => sum + q.messages, 0));
     setText("agents-alive", stats.agents.alive);
-    setText("agents-lost", `alive · ${stats.agents.lost} lost`);
+    setText("agents-lost", `alive · ${stats.agents.unhealthy ?? 0} unhealthy · ${stats.agents.lost} lost`);
     setText("running-count", running.length >= 15 ? "15+" : running.length);
     setText("completed", stats.counters.completed ?? 0);
     setText("dead", stats.dead ? stats.dead.messages : "–");
@@ -91,8 +91,15 @@ function live() {
         if (state !== "closed") breakers.append(el("span", { class: `status ${state}`, text: `${capability}: ${state}` }), " ");
       }
       if (!breakers.childNodes.length) breakers.textContent = "all closed";
-      const score = a.score === undefined || a.score === null ? "–" : Number(a.score).toFixed(2);
-      const health = a.unhealthy ? badge("unhealthy") : badge(a.health);
+      // Scores per capability: the consumer priority (x-priority, 1..10) each is consumed with.
+      const scores = Object.entries(a.consumers || {})
+        .filter(([, c]) => c.score !== undefined && c.score !== null)
+        .map(([capability, c]) => `${capability} ${c.score}`);
+      const score = scores.length ? scores.join(", ") : "–";
+      const stalled = Object.keys(a.unhealthy || {});
+      const health = stalled.length
+        ? el("span", { class: "status unhealthy", text: "unhealthy", title: a.reason || stalled.join(", ") })
+        : badge(a.health);
       return el("tr", { "data-agent": a.agent_id },
         cell(el("span", { title: `${a.host} pid ${a.pid} · ${a.capabilities.join(", ")}`, text: a.agent_id })),
         cell(badge(a.state)), cell(health), cell(`${a.in_flight} / ${a.concurrency}`), cell(breakers),
