@@ -13,7 +13,7 @@ boundary per dependency, always with ``raise ... from exc``::
      ├── StoreError                          the state store failed
      ├── NotConnectedError                   a lifecycle object was used before it was started
      ├── WorkflowNotFound                    no workflow with that id
- ├── RequestRefused                      the router refused a request (no such task, wrong state)
+     ├── RequestRefused                      the router refused a request (no such task, wrong state)
      ├── WaitTimeout (TimeoutError)          waiting for a result took longer than asked
      └── HandlerSignal                       control-flow signals raised by handlers; never logged as errors
           ├── Retry                          run this task again after ``delay_s``
@@ -127,6 +127,14 @@ class RequestRefused(FabricError):
     def not_found(self) -> bool:
         """True when what the request named does not exist."""
         return self.error_type == "KeyError"
+
+
+def message_of(exc: BaseException) -> str:
+    """The message of ``exc`` to show a caller: a KeyError's argument itself (its ``str()`` is the repr
+    of the argument, quotes and all), any other exception's ``str()``."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
 
 
 class WaitTimeout(FabricError, TimeoutError):

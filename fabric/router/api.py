@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from fabric.errors import ConfigError, StoreError, TransportError
+from fabric.errors import ConfigError, StoreError, TransportError, message_of
 from fabric.health import METRICS_CONTENT_TYPE, MetricsRenderer, ReadinessCheck, run_checks
 from fabric.protocol import codec
 from fabric.protocol.messages import (
@@ -598,7 +598,7 @@ def build_app(
         try:
             answers = await router.why(workflow_id, task)
         except KeyError as exc:
-            return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
+            return _problem(404, "not_found", message_of(exc))
         return _json(WhyList(items=[WhyAnswer(**a) for a in answers]))
 
     @app.post(
@@ -617,7 +617,7 @@ def build_app(
         try:
             result = await router.cancel(workflow_id, task)
         except KeyError as exc:
-            return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
+            return _problem(404, "not_found", message_of(exc))
         return _json(CancelResult(**result))
 
     @app.post(
@@ -634,7 +634,7 @@ def build_app(
         try:
             result = await router.resume(workflow_id, task_id, **new)
         except KeyError as exc:
-            return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
+            return _problem(404, "not_found", message_of(exc))
         except ValueError as exc:
             return _problem(409, "not_escalated", str(exc))
         return _json(ResumeResult(**result))
@@ -652,7 +652,7 @@ def build_app(
         try:
             result = await router.abort(workflow_id, task_id, body.reason if body is not None else None)
         except KeyError as exc:
-            return _problem(404, "not_found", str(exc.args[0]) if exc.args else str(exc))
+            return _problem(404, "not_found", message_of(exc))
         except ValueError as exc:
             return _problem(409, "not_escalated", str(exc))
         return _json(AbortResult(**result))

@@ -45,6 +45,7 @@ from fabric.errors import (
     StoreError,
     TopologyMismatch,
     TransportError,
+    message_of,
 )
 from fabric.metrics import RouterMetrics, TaskCounter
 from fabric.protocol import codec, headers
@@ -1451,9 +1452,7 @@ class Router:
                 raise ProtocolError("request must be a map")
             response: dict[str, Any] = {"ok": True, "data": await self._query(method, request)}
         except (ProtocolError, KeyError, ValueError) as exc:
-            # str() of a KeyError is the repr of its argument: send the argument itself.
-            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            response = {"ok": False, "error": {"type": type(exc).__name__, "message": message}}
+            response = {"ok": False, "error": {"type": type(exc).__name__, "message": message_of(exc)}}
         except StoreError as exc:
             response = {"ok": False, "error": {"type": "StoreError", "message": str(exc)}}
         try:
