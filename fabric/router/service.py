@@ -745,17 +745,28 @@ class Router:
                 await self._announce(work.workflow, work)
             return 1
 
-    async def _park_task(self, work: _Work, task: TaskRecord, reason: str, error: ErrorInfo) -> None:
-        """Publish ``task``'s message, as its last attempt got it, to ``{ns}.dead`` (confirmed)."""
+    async def _park_task(
+        self,
+        work: _Work,
+        task: TaskRecord,
+        reason: str,
+        error: ErrorInfo,
+        *,
+        attempt: int | None = None,
+        agent: str | None = None,
+    ) -> None:
+        """Publish ``task``'s message, as ``attempt`` (by default its last one) got it, to ``{ns}.dead``
+        (confirmed), marked parked by ``agent`` (by default the task's last agent)."""
+        attempt = task.attempts if attempt is None else attempt
         upstream = {t.task_id: t.result for t in await work.load(task.depends_on)}
-        body, task_headers = self._task_message(task, upstream, task.attempts)
-        message_id = f"{task.workflow_id}/{task.task_id}/{task.attempts}"
+        body, task_headers = self._task_message(task, upstream, attempt)
+        message_id = f"{task.workflow_id}/{task.task_id}/{attempt}"
         parked = headers.parked(
             task_headers,
             reason=reason,
             last_error=f"{error.type}: {error.message}",
             routing_key=task.capability,
-            **{headers.AGENT_ID: task.agent or ""},
+            **{headers.AGENT_ID: (task.agent or "") if agent is None else agent},
         )
         await self._amqp.publish(
             names.dead_exchange(self.ns), task.capability, body, headers=parked, message_id=message_id
@@ -1465,7 +1476,7 @@ class Router:
         if method == "ping":
             return {"namespace": self.ns, "stats": dict(self.stats)}
         if method == "agents":
-            return [self._agent_view(a) for a in await self._store.list_agents()]
+            return await self.agents()
         workflow_id = str(request["workflow_id"])
         workflow = await self._store.get_workflow(workflow_id)
         if workflow is None:
@@ -1481,7 +1492,7 @@ class Router:
         if method == "resume":
             return await self._resume(workflow, _task_param(request), request)
         if method == "abort":
-            return await self.abort(workflow.workflow_id, _task_param(request), request.get("reason"))
+            return await self._abort(workflow, _task_param(request), request.get("reason"))
         if method == "result":
             if not workflow.status.terminal:
                 return {"kind": "running", "workflow_id": workflow_id, "status": str(workflow.status)}
@@ -1633,31 +1644,17 @@ class Router:
             "new_input": new_input,
         }
 
-    async def _abort(self, workflow: WorkflowRecord, task_id: str, reason: str) -> dict[str, Any]:
+    async def _abort(self, workflow: WorkflowRecord, task_id: str, reason: str | None) -> dict[str, Any]:
         """End an escalated task ``dead`` with the operator's reason (``fabric abort``): a copy is parked
         on ``{ns}.dead`` (so ``fabric dead replay`` can run it again), its dependents end
         ``upstream_failed`` and the workflow ends ``failed`` when nothing else remains."""
+        reason = (reason or "aborted by an operator")[:1000]
         async with self._locks.hold(workflow.workflow_id):
             work = _Work(self._store, workflow.workflow_id)
             task = await self._escalated_task(workflow.workflow_id, task_id, work, "aborted")
             error = ErrorInfo(type="Aborted", message=reason)
-            upstream_ids = list(task.depends_on)
-            upstream = {t.task_id: t.result for t in await work.load(upstream_ids)}
-            body, parked_headers = self._task_message(task, upstream, max(task.attempts, 1))
             # The parked copy first: a failure here leaves the task escalated, to be aborted again.
-            await self._amqp.publish(
-                names.dead_exchange(self.ns),
-                task.capability,
-                body,
-                headers=headers.parked(
-                    parked_headers,
-                    reason=reason,
-                    last_error=f"Aborted: {reason}",
-                    routing_key=task.capability,
-                    **{headers.AGENT_ID: "operator"},
-                ),
-                message_id=f"{task.workflow_id}/{task.task_id}/{max(task.attempts, 1)}",
-            )
+            await self._park_task(work, task, reason, error, attempt=max(task.attempts, 1), agent="operator")
             now = time.time()
             event = TaskEvent(
                 workflow_id=task.workflow_id,
@@ -1922,10 +1919,7 @@ class Router:
         Raises:
             KeyError: no such workflow, or no such task in it.
         """
-        workflow = await self._store.get_workflow(workflow_id)
-        if workflow is None:
-            raise KeyError(f"no workflow {workflow_id!r}")
-        return await self._cancel(workflow, task_id)
+        return await self._cancel(await self._workflow(workflow_id), task_id)
 
     async def resume(self, workflow_id: str, task_id: str, **new: Any) -> dict[str, Any]:
         """Run an escalated task again with a fresh attempt budget (as ``fabric resume``); pass
@@ -1935,10 +1929,7 @@ class Router:
             KeyError: no such workflow, or no such task in it.
             ValueError: the task is not escalated (or the new input is too large).
         """
-        workflow = await self._store.get_workflow(workflow_id)
-        if workflow is None:
-            raise KeyError(f"no workflow {workflow_id!r}")
-        return await self._resume(workflow, task_id, new)
+        return await self._resume(await self._workflow(workflow_id), task_id, new)
 
     async def abort(self, workflow_id: str, task_id: str, reason: str | None = None) -> dict[str, Any]:
         """End an escalated task ``dead`` with ``reason`` (as ``fabric abort``).
@@ -1947,10 +1938,7 @@ class Router:
             KeyError: no such workflow, or no such task in it.
             ValueError: the task is not escalated.
         """
-        workflow = await self._store.get_workflow(workflow_id)
-        if workflow is None:
-            raise KeyError(f"no workflow {workflow_id!r}")
-        return await self._abort(workflow, task_id, (reason or "aborted by an operator")[:1000])
+        return await self._abort(await self._workflow(workflow_id), task_id, reason)
 
     async def why(self, workflow_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
         """Why each unfinished task (or the one asked about) is not running, as ``fabric why``.
@@ -1958,10 +1946,14 @@ class Router:
         Raises:
             KeyError: no such workflow, or no such task in it.
         """
+        return await self._why(await self._workflow(workflow_id), task_id)
+
+    async def _workflow(self, workflow_id: str) -> WorkflowRecord:
+        """The stored workflow ``workflow_id``; raises KeyError when there is none."""
         workflow = await self._store.get_workflow(workflow_id)
         if workflow is None:
             raise KeyError(f"no workflow {workflow_id!r}")
-        return await self._why(workflow, task_id)
+        return workflow
 
     async def agents(self) -> list[dict[str, Any]]:
         """Every agent seen, with its state (``alive``, ``unhealthy``, ``lost``), by id."""
