@@ -549,19 +549,24 @@ class RedisStore:
             NotConnectedError: the store is not open.
             StoreError: Redis failed or a stored document is corrupt.
         """
+        records = await self._indexed_tasks(self._undispatched_key, limit, "undispatched")
+        # The index is written with the documents, so this only filters a race with a concurrent save.
+        return [t for t in records if t.status is TaskStatus.QUEUED and not t.dispatched]
+
+    async def _indexed_tasks(self, index_key: str, limit: int, operation: str) -> list[TaskRecord]:
+        """The first ``limit`` tasks of a sorted index of ``workflow_id<sep>task_id`` members (oldest
+        first), as stored now; members whose task is gone are left out."""
         client = self._conn()
         if limit <= 0:
             return []
-        with self._translate("undispatched"):
-            members = await client.zrange(self._undispatched_key, 0, limit - 1)
+        with self._translate(operation):
+            members = await client.zrange(index_key, 0, limit - 1)
             pipe = client.pipeline(transaction=False)
             for member in members:
                 workflow_id, _, task_id = _text(member).partition(_MEMBER_SEP)
                 pipe.hget(self._tasks_key(workflow_id), task_id)
             blobs: list[object] = await pipe.execute() if members else []
-        records = [TaskRecord.from_dict(_decode(b)) for b in blobs if b is not None]
-        # The index is written with the documents, so this only filters a race with a concurrent save.
-        return [t for t in records if t.status is TaskStatus.QUEUED and not t.dispatched]
+        return [TaskRecord.from_dict(_decode(b)) for b in blobs if b is not None]
 
     async def leased(self, limit: int = 1000) -> list[TaskRecord]:
         """Tasks ``running`` under a lease, oldest first.
@@ -570,17 +575,7 @@ class RedisStore:
             NotConnectedError: the store is not open.
             StoreError: Redis failed or a stored document is corrupt.
         """
-        client = self._conn()
-        if limit <= 0:
-            return []
-        with self._translate("leased"):
-            members = await client.zrange(self._leased_key, 0, limit - 1)
-            pipe = client.pipeline(transaction=False)
-            for member in members:
-                workflow_id, _, task_id = _text(member).partition(_MEMBER_SEP)
-                pipe.hget(self._tasks_key(workflow_id), task_id)
-            blobs: list[object] = await pipe.execute() if members else []
-        records = [TaskRecord.from_dict(_decode(b)) for b in blobs if b is not None]
+        records = await self._indexed_tasks(self._leased_key, limit, "leased")
         return [t for t in records if t.status is TaskStatus.RUNNING and t.lease_s is not None]
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
