@@ -426,25 +426,27 @@ class Router:
         """Keep the gauges that come from the broker and the store fresh: queue depths, live agents."""
         interval = self.settings.router.metrics_interval_s
         while True:
+            agents: list[AgentRecord] | None = None
             try:
-                await self.refresh_gauges()
+                agents = await self.refresh_gauges()
             except Exception as exc:
                 log.debug("metrics refresh failed: %s", exc)
             try:
-                await self.check_alert_rules()
+                await self.check_alert_rules(agents=agents)
             except Exception as exc:
                 log.warning("alert rules not checked: %s", exc)
             await asyncio.sleep(interval)
 
-    async def refresh_gauges(self) -> None:
+    async def refresh_gauges(self) -> list[AgentRecord]:
         """Read live agents from the store and queue depths from the broker (passive declares, one
-        channel), into the gauges ``/metrics`` shows."""
+        channel), into the gauges ``/metrics`` shows; returns the agents read (the alert rules use them)."""
         now = time.time()
         alive = lost = unhealthy = 0
         alive_by: dict[str, int] = {}
         open_by: dict[str, int] = {}
         capabilities = set(self._capabilities)
-        for agent in await self._store.list_agents():
+        records = await self._store.list_agents()
+        for agent in records:
             capabilities.update(agent.capabilities)
             if watchdog.is_lost(agent, now):
                 lost += 1
@@ -465,7 +467,7 @@ class Router:
             open_by_capability=open_by,
         )
         if not self._amqp.connected:
-            return
+            return records
         queues = {
             names.submit_queue(self.ns): "",
             names.events_queue(self.ns): "",
@@ -486,6 +488,7 @@ class Router:
                 for queue, info in infos.items()
             }
         )
+        return records
 
     # -- threshold alerts -------------------------------------------------------------------------
 
@@ -498,14 +501,17 @@ class Router:
             self._became_active()
         return self._active
 
-    async def check_alert_rules(self, now: float | None = None) -> None:
+    async def check_alert_rules(
+        self, now: float | None = None, *, agents: list[AgentRecord] | None = None
+    ) -> None:
         """Evaluate the threshold rules (:mod:`fabric.router.rules`) on what the last metrics refresh
-        read, and fire or resolve their alerts. Only the active router does: a standby would repeat them.
+        read (``agents``: the records it read; without them they are read again), and fire or resolve
+        their alerts. Only the active router does: a standby would repeat them.
         """
         if not await self._claim_active():
             return
         now = time.time() if now is None else now
-        agents = [
+        states = [
             AgentState(
                 agent_id=a.agent_id,
                 capabilities=tuple(a.capabilities),
@@ -514,13 +520,13 @@ class Router:
                 last_seen=a.last_seen,
                 breakers=dict(a.breakers),
             )
-            for a in await self._store.list_agents()
+            for a in (await self._store.list_agents() if agents is None else agents)
         ]
         verdict = self._rules.check(
             Snapshot(
                 now=now,
                 queue_depths=dict(self._queue_depths),
-                agents=agents,
+                agents=states,
                 attempts=self._error_window.totals(now),
                 queue_ages=self._queue_ages.oldest(now),
             )
