@@ -38,7 +38,7 @@ from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 TaskListener = Callable[[dict[str, Any]], None]
 
 #: Error types of a router answer that mean "refused", not "failed": see :class:`RequestRefused`.
-_REFUSALS = frozenset({"KeyError", "ValueError"})
+_REFUSALS = frozenset({"KeyError", "ValueError", "ProtocolError"})
 #: ``resume`` without a new input (None is a valid input, so it cannot mean "keep").
 _KEEP: Any = object()
 

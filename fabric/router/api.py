@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from fabric.errors import ConfigError, StoreError, TransportError, message_of
+from fabric.errors import ConfigError, ProtocolError, StoreError, TransportError, message_of
 from fabric.health import METRICS_CONTENT_TYPE, MetricsRenderer, ReadinessCheck, run_checks
 from fabric.protocol import codec
 from fabric.protocol.messages import (
@@ -375,6 +375,9 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 _NOT_ESCALATED: dict[int | str, dict[str, Any]] = {
     409: {"model": Problem, "description": "the task is not escalated (`detail` says what it is)"}
 }
+_INPUT_TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": Problem, "description": "the new input is larger than FABRIC_ROUTER__MAX_BODY_BYTES"}
+}
 _BAD_PARAMETER: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "a parameter is invalid (named in `detail`)"}
 }
@@ -625,7 +628,7 @@ def build_app(
         response_model=ResumeResult,
         tags=["workflows"],
         summary="run an escalated task again (fresh attempts), optionally with a new input",
-        responses={**_NOT_FOUND, **_NOT_ESCALATED, **_UNAVAILABLE},
+        responses={**_NOT_FOUND, **_NOT_ESCALATED, **_INPUT_TOO_LARGE, **_UNAVAILABLE},
     )
     async def resume_task(
         workflow_id: WorkflowIdPath, task_id: TaskIdPath, body: ResumeRequest | None = None
@@ -635,6 +638,8 @@ def build_app(
             result = await router.resume(workflow_id, task_id, **new)
         except KeyError as exc:
             return _problem(404, "not_found", message_of(exc))
+        except ProtocolError as exc:
+            return _problem(413, "too_large", str(exc))
         except ValueError as exc:
             return _problem(409, "not_escalated", str(exc))
         return _json(ResumeResult(**result))

@@ -565,7 +565,8 @@ class Router:
         since, before = self._sampled
         totals = dict(self.metrics.totals)
         views = await self.agents()
-        alive = [v for v in views if v["state"] == "alive"]
+        # An unhealthy agent still heartbeats: it is alive (and may hold tasks), only stalled somewhere.
+        alive = [v for v in views if v["state"] != "lost"]
         capabilities = sorted({c for v in views for c in v["capabilities"]} | self._capabilities)
         depths = await self.queue_depths(capabilities[:MAX_WATCHED_CAPABILITIES])
         sample = Sample(
@@ -1472,6 +1473,12 @@ class Router:
             response = {"ok": False, "error": {"type": type(exc).__name__, "message": message_of(exc)}}
         except StoreError as exc:
             response = {"ok": False, "error": {"type": "StoreError", "message": str(exc)}}
+        except Exception as exc:
+            # A bug, or a request shape nothing above foresaw: answer it (a query loses nothing by an
+            # error answer) rather than requeue a message that would fail the same way forever.
+            log.exception("%s query failed", method)
+            error = {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
+            response = {"ok": False, "error": error}
         try:
             await self._reply(delivery.reply_to, delivery.correlation_id, response, codec.MSGPACK)
         except TransportError as exc:
@@ -1498,7 +1505,10 @@ class Router:
         if method == "resume":
             return await self._resume(workflow, _task_param(request), request)
         if method == "abort":
-            return await self._abort(workflow, _task_param(request), request.get("reason"))
+            reason = request.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise ProtocolError(f"reason must be a string, not {type(reason).__name__}")
+            return await self._abort(workflow, _task_param(request), reason)
         if method == "result":
             if not workflow.status.terminal:
                 return {"kind": "running", "workflow_id": workflow_id, "status": str(workflow.status)}
@@ -1606,7 +1616,7 @@ class Router:
         optionally with a new input. The resume, and the new input, are kept in the task's history."""
         new_input = "input" in request
         if new_input and len(codec.encode(request["input"])) > self.settings.router.max_body_bytes:
-            raise ValueError(
+            raise ProtocolError(
                 f"the new input is larger than FABRIC_ROUTER__MAX_BODY_BYTES "
                 f"({self.settings.router.max_body_bytes} bytes)"
             )
@@ -1933,7 +1943,8 @@ class Router:
 
         Raises:
             KeyError: no such workflow, or no such task in it.
-            ValueError: the task is not escalated (or the new input is too large).
+            ProtocolError: the new input is larger than ``router.max_body_bytes``.
+            ValueError: the task is not escalated.
         """
         return await self._resume(await self._workflow(workflow_id), task_id, new)
 

@@ -431,3 +431,30 @@ async def test_resume_and_abort_over_http(
         assert aborted.json()["workflow_status"] == "failed"
     assert (await client.wait("esc-http-1", timeout_s=60)).status == "succeeded"
     assert (await client.wait("esc-http-2", timeout_s=60)).status == "failed"
+
+
+async def test_malformed_operator_requests_are_refused_by_name_and_change_nothing(
+    settings: FabricSettings, start_worker: StartWorker, extra_caps: list[str]
+) -> None:
+    import httpx
+
+    small = settings.model_copy(
+        update={"router": settings.router.model_copy(update={"max_body_bytes": 2048})}
+    )
+    extra_caps.extend(["t.review", "t.after"])
+    await start_worker(review_agent(Counter()))
+    async with Router(small) as router, FabricClient(small) as client:
+        await client.submit({"workflow_id": "esc-5", **DIAMOND})
+        await escalated(client, "esc-5", "review")
+        with pytest.raises(RequestRefused, match="reason must be a string, not int"):
+            await client.query("abort", "esc-5", task_id="review", reason=5)
+        with pytest.raises(RequestRefused, match="larger than FABRIC_ROUTER__MAX_BODY_BYTES"):
+            await client.resume("esc-5", "review", input="x" * 5000)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{router.http_port}", timeout=30) as http:
+            big = await http.post("/api/v1/workflows/esc-5/tasks/review/resume", json={"input": "x" * 2100})
+            assert big.status_code == 413, big.text
+            assert big.json()["error"] == "too_large"
+        # Still escalated, and the router still answers: a good resume completes the workflow.
+        assert (await client.status("esc-5"))["tasks"]["review"]["status"] == "escalated"
+        await client.resume("esc-5", "review", input={"approved": True})
+        assert (await client.wait("esc-5", timeout_s=60)).status == "succeeded"
