@@ -308,6 +308,16 @@ def _problem(status: int, error: str, detail: str, errors: list[dict[str, Any]] 
     return _json(Problem(error=error, detail=detail, errors=errors or []), status)
 
 
+def _refused(exc: Exception) -> Response:
+    """The answer to a request the router refused: no such workflow or task (``KeyError``) 404, a new
+    input over the size limit (``ProtocolError``) 413, a task in the wrong state (``ValueError``) 409."""
+    if isinstance(exc, KeyError):
+        return _problem(404, "not_found", message_of(exc))
+    if isinstance(exc, ProtocolError):
+        return _problem(413, "too_large", str(exc))
+    return _problem(409, "not_escalated", str(exc))
+
+
 def _timestamp(value: float | datetime | None) -> float | None:
     if value is None or isinstance(value, float | int):
         return value
@@ -601,7 +611,7 @@ def build_app(
         try:
             answers = await router.why(workflow_id, task)
         except KeyError as exc:
-            return _problem(404, "not_found", message_of(exc))
+            return _refused(exc)
         return _json(WhyList(items=[WhyAnswer(**a) for a in answers]))
 
     @app.post(
@@ -620,7 +630,7 @@ def build_app(
         try:
             result = await router.cancel(workflow_id, task)
         except KeyError as exc:
-            return _problem(404, "not_found", message_of(exc))
+            return _refused(exc)
         return _json(CancelResult(**result))
 
     @app.post(
@@ -636,12 +646,8 @@ def build_app(
         new = {"input": body.input} if body is not None and "input" in body.model_fields_set else {}
         try:
             result = await router.resume(workflow_id, task_id, **new)
-        except KeyError as exc:
-            return _problem(404, "not_found", message_of(exc))
-        except ProtocolError as exc:
-            return _problem(413, "too_large", str(exc))
-        except ValueError as exc:
-            return _problem(409, "not_escalated", str(exc))
+        except (KeyError, ValueError) as exc:
+            return _refused(exc)
         return _json(ResumeResult(**result))
 
     @app.post(
@@ -656,10 +662,8 @@ def build_app(
     ) -> Response:
         try:
             result = await router.abort(workflow_id, task_id, body.reason if body is not None else None)
-        except KeyError as exc:
-            return _problem(404, "not_found", message_of(exc))
-        except ValueError as exc:
-            return _problem(409, "not_escalated", str(exc))
+        except (KeyError, ValueError) as exc:
+            return _refused(exc)
         return _json(AbortResult(**result))
 
     # -- agents, dead letters, stats --------------------------------------------------------------
