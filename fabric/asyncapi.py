@@ -68,6 +68,14 @@ _TASK_HEADERS: Final = {
     h.PREVIOUS_ATTEMPT: _header("With tracing: traceparent of the previous attempt's span."),
     **_TRACE_HEADERS,
 }
+_SUBMISSION_HEADERS: Final = {
+    h.NOTIFY_TASKS: _header(
+        "true: publish a notification per task state change of this workflow on {ns}.notify "
+        "(the router's default task_notifications setting, requested).",
+        "boolean",
+    ),
+    **_TRACE_HEADERS,
+}
 _PARKED_HEADERS: Final = {
     h.DEAD_REASON: _header("Why the message was parked (exhausted, worker_lost, malformed_task, ...)."),
     h.LAST_ERROR: _header('The last error, "Type: message".'),
@@ -124,7 +132,9 @@ _EXTRA_SCHEMAS: Final[dict[str, dict[str, Any]]] = {
 
 #: Message name -> (payload schema, description, headers, content types).
 _MESSAGES: Final[dict[str, tuple[str, str, dict[str, Any], str]]] = {
-    "Submission": ("Submission", "A workflow to run (DESIGN.md §3).", {}, "application/json"),
+    "Submission": (
+        "Submission", "A workflow to run (DESIGN.md §3).", _SUBMISSION_HEADERS, "application/json"
+    ),
     "Accepted": ("Accepted", "Reply: stored, ready tasks queued.", {}, "application/json"),
     "Rejected": ("Rejected", "Reply: refused; nothing stored.", {}, "application/json"),
     "Completed": ("Completed", "Reply and notification: the workflow finished.", {}, "application/json"),
@@ -132,7 +142,12 @@ _MESSAGES: Final[dict[str, tuple[str, str, dict[str, Any], str]]] = {
     "TaskEvent": (
         "TaskEvent", "What happened to an attempt (DESIGN.md §6).", _TRACE_HEADERS, "application/msgpack"
     ),
-    "TaskNotification": ("TaskNotification", "A task's new status.", {}, "application/msgpack"),
+    "TaskNotification": (
+        "TaskNotification",
+        "A task's new status, for workflows submitted with fabric-notify-tasks.",
+        {},
+        "application/msgpack",
+    ),
     "Heartbeat": ("Heartbeat", "An agent's heartbeat.", {}, "application/msgpack"),
     "Alert": ("Alert", "A threshold or escalation alert.", {}, "application/json"),
     "Cancel": ("Cancel", "Cancel running or queued tasks.", {}, "application/msgpack"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -82,6 +82,12 @@ class RouterSettings(_Section):
     stall_after_s: float = Field(default=60.0, gt=0)
     #: How often the active router runs the stall watchdog (checks the queues of idle agents).
     stall_check_interval_s: float = Field(default=5.0, gt=0)
+    #: Which workflows get a notification per task state change on ``{ns}.notify``
+    #: (``task.<workflow>.<task>.<status>``): ``requested`` (those submitted with the
+    #: ``fabric-notify-tasks`` header, as ``FabricClient.submit(on_task=...)`` and ``fabric submit
+    #: --wait`` do), ``all``, or ``off``. Each is a message through the broker: sending them for every
+    #: task costs about a third of the router's CPU when nobody listens.
+    task_notifications: Literal["requested", "all", "off"] = "requested"
 
 
 class WorkerSettings(_Section):

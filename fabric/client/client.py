@@ -27,7 +27,7 @@ from fabric.errors import (
     WaitTimeout,
     WorkflowNotFound,
 )
-from fabric.protocol import codec
+from fabric.protocol import codec, headers
 from fabric.protocol.messages import Accepted, Completed, Submission
 from fabric.settings import FabricSettings, load_settings
 from fabric.telemetry import Telemetry
@@ -46,6 +46,9 @@ _KEEP: Any = object()
 _COMPLETED_CACHE = 10_000
 #: How many of its own submissions the client remembers (older ones are waited for through notify).
 _SUBMITTED_MEMORY = 100_000
+#: How often ``wait(on_task=...)`` reads the status of a workflow whose task notifications it cannot
+#: receive (one submitted without asking for them), to report its task changes.
+_PROGRESS_POLL_S = 1.0
 
 
 class FabricClient:
@@ -74,6 +77,8 @@ class FabricClient:
         self._wait_counts: Counter[str] = Counter()
         self._followed: set[str] = set()
         self._listeners: dict[str, list[TaskListener]] = {}
+        #: Workflows this client submitted asking for task notifications (the router sends them).
+        self._notified: OrderedDict[str, None] = OrderedDict()
         self._state = "new"
 
     async def __aenter__(self) -> Self:
@@ -191,7 +196,8 @@ class FabricClient:
         Args:
             workflow: a :class:`Submission` or the same as a dict (DESIGN.md §3).
             message_id: idempotency key; resending with the same id never creates a second workflow.
-            on_task: called with each task notification of this workflow (progress).
+            on_task: called with each task notification of this workflow (progress); the
+                submission asks the router for them (the ``fabric-notify-tasks`` header).
 
         Raises:
             SubmissionRejected: the router refused it; ``reason`` is the code, ``detail`` explains.
@@ -209,15 +215,17 @@ class FabricClient:
             # Follow before submitting so no task notification can slip past.
             await self._follow(workflow_id, on_task)
         # The caller's own trace (if it has one) becomes the parent of the whole workflow's trace.
-        trace_headers: dict[str, Any] = {}
-        Telemetry.inject(trace_headers)
+        message_headers: dict[str, Any] = {}
+        Telemetry.inject(message_headers)
+        if on_task is not None:
+            message_headers[headers.NOTIFY_TASKS] = True
         reply = await self._request(
             names.submit_exchange(self.ns),
             names.SUBMIT_ROUTING_KEY,
             codec.encode(document),
             codec.MSGPACK,
             message_id,
-            trace_headers or None,
+            message_headers or None,
         )
         if reply.get("kind") == "rejected":
             raise SubmissionRejected(
@@ -231,8 +239,12 @@ class FabricClient:
         self._submitted[accepted.workflow_id] = None
         while len(self._submitted) > _SUBMITTED_MEMORY:
             self._submitted.popitem(last=False)
-        if on_task is not None and not isinstance(workflow_id, str):
-            await self._follow(accepted.workflow_id, on_task)
+        if on_task is not None:
+            self._notified[accepted.workflow_id] = None
+            while len(self._notified) > _SUBMITTED_MEMORY:
+                self._notified.popitem(last=False)
+            if not isinstance(workflow_id, str):
+                await self._follow(accepted.workflow_id, on_task)
         return accepted
 
     async def _follow(self, workflow_id: str, on_task: TaskListener | None) -> None:
@@ -252,7 +264,9 @@ class FabricClient:
         """Wait until the workflow finishes and return its ``completed`` document.
 
         Works for workflows submitted by any client: one not submitted through this client is followed
-        through ``{ns}.notify`` and asked for once, in case it finished already.
+        through ``{ns}.notify`` and asked for once, in case it finished already. ``on_task`` is called
+        with each task notification; for a workflow this client did not submit with ``on_task`` (so the
+        router may not send them), with the task changes read from its status every second instead.
 
         Raises:
             WorkflowNotFound: the router knows no such workflow.
@@ -267,7 +281,11 @@ class FabricClient:
             future = asyncio.get_running_loop().create_future()
             self._waiters[workflow_id] = future
         self._wait_counts[workflow_id] += 1
+        poller: asyncio.Task[None] | None = None
         try:
+            if on_task is not None and workflow_id not in self._notified:
+                poller = asyncio.create_task(self._poll_progress(workflow_id, on_task, future))
+                on_task = None
             if on_task is not None or workflow_id not in self._submitted:
                 await self._follow(workflow_id, on_task)
             if workflow_id not in self._submitted:
@@ -278,12 +296,38 @@ class FabricClient:
         except TimeoutError as exc:
             raise WaitTimeout(f"workflow {workflow_id} did not finish within {timeout_s:g}s") from exc
         finally:
+            if poller is not None:
+                poller.cancel()
             # The last waiter forgets the workflow; a document arriving later lands in _finished.
             self._wait_counts[workflow_id] -= 1
             if self._wait_counts[workflow_id] <= 0:
                 del self._wait_counts[workflow_id]
                 self._waiters.pop(workflow_id, None)
                 self._listeners.pop(workflow_id, None)
+                self._notified.pop(workflow_id, None)
+
+    async def _poll_progress(
+        self, workflow_id: str, on_task: TaskListener, done: asyncio.Future[Completed]
+    ) -> None:
+        """Report a workflow's task changes to ``on_task`` from its status, until ``done``."""
+        seen: dict[str, tuple[Any, ...]] = {}
+        while not done.done():
+            with contextlib.suppress(TransportError, WaitTimeout, WorkflowNotFound):
+                status = await self._about("status", workflow_id)
+                for task_id, task in dict(status.get("tasks") or {}).items():
+                    note = {
+                        "workflow_id": workflow_id,
+                        "task_id": task_id,
+                        "status": task.get("status"),
+                        "attempts": task.get("attempts"),
+                        "agent": task.get("agent"),
+                        "error": task.get("error"),
+                    }
+                    state = (note["status"], note["attempts"], note["agent"])
+                    if seen.get(task_id) != state:
+                        seen[task_id] = state
+                        on_task(note)
+            await asyncio.wait([done], timeout=_PROGRESS_POLL_S)
 
     async def run(
         self,

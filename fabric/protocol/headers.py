@@ -51,6 +51,9 @@ LINKS = "fabric-links"
 #: With tracing: the ``traceparent`` of the span of the task's previous attempt (set by a retry, a
 #: reassignment, a replay or a resume), which the next attempt's span links to.
 PREVIOUS_ATTEMPT = "fabric-previous-attempt"
+#: On a submission: ``true`` asks for a notification per task state change of this workflow on
+#: ``{ns}.notify`` (the router's ``task_notifications`` setting ``requested``, the default).
+NOTIFY_TASKS = "fabric-notify-tasks"
 
 
 def get_str(headers: Mapping[str, Any] | None, name: str, default: str = "") -> str:
@@ -79,6 +82,14 @@ def get_float(headers: Mapping[str, Any] | None, name: str, default: float | Non
         return float(raw) if raw else default
     except ValueError:
         return default
+
+
+def get_bool(headers: Mapping[str, Any] | None, name: str) -> bool:
+    """Read a flag header: an AMQP boolean, or ``true``/``1``/``yes`` as text (any case)."""
+    value = headers.get(name) if headers else None
+    if isinstance(value, bool):
+        return value
+    return get_str(headers, name).strip().lower() in {"true", "1", "yes"}
 
 
 def now_ms(delay_ms: float = 0) -> int:

@@ -534,6 +534,13 @@ def build_app(
                 "creates nothing new",
             ),
         ] = None,
+        fabric_notify_tasks: Annotated[
+            bool,
+            Header(
+                description="`true`: publish a notification per task state change of this workflow "
+                "on `{ns}.notify` (`task.<workflow>.<task>.<status>`), as the AMQP header does",
+            ),
+        ] = False,
     ) -> Response:
         content_type = request.headers.get("content-type")
         router.stats["submissions"] += 1
@@ -542,7 +549,12 @@ def build_app(
             if isinstance(body, Refusal):
                 outcome = await router.refuse(idempotency_key, body, content_type)
             else:
-                outcome = await router.submit(body, content_type, message_id=idempotency_key or None)
+                outcome = await router.submit(
+                    body,
+                    content_type,
+                    message_id=idempotency_key or None,
+                    notify_tasks=fabric_notify_tasks,
+                )
         reply = outcome.reply
         if isinstance(reply, Rejected):
             return _json(reply, REJECTION_STATUS.get(reply.reason, 400))

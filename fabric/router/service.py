@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
@@ -84,6 +84,11 @@ _REQUEUE_PAUSE_S = 1.0
 
 #: Task notifications in flight at most; beyond, progress signals are dropped rather than queued.
 _MAX_PENDING_NOTES = 10_000
+
+#: Workflows whose ``notify_tasks`` flag the router remembers (most recently seen first out last).
+_NOTIFY_FLAGS_MEMORY = 10_000
+#: How long a remembered ``notify_tasks`` = False holds before the router reads the flag again.
+_NOTIFY_FLAG_TTL_S = 1.0
 
 #: Lease renewals the router remembers at most (one per long task running).
 _MAX_LEASES = 100_000
@@ -252,6 +257,8 @@ class Router:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._notes: set[asyncio.Task[bool]] = set()
+        #: workflow id -> (notify_tasks, when read): the flags of recently seen workflows.
+        self._notify_flags: OrderedDict[str, tuple[bool, float]] = OrderedDict()
         self._event_queue: dict[str, list[tuple[Delivery, TaskEvent]]] = {}
         self._active = False
         self._agent_first_seen: dict[str, float] = {}
@@ -826,6 +833,7 @@ class Router:
             reply_to=delivery.reply_to,
             correlation_id=delivery.correlation_id,
             respond=respond,
+            notify_tasks=headers.get_bool(delivery.headers, headers.NOTIFY_TASKS),
         )
         await delivery.ack()
 
@@ -838,6 +846,7 @@ class Router:
         reply_to: str | None = None,
         correlation_id: str | None = None,
         respond: Respond | None = None,
+        notify_tasks: bool = False,
     ) -> Submitted:
         """Admit a submission: the one path of AMQP (``{ns}.submit``) and HTTP (``POST /api/v1/workflows``).
 
@@ -846,7 +855,7 @@ class Router:
         called). ``respond(document, content_type)`` sends each reply document in order: the
         ``accepted`` or ``rejected`` reply, then, for a resend of a finished workflow, its ``completed``
         document; it is called under the workflow's lock, so no ``completed`` announcement can overtake
-        the ``accepted`` reply.
+        the ``accepted`` reply. ``notify_tasks`` asks for task notifications (a resend can ask too).
 
         Raises:
             StoreError, TransportError: nothing was decided; the caller asks again (same message id).
@@ -868,6 +877,7 @@ class Router:
         except Refusal as refusal:
             reply_type = codec.normalize_content_type(content_type) or codec.JSON
             return await self._refuse(message_id, refusal, respond, reply_type)
+        admitted.workflow.notify_tasks = notify_tasks
         return await self._accept(admitted, respond)
 
     async def _refuse(
@@ -899,6 +909,7 @@ class Router:
             existing = await self._store.insert_workflow(workflow, admitted.tasks)
             if existing is not None:
                 return await self._resubmitted(workflow, existing, respond)
+            self._remember_notify_flag(workflow)
             self.metrics.workflow_submitted()
             for task in admitted.tasks:
                 self.metrics.count_task("submitted", task.capability)
@@ -931,7 +942,12 @@ class Router:
         ):
             # This client waits too: it gets the completed document when the workflow finishes.
             existing.subscribers.append(subscriber)
+            existing.notify_tasks |= new.notify_tasks
             await self._store.save(workflows=[existing])
+        elif new.notify_tasks and not existing.notify_tasks and not existing.status.terminal:
+            existing.notify_tasks = True
+            await self._store.save(workflows=[existing])
+        self._remember_notify_flag(existing)
         accepted = Accepted(workflow_id=existing.workflow_id, tasks=existing.task_count)
         await respond(accepted.model_dump(mode="json"), new.content_type)
         completed = None
@@ -1351,8 +1367,7 @@ class Router:
         await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
         self._count(work)
         await self._dispatch(work.released, known=work.tasks, workflow=work.workflow)
-        for note in work.notes:
-            self._notify_task(note)
+        await self._send_notes(work)
 
     def _count(self, work: _Work) -> None:
         """Move the counters of a committed batch (once: a batch that failed to commit counts nothing,
@@ -1417,6 +1432,42 @@ class Router:
         await self._store.save(workflows=[workflow])
         self.stats["completed"] += 1
         log.debug("workflow %s %s", workflow.workflow_id, workflow.status)
+
+    async def _send_notes(self, work: _Work) -> None:
+        """Send a committed batch's task notifications, if its workflow gets them (``task_notifications``)."""
+        if not work.notes:
+            return
+        mode = self.settings.router.task_notifications
+        if mode == "off" or (mode == "requested" and not await self._notify_wanted(work)):
+            return
+        for note in work.notes:
+            self._notify_task(note)
+
+    async def _notify_wanted(self, work: _Work) -> bool:
+        """The workflow's ``notify_tasks`` flag: from the batch, from memory, else from the store.
+
+        A remembered False is read again after a second, so a resend asking for notifications that
+        another router admitted is seen soon.
+        """
+        if work.workflow is not None:
+            return self._remember_notify_flag(work.workflow)
+        wanted, seen_at = self._notify_flags.get(work.workflow_id, (False, -_NOTIFY_FLAG_TTL_S))
+        if wanted or time.monotonic() - seen_at < _NOTIFY_FLAG_TTL_S:
+            return wanted
+        try:
+            workflow = await self._store.get_workflow(work.workflow_id)
+        except StoreError as exc:
+            log.debug("task notifications of %s not sent: %s", work.workflow_id, exc)
+            return False
+        return workflow is not None and self._remember_notify_flag(workflow)
+
+    def _remember_notify_flag(self, workflow: WorkflowRecord) -> bool:
+        flags = self._notify_flags
+        flags[workflow.workflow_id] = (workflow.notify_tasks, time.monotonic())
+        flags.move_to_end(workflow.workflow_id)
+        while len(flags) > _NOTIFY_FLAGS_MEMORY:
+            flags.popitem(last=False)
+        return workflow.notify_tasks
 
     def _notify_task(self, note: dict[str, Any]) -> None:
         """Publish a task's new status to ``{ns}.notify``, unconfirmed: a progress signal, not a record."""
@@ -1643,8 +1694,7 @@ class Router:
             task.queued_at = now
             work.touch(task)
             await self._store.save(tasks=[task])
-            for note in work.notes:
-                self._notify_task(note)
+            await self._send_notes(work)
             await self._dispatch([task])
         self._alerts.resolve(
             _escalation_key(workflow.workflow_id, task_id),

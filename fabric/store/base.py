@@ -173,6 +173,8 @@ class WorkflowRecord(_Record):
     #: With tracing: the ``traceparent`` of the submission's span, the root of the workflow's trace, so
     #: tasks published later (recovery, replay, resume) stay in it.
     traceparent: str | None = None
+    #: True when the submitter asked for task notifications (the ``fabric-notify-tasks`` header).
+    notify_tasks: bool = False
 
 
 @dataclass(slots=True)

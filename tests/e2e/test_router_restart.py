@@ -55,7 +55,9 @@ async def test_router_killed_mid_workflow_restarts_without_loss(
     await fleet.worker("w1", concurrency=4, queue="demo.sum")
     await fleet.worker("w2", concurrency=4, queue="demo.sum")
     async with FabricClient(settings, reply_timeout_s=120) as client:
-        await client.submit(layered_workflow(workflow_id))
+        # Asking for task notifications (on_task): the router sends them only for workflows that ask,
+        # and router-2 must go on sending them after the crash (the request is stored).
+        await client.submit(layered_workflow(workflow_id), on_task=lambda note: None)
         await eventually(lambda: sum(succeeded.values()) >= 40, timeout=120, what="40 tasks done")
         router.kill(signal.SIGKILL)
         assert router.wait(30) == -signal.SIGKILL

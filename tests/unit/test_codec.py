@@ -250,3 +250,29 @@ def test_get_list() -> None:
 def test_get_list_tolerates_bad_utf8_like_get_str() -> None:
     """``get_str`` replaces undecodable bytes; the items of an array header must not raise instead."""
     assert headers.get_list({headers.AVOID: [b"\xff", b"ok"]}, headers.AVOID) == ["\ufffd", "ok"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        (False, False),
+        ("true", True),
+        ("TRUE", True),
+        (b"1", True),
+        ("yes", True),
+        ("false", False),
+        ("0", False),
+        ("", False),
+        (None, False),
+        (b"\xff", False),
+        (2, False),
+    ],
+)
+def test_get_bool_reads_flags(value: Any, expected: bool) -> None:
+    assert headers.get_bool({headers.NOTIFY_TASKS: value}, headers.NOTIFY_TASKS) is expected
+
+
+def test_get_bool_missing_headers() -> None:
+    assert headers.get_bool(None, headers.NOTIFY_TASKS) is False
+    assert headers.get_bool({}, headers.NOTIFY_TASKS) is False
