@@ -113,6 +113,11 @@ class Baseline:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
 
+    @property
+    def worker_pid(self) -> int:
+        assert self.worker is not None, "the baseline is not started"
+        return self.worker.pid
+
     async def __aenter__(self) -> Self:
         try:
             self._connection = await aio_pika.connect(

@@ -69,6 +69,59 @@ class Summary:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
 
+# -- CPU accounting -------------------------------------------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far, from ``/proc`` (Linux);
+    NaN where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return math.nan
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def broker_pid() -> int | None:
+    """The pid of a RabbitMQ node running on this machine (``beam.smp`` of user rabbitmq or any),
+    so the bench can count the broker's CPU too; None when there is none we can see."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"beam.smp" in cmdline and b"rabbit" in cmdline:
+                    found.append(int(entry.name))
+    return min(found) if len(found) == 1 else None
+
+
+class CpuMeter:
+    """CPU milliseconds per task of named processes over one measured stretch.
+
+    Example:
+        >>> meter = CpuMeter({"driver": os.getpid()})
+        >>> meter.start()
+        >>> per_task = meter.stop(tasks=1000)  # {"driver": 0.41, ...}
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self, tasks: int) -> dict[str, float]:
+        return {
+            name: (cpu_seconds(pid) - self._before[name]) * 1000.0 / tasks for name, pid in self.pids.items()
+        }
+
+
 # -- subprocesses ---------------------------------------------------------------------------------
 
 _LIVE: set[Proc] = set()

@@ -42,7 +42,7 @@ import msgpack
 import fabric
 from bench import hotspots
 from bench.baseline import PREFETCH, Baseline
-from bench.common import ROOT, BenchFailure, Summary, amqp_url
+from bench.common import ROOT, BenchFailure, CpuMeter, Summary, amqp_url, broker_pid
 from bench.memory import (
     FULL_MEMORY,
     GROWTH_LIMIT,
@@ -122,6 +122,22 @@ async def measure(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> dict
             Fleet(url, workdir, kind="s", workers=sizes.workers, concurrency=sizes.concurrency)
         )
         lone = await stack.enter_async_context(Fleet(url, workdir, kind="s4", workers=0))
+        # CPU per task of every process taking part (the broker too, when it runs on this machine):
+        # shows where a scenario's time goes, and what 2 cores allow at most.
+        broker = broker_pid()
+        shared = {"bench process": os.getpid(), **({"broker": broker} if broker else {})}
+        base_cpu = CpuMeter({**shared, "baseline worker": baseline.worker_pid})
+        fleet_cpu = CpuMeter(
+            {
+                **shared,
+                "router": fleet.router_pid,
+                **{f"worker{i + 1}": pid for i, pid in enumerate(fleet.worker_pids)},
+            }
+        )
+
+        def note_cpu(scenario: str, meter: CpuMeter, tasks: int) -> None:
+            for name, ms in meter.stop(tasks).items():
+                note(f"cpu_{scenario}[{name}]", ms)
 
         _say(f"warm-up: {sizes.warmup} round trips each")
         await baseline.throughput(sizes.warmup)
@@ -134,14 +150,20 @@ async def measure(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> dict
 
         for r in range(1, args.rounds + 1):
             _say(f"round {r}/{args.rounds}")
+            base_cpu.start()
             b = await baseline.throughput(sizes.throughput)
+            note_cpu("base", base_cpu, sizes.throughput)
             note("base_tps", b["tasks_per_s"])
             _say(f"  baseline throughput  {b['tasks_per_s']:8.0f} tasks/s  ({b['elapsed_s']:.2f} s)")
+            fleet_cpu.start()
             s1 = await s1_throughput(fleet.client, sizes.throughput, window=sizes.window)
+            note_cpu("s1", fleet_cpu, sizes.throughput)
             fleet.check_alive()
             note("s1_tps", s1["tasks_per_s"])
             _say(f"  S1 throughput        {s1['tasks_per_s']:8.0f} tasks/s  ({s1['elapsed_s']:.2f} s)")
+            fleet_cpu.start()
             s2 = await s2_wide(fleet.client, sizes.wide)
+            note_cpu("s2", fleet_cpu, sizes.wide)
             fleet.check_alive()
             note("s2_tps", s2["tasks_per_s"])
             _say(f"  S2 wide DAG          {s2['tasks_per_s']:8.0f} tasks/s  ({s2['elapsed_s']:.2f} s)")
@@ -555,6 +577,8 @@ def write_results(
     per_round = ["| figure | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " |"]
     per_round.append("|---|" + "---:|" * args.rounds)
     for key, values in figures.items():
+        if key.startswith("cpu_"):
+            continue  # summarised in "CPU per task"
         per_round.append(f"| {key} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
     mode = (
         "quick (smoke: correctness only, figures not judged)"
@@ -614,6 +638,7 @@ def write_results(
         *[f"- {k}: {v:,}" for k, v in asdict(sizes).items()],
         "",
     ]
+    lines += render_cpu(figures)
     if profile:
         lines += ["## Profile (one extra S1 pass under py-spy, not counted)", ""]
         for text in profile.values():
@@ -622,6 +647,47 @@ def write_results(
     if s5:
         lines += [s5, ""]
     path.write_text("\n".join(lines))
+
+
+_CPU_SCENARIOS = {"base": "baseline", "s1": "S1", "s2": "S2"}
+
+
+def render_cpu(figures: dict[str, list[float]]) -> list[str]:
+    """The "CPU per task" section: medians of each process's CPU milliseconds per task, and the rate
+    the whole machine's cores would allow if nothing else ran (cores x 1000 / total ms per task)."""
+    per: dict[str, dict[str, float]] = {}
+    for key, values in figures.items():
+        if key.startswith("cpu_") and "[" in key:
+            scenario, name = key[4:].split("[", 1)
+            per.setdefault(scenario, {})[name.rstrip("]")] = Summary.of(values).median
+    if not per:
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    names = list(dict.fromkeys(name for procs in per.values() for name in procs))
+    lines = [
+        "## CPU per task",
+        "",
+        "CPU milliseconds per task of each process (user + system, all threads, from `/proc`; medians over "
+        "the rounds), and the most tasks/s the machine's cores allow at that cost (cores x 1000 / total, "
+        "as if nothing else ran). Where a scenario needs more CPU per task than the baseline, its ceiling "
+        "ratio is the best it can reach on this machine however its work is spread over processes. The "
+        "broker column counts everything the broker did meanwhile, for any client: judge it on a quiet "
+        "machine.",
+        "",
+        "| scenario | " + " | ".join(names) + f" | total | ceiling on {cores} cores |",
+        "|---|" + "---:|" * (len(names) + 2),
+    ]
+    base_total = sum(per.get("base", {}).values())
+    for scenario, label in _CPU_SCENARIOS.items():
+        procs = per.get(scenario)
+        if not procs:
+            continue
+        total = sum(procs.values())
+        ceiling = cores * 1000.0 / total if total else math.nan
+        vs = f" ({base_total / total:.2f} x the baseline's)" if scenario != "base" and total else ""
+        cells = " | ".join(f"{procs[n]:.2f}" if n in procs else "" for n in names)
+        lines.append(f"| {label} | {cells} | {total:.2f} | {ceiling:,.0f} tasks/s{vs} |")
+    return [*lines, ""]
 
 
 def _s5_section(path: Path) -> str:

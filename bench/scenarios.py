@@ -84,6 +84,15 @@ class Fleet:
         return self._broker
 
     @property
+    def router_pid(self) -> int:
+        assert self.router is not None, "the fleet is not started"
+        return self.router.pid
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.worker_procs]
+
+    @property
     def processes(self) -> list[Proc]:
         return [p for p in (self.router, *self.worker_procs) if p is not None]
 
