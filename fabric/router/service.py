@@ -92,6 +92,8 @@ _NOTIFY_FLAG_TTL_S = 1.0
 
 #: Lease renewals the router remembers at most (one per long task running).
 _MAX_LEASES = 100_000
+#: Leased tasks one lease check reads at most.
+_LEASE_CHECK_BATCH = 10_000
 
 #: Most resubmitting clients a workflow remembers to send its completed document to.
 _MAX_SUBSCRIBERS = 16
@@ -684,7 +686,7 @@ class Router:
     async def _check_leases(self, now: float | None = None) -> int:
         """Give up every leased attempt not renewed within its ``lease_s``; returns how many."""
         now = time.time() if now is None else now
-        leased = await self._store.leased(limit=10_000)
+        leased = await self._store.leased(limit=_LEASE_CHECK_BATCH)
         live: set[tuple[str, str, int]] = set()
         lapsed: list[TaskRecord] = []
         for task in leased:
@@ -693,8 +695,10 @@ class Router:
             renewed = max(self._lease_renewed.get(key, 0.0), self._active_since)
             if lease_lapsed(renewed, task.lease_s, now):
                 lapsed.append(task)
-        for key in [k for k in self._lease_renewed if k not in live]:
-            del self._lease_renewed[key]
+        if len(leased) < _LEASE_CHECK_BATCH:
+            # Every leased task was read: a renewal of anything else belongs to an attempt that ended.
+            for key in [k for k in self._lease_renewed if k not in live]:
+                del self._lease_renewed[key]
         given_up = 0
         for task in lapsed:
             try:
@@ -702,6 +706,17 @@ class Router:
             except Exception as exc:
                 log.error("lapsed lease of %s/%s not handled (will try again): %s", *task.key, exc)
         return given_up
+
+    def _renew_leases(self, keys: Iterable[tuple[str, str, int]], now: float) -> None:
+        """Remember that the leases of these attempts were renewed at ``now``."""
+        renewed = self._lease_renewed
+        for key in keys:
+            renewed.pop(key, None)  # re-inserted last: the map runs from least to most recently renewed
+            renewed[key] = now
+        while len(renewed) > _MAX_LEASES:
+            # Bounded: forget the renewal heard longest ago (a live lease is renewed every heartbeat,
+            # so it is never the oldest while fewer than _MAX_LEASES leases are live).
+            del renewed[next(iter(renewed))]
 
     async def _lapse(self, workflow_id: str, task_id: str, attempt: int, now: float) -> int:
         """The lease of ``attempt`` lapsed: count it lost; publish the next attempt or park the task."""
@@ -1241,7 +1256,7 @@ class Router:
                 task.started_at = event.at
             if event.lease_s is not None:
                 task.lease_s = event.lease_s
-                self._lease_renewed[(task.workflow_id, task.task_id, event.attempt)] = time.time()
+                self._renew_leases([(task.workflow_id, task.task_id, event.attempt)], time.time())
             elif event.attempt > task.attempts:
                 task.lease_s = None
             self._transition(work, task, event, TaskStatus.RUNNING)
@@ -2081,10 +2096,7 @@ class Router:
             last_seen=beat.at,
         )
         now = time.time()
-        for workflow_id, task_id, attempt in beat.leases:
-            self._lease_renewed[(workflow_id, task_id, attempt)] = now
-        if len(self._lease_renewed) > _MAX_LEASES:
-            self._lease_renewed.clear()  # bounded; the next beats renew the live ones again
+        self._renew_leases([(w, t, a) for w, t, a in beat.leases], now)
         first_seen = self._agent_first_seen.setdefault(beat.agent_id, beat.at)
         if len(self._agent_first_seen) > 10_000:
             self._agent_first_seen.clear()  # bounded; first_seen then restarts from the next beat

@@ -14,6 +14,7 @@ import pytest
 from fabric import Agent, Task, load_settings
 from fabric.errors import ConfigError
 from fabric.protocol.messages import EventStatus, TaskEvent, TaskStatus
+from fabric.router import service
 from fabric.router.service import Router, _lapsed_attempts, _Work, is_stale, lease_lapsed
 from fabric.store import TaskRecord, WorkflowRecord
 from fabric.store.memory import MemoryStore
@@ -205,3 +206,45 @@ async def test_router_lapses_only_unrenewed_leases_and_escalates_when_asked(rout
     ]
     assert await router.store.leased() == []
     assert await router._check_leases(now + 100) == 0, "handled once"
+
+
+def test_lease_renewals_forget_the_longest_unrenewed_first(
+    router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound, the renewal heard longest ago goes, not every renewal at once (which would let
+    live leases lapse early)."""
+    monkeypatch.setattr(service, "_MAX_LEASES", 3)
+    router._renew_leases([("wf", "a", 1), ("wf", "b", 1), ("wf", "c", 1)], 10.0)
+    router._renew_leases([("wf", "a", 1)], 20.0)  # a renewed again: now the most recent
+    router._renew_leases([("wf", "d", 1)], 21.0)
+    assert router._lease_renewed == {("wf", "c", 1): 10.0, ("wf", "a", 1): 20.0, ("wf", "d", 1): 21.0}
+    assert list(router._lease_renewed) == [("wf", "c", 1), ("wf", "a", 1), ("wf", "d", 1)], "oldest first"
+
+
+async def test_a_partial_lease_check_keeps_the_renewals_it_did_not_read(
+    router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more leased tasks than one check reads, renewals of the unread ones are kept."""
+    monkeypatch.setattr(service, "_LEASE_CHECK_BATCH", 1)
+    for task_id in ("a", "b"):
+        await router.store.insert_workflow(
+            WorkflowRecord(workflow_id=f"wf-{task_id}", fingerprint="fp", task_count=1, remaining=1),
+            [
+                TaskRecord(
+                    workflow_id=f"wf-{task_id}",
+                    task_id=task_id,
+                    capability="c",
+                    status=TaskStatus.RUNNING,
+                    attempts=1,
+                    agent="w1",
+                    lease_s=60.0,
+                )
+            ],
+        )
+    now = time.time()
+    router._renew_leases([("wf-a", "a", 1), ("wf-b", "b", 1), ("gone", "x", 1)], now)
+    assert await router._check_leases(now + 1) == 0
+    assert set(router._lease_renewed) == {("wf-a", "a", 1), ("wf-b", "b", 1), ("gone", "x", 1)}
+    monkeypatch.setattr(service, "_LEASE_CHECK_BATCH", 10)
+    assert await router._check_leases(now + 1) == 0
+    assert set(router._lease_renewed) == {("wf-a", "a", 1), ("wf-b", "b", 1)}, "an ended attempt's goes"
