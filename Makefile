@@ -64,8 +64,8 @@ clean:  ## remove caches and local state
 
 .PHONY: bench bench-quick bench-memory
 BENCH_ARGS ?=
-bench: $(STAMP) services  ## benchmark fabric against the raw aio-pika baseline (3 rounds); writes bench/RESULTS.md
-	$(PYTHON) -m bench.run $(BENCH_ARGS)
+bench: $(STAMP) services  ## benchmark fabric against the raw aio-pika baseline at the issue's sizes (3 rounds, ~10 min); writes bench/RESULTS.md
+	$(PYTHON) -m bench.run --full $(BENCH_ARGS)
 
 bench-memory: $(STAMP) services  ## S5: RSS while 500,000 tasks complete and 100,000 wait queued (long); writes bench/RESULTS.md
 	$(PYTHON) -m bench.run --scenario s5
