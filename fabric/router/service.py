@@ -82,8 +82,10 @@ log = logging.getLogger("fabric.router")
 #: outage does not turn into a hot redelivery loop.
 _REQUEUE_PAUSE_S = 1.0
 
-#: Task notifications in flight at most; beyond, progress signals are dropped rather than queued.
+#: Task notifications waiting to be sent at most; beyond, progress signals are dropped rather than queued.
 _MAX_PENDING_NOTES = 10_000
+#: Notifications the sender publishes before it lets other work on the event loop run.
+_NOTES_PER_TURN = 256
 
 #: Workflows whose ``notify_tasks`` flag the router remembers (most recently seen first out last).
 _NOTIFY_FLAGS_MEMORY = 10_000
@@ -258,7 +260,9 @@ class Router:
         self._locks = _KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._notes: set[asyncio.Task[bool]] = set()
+        #: Task notifications (routing key, encoded body) waiting for the one sender, oldest first.
+        self._notes: deque[tuple[str, bytes]] = deque()
+        self._notes_waiting = asyncio.Event()
         #: workflow id -> (notify_tasks, when read): the flags of recently seen workflows.
         self._notify_flags: OrderedDict[str, tuple[bool, float]] = OrderedDict()
         self._event_queue: dict[str, list[tuple[Delivery, TaskEvent]]] = {}
@@ -365,6 +369,7 @@ class Router:
         self._background(self._lease_loop(), "lease checks")
         self._background(self._sample_loop(), "dashboard samples")
         self._background(self._stall_loop(), "stall watchdog")
+        self._background(self._note_sender(), "task notifications")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
 
@@ -603,8 +608,16 @@ class Router:
         """
         republished = announced = 0
         attempted: set[tuple[str, str]] = set()
+        # Tasks stored after the pass began are being dispatched on the normal path; under steady load
+        # there are always some, and a pass taking them in would never end (nor reach the announcing
+        # below) while its set of attempted keys grew with every task admitted (issue 6, S5).
+        began = time.time()
         while True:
-            batch = [t for t in await self._store.undispatched(limit=500) if t.key not in attempted]
+            batch = [
+                t
+                for t in await self._store.undispatched(limit=500)
+                if t.key not in attempted and t.created_at < began
+            ]
             if not batch:
                 break
             attempted.update(t.key for t in batch)
@@ -1485,22 +1498,35 @@ class Router:
         return workflow.notify_tasks
 
     def _notify_task(self, note: dict[str, Any]) -> None:
-        """Publish a task's new status to ``{ns}.notify``, unconfirmed: a progress signal, not a record."""
+        """Queue a task's new status for ``{ns}.notify``, sent unconfirmed by :meth:`_note_sender`: a
+        progress signal, not a record."""
         if len(self._notes) >= _MAX_PENDING_NOTES:
             return  # the broker is slow: drop progress signals rather than hold memory
-        publish = self._amqp.publish_unconfirmed(
-            names.notify_exchange(self.ns),
-            names.task_notify_key(note["workflow_id"], note["task_id"], note["status"]),
-            codec.encode(note),
-        )
-        note_task = asyncio.create_task(publish)
-        self._notes.add(note_task)
-        note_task.add_done_callback(self._note_done)
+        key = names.task_notify_key(note["workflow_id"], note["task_id"], note["status"])
+        self._notes.append((key, codec.encode(note)))
+        self._notes_waiting.set()
 
-    def _note_done(self, task: asyncio.Task[bool]) -> None:
-        self._notes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("task notification not sent: %s", task.exception())
+    async def _note_sender(self) -> None:
+        """Publish the queued task notifications, oldest first, one at a time.
+
+        One sender and a queue of encoded bodies, not a task per notification: under load the
+        notifications wait for the connection's writer, and 10,000 waiting tasks (each with its
+        coroutine, timeout and lock waiter) held tens of MB of the router's memory; the queue holds a
+        few MB at most (issue 6, S5)."""
+        exchange = names.notify_exchange(self.ns)
+        while True:
+            await self._notes_waiting.wait()
+            self._notes_waiting.clear()
+            sent = 0
+            while self._notes:
+                key, body = self._notes.popleft()
+                try:
+                    await self._amqp.publish_unconfirmed(exchange, key, body)
+                except Exception as exc:  # not connected (closing): best effort, like a dropped one
+                    log.debug("task notification not sent: %s", exc)
+                sent += 1
+                if sent % _NOTES_PER_TURN == 0:
+                    await asyncio.sleep(0)  # an uncontended publish never yields: let the loop run
 
     async def _reply(
         self, reply_to: str | None, correlation_id: str | None, doc: dict[str, Any], content_type: str

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 
 from fabric import FabricClient, ProtocolError
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
+from fabric.store.base import TaskRecord
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection
 from tests.conftest import eventually
+from tests.contract.test_store import task, workflow
 from tests.integration.conftest import StartWorker
 from workers.demo import agent as demo
 
@@ -179,3 +183,32 @@ async def test_wait_for_unknown_workflow_twice(client: FabricClient, router: Rou
     for _ in range(2):
         with pytest.raises(WorkflowNotFound):
             await client.wait("never-submitted", timeout_s=10)
+
+
+async def test_a_recovery_pass_ends_while_new_tasks_keep_coming(
+    router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under steady load some task has always just been stored and not yet confirmed. A recovery pass
+    leaves the ones stored after it began to the normal path and ends (it would otherwise chase
+    admissions for as long as the load lasts, its set of attempted keys growing with each), while a
+    task left undispatched before it began is published."""
+    store = router.store
+    await store.insert_workflow(workflow("wf-stranded", task_count=1), [task("a", "wf-stranded")])
+    undispatched = store.undispatched
+    admitted = 0
+
+    async def with_a_new_admission(limit: int = 1000) -> list[TaskRecord]:
+        nonlocal admitted
+        admitted += 1
+        now = time.time()
+        fresh = f"wf-new-{admitted}"
+        await store.insert_workflow(
+            workflow(fresh, created_at=now, task_count=1), [task("a", fresh, created_at=now)]
+        )
+        return await undispatched(limit)
+
+    monkeypatch.setattr(store, "undispatched", with_a_new_admission)
+    await asyncio.wait_for(router._recover(), timeout=60)  # a guard against a pass that never ends
+
+    assert (await store.get_tasks("wf-stranded"))["a"].dispatched
+    assert admitted >= 2  # new tasks came in during the pass

@@ -85,6 +85,30 @@ async def test_sdk_run_passes_upstream_results(
     assert status["counts"] == {"succeeded": 4}
 
 
+async def test_task_notifications_reach_a_listener_in_order(
+    client: FabricClient, router: Router, start_worker: StartWorker
+) -> None:
+    """The router queues each task's new status and one sender publishes them to ``{ns}.notify``,
+    oldest first: a listener bound at submission sees the tasks released after it bound run, then
+    succeed."""
+    await start_worker(demo)
+    seen: list[tuple[str, str]] = []
+
+    def listen(note: dict[str, Any]) -> None:
+        seen.append((note["task_id"], note["status"]))
+
+    accepted = await client.submit(DIAMOND, on_task=listen)
+
+    await eventually(lambda: ("d", "succeeded") in seen, what="the notification that d succeeded")
+
+    # b, c and d were released after the listener bound (a had to finish first): all of theirs came.
+    for task in "bcd":
+        assert [s for t, s in seen if t == task][-2:] == ["running", "succeeded"], seen
+    assert seen.index(("b", "succeeded")) < seen.index(("d", "running"))
+    assert not router._notes, "the sender leaves nothing queued"
+    assert (await client.wait(accepted.workflow_id, timeout_s=60)).status == "succeeded"
+
+
 async def test_failing_handler_fails_task_and_dependents(
     client: FabricClient, router: Router, start_worker: StartWorker
 ) -> None:
