@@ -171,6 +171,9 @@ class TaskEvent(BaseModel):
     #: With ``started``: the worker acked the task message and holds the attempt under a lease that
     #: lapses unless its heartbeats renew it within this many seconds (a long task, see "Long tasks").
     lease_s: float | None = Field(default=None, gt=0)
+    #: [fabric] With an outcome whose attempt sent no ``started`` event (it ended before the worker's
+    #: ``started_after_s``): when the handler began (seconds since the epoch).
+    started_at: float | None = None
 
 
 class ConsumerState(BaseModel):

@@ -1260,6 +1260,11 @@ class Router:
             task.span = span
         if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
             self._queue_ages.ready(task.capability, task.key, at=event.retry_at or event.at)
+        if event.started_at is not None and status is not EventStatus.STARTED:
+            # An attempt that ended before its worker's started_after_s: it started, unannounced.
+            if task.started_at != event.started_at:  # not this very event again (redelivered)
+                work.counts.append(("started", task.capability))
+            task.started_at = event.started_at
         if status is EventStatus.STARTED:
             # A lease announced for the attempt already running is not a new start.
             leasing = task.status is TaskStatus.RUNNING and event.attempt == task.attempts

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -547,12 +547,20 @@ class Worker:
         timer = asyncio.get_running_loop().call_later(
             self.settings.worker.lease_after_s, self._begin_handover, running
         )
+        announcer: _DeferredStart | None = None
         try:
             try:
-                await self._event(task, EventStatus.STARTED)
+                delay = self.settings.worker.started_after_s
+                if delay > 0:
+                    announcer = _DeferredStart(self._event(task, EventStatus.STARTED), delay)
+                else:
+                    await self._event(task, EventStatus.STARTED)
                 self.metrics.started(task.capability, _queue_wait_s(delivery))
                 began = time.perf_counter()
+                began_at = time.time()
                 outcome = await self._run(handler, task, slot)
+                # The started event, if it went, is confirmed before the outcome (same channel, in order).
+                started_at = began_at if announcer is not None and not await announcer.settle() else None
                 self.metrics.ran(task.capability, _RUN_OUTCOMES[outcome.status], time.perf_counter() - began)
                 timer.cancel()
                 await _finish_handover(running)
@@ -592,6 +600,7 @@ class Worker:
                     error=outcome.error,
                     retry_in_s=_retry_in_s(outcome.decision),
                     reason=outcome.decision.reason if outcome.decision is not None else None,
+                    started_at=started_at,
                 )
                 self._count_outcome(task.capability, outcome.status)
             except TransportError as exc:
@@ -622,6 +631,8 @@ class Worker:
                 await copy.ack()
         finally:
             timer.cancel()
+            if announcer is not None:
+                announcer.cancel()
             if running.handover is not None:
                 running.handover.cancel()
             slot.release()
@@ -1062,9 +1073,11 @@ class Worker:
         retry_in_s: float | None = None,
         reason: str | None = None,
         lease_s: float | None = None,
+        started_at: float | None = None,
     ) -> None:
         now = time.time()
         event = TaskEvent(
+            started_at=started_at,
             reason=reason if status in (EventStatus.ESCALATED, EventStatus.DEAD) else None,
             retry_at=None if retry_in_s is None else now + retry_in_s,
             lease_s=lease_s,
@@ -1365,6 +1378,36 @@ def _unserializable(result: Any) -> str | None:
 
 #: An attempt's identity: (workflow id, task id, attempt).
 _AttemptKey = tuple[str, str, int]
+
+
+class _DeferredStart:
+    """A task's ``started`` event, sent only if the task still runs after ``delay`` seconds
+    (``FABRIC_WORKER__STARTED_AFTER_S``)."""
+
+    def __init__(self, send: Coroutine[Any, Any, None], delay: float) -> None:
+        self._send = send
+        self._sending = False
+        self._task = asyncio.ensure_future(self._later(delay))
+
+    async def _later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._sending = True
+        await self._send
+
+    async def settle(self) -> bool:
+        """Once the handler ended: True when the event went out (waits for its confirm; raises
+        TransportError when it could not be sent), False when it never will."""
+        if not self._sending:
+            self.cancel()
+            return False
+        await self._task
+        return True
+
+    def cancel(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        if not self._sending:
+            self._send.close()  # never started: closed, not left unawaited
 
 
 @dataclass(slots=True, eq=False)
