@@ -1406,6 +1406,8 @@ class _DeferredStart:
     def cancel(self) -> None:
         if not self._task.done():
             self._task.cancel()
+        elif not self._task.cancelled():
+            self._task.exception()  # retrieved: the attempt's own error path has reported what matters
         if not self._sending:
             self._send.close()  # never started: closed, not left unawaited
 
