@@ -86,8 +86,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def broker_pid() -> int | None:
-    """The pid of a RabbitMQ node running on this machine (``beam.smp`` of user rabbitmq or any),
-    so the bench can count the broker's CPU too; None when there is none we can see."""
+    """The pid of the RabbitMQ node (``beam.smp``) running on this machine, so the bench can count
+    the broker's CPU too; None when there is none we can see, or several (which one serves us?)."""
     found: list[int] = []
     with contextlib.suppress(OSError):
         for entry in Path("/proc").iterdir():
@@ -97,7 +97,7 @@ def broker_pid() -> int | None:
                 cmdline = (entry / "cmdline").read_bytes()
                 if b"beam.smp" in cmdline and b"rabbit" in cmdline:
                     found.append(int(entry.name))
-    return min(found) if len(found) == 1 else None
+    return found[0] if len(found) == 1 else None
 
 
 class CpuMeter:

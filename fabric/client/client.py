@@ -72,13 +72,12 @@ class FabricClient:
         self._waiters: dict[str, asyncio.Future[Completed]] = {}
         #: Completed documents that arrived while nobody waited (bounded, oldest dropped first).
         self._finished: OrderedDict[str, Completed] = OrderedDict()
-        #: Workflows this client submitted: their ``completed`` document comes to our reply queue.
-        self._submitted: OrderedDict[str, None] = OrderedDict()
+        #: Workflows this client submitted (their ``completed`` document comes to our reply queue), each
+        #: with True when it asked for task notifications (the router sends them).
+        self._submitted: OrderedDict[str, bool] = OrderedDict()
         self._wait_counts: Counter[str] = Counter()
         self._followed: set[str] = set()
         self._listeners: dict[str, list[TaskListener]] = {}
-        #: Workflows this client submitted asking for task notifications (the router sends them).
-        self._notified: OrderedDict[str, None] = OrderedDict()
         self._state = "new"
 
     async def __aenter__(self) -> Self:
@@ -236,15 +235,14 @@ class FabricClient:
             )
         accepted = Accepted.model_validate(reply)
         # The router sends the ``completed`` document to our reply queue, so waiting needs no binding.
-        self._submitted[accepted.workflow_id] = None
+        # A resend without on_task does not turn off what an earlier one asked for (the router keeps it).
+        self._submitted[accepted.workflow_id] = on_task is not None or self._submitted.get(
+            accepted.workflow_id, False
+        )
         while len(self._submitted) > _SUBMITTED_MEMORY:
             self._submitted.popitem(last=False)
-        if on_task is not None:
-            self._notified[accepted.workflow_id] = None
-            while len(self._notified) > _SUBMITTED_MEMORY:
-                self._notified.popitem(last=False)
-            if not isinstance(workflow_id, str):
-                await self._follow(accepted.workflow_id, on_task)
+        if on_task is not None and not isinstance(workflow_id, str):
+            await self._follow(accepted.workflow_id, on_task)
         return accepted
 
     async def _follow(self, workflow_id: str, on_task: TaskListener | None) -> None:
@@ -283,7 +281,7 @@ class FabricClient:
         self._wait_counts[workflow_id] += 1
         poller: asyncio.Task[None] | None = None
         try:
-            if on_task is not None and workflow_id not in self._notified:
+            if on_task is not None and not self._submitted.get(workflow_id):
                 poller = asyncio.create_task(self._poll_progress(workflow_id, on_task, future))
                 on_task = None
             if on_task is not None or workflow_id not in self._submitted:
@@ -304,7 +302,6 @@ class FabricClient:
                 del self._wait_counts[workflow_id]
                 self._waiters.pop(workflow_id, None)
                 self._listeners.pop(workflow_id, None)
-                self._notified.pop(workflow_id, None)
 
     async def _poll_progress(
         self, workflow_id: str, on_task: TaskListener, done: asyncio.Future[Completed]

@@ -961,6 +961,7 @@ class Router:
         # A resend: perhaps the router died after storing it but before dispatching everything.
         await self._reconcile(existing.workflow_id, announce=False, locked=True)
         subscriber = [new.reply_to or "", new.correlation_id or ""]
+        changed = False
         if (
             not existing.status.terminal
             and new.reply_to
@@ -970,10 +971,10 @@ class Router:
         ):
             # This client waits too: it gets the completed document when the workflow finishes.
             existing.subscribers.append(subscriber)
-            existing.notify_tasks |= new.notify_tasks
-            await self._store.save(workflows=[existing])
-        elif new.notify_tasks and not existing.notify_tasks and not existing.status.terminal:
-            existing.notify_tasks = True
+            changed = True
+        if new.notify_tasks and not existing.notify_tasks and not existing.status.terminal:
+            existing.notify_tasks = changed = True
+        if changed:
             await self._store.save(workflows=[existing])
         self._remember_notify_flag(existing)
         accepted = Accepted(workflow_id=existing.workflow_id, tasks=existing.task_count)
@@ -1262,16 +1263,12 @@ class Router:
             self._queue_ages.ready(task.capability, task.key, at=event.retry_at or event.at)
         if event.started_at is not None and status is not EventStatus.STARTED:
             # An attempt that ended before its worker's started_after_s: it started, unannounced.
-            if task.started_at != event.started_at:  # not this very event again (redelivered)
-                work.counts.append(("started", task.capability))
-            task.started_at = event.started_at
+            _record_start(work, task, event.started_at)
         if status is EventStatus.STARTED:
             # A lease announced for the attempt already running is not a new start.
             leasing = task.status is TaskStatus.RUNNING and event.attempt == task.attempts
             if not (leasing and event.lease_s is not None):
-                if task.started_at != event.at:  # not this very event again (redelivered)
-                    work.counts.append(("started", task.capability))
-                task.started_at = event.at
+                _record_start(work, task, event.at)
             if event.lease_s is not None:
                 task.lease_s = event.lease_s
                 self._renew_leases([(task.workflow_id, task.task_id, event.attempt)], time.time())
@@ -2349,6 +2346,13 @@ def _mark_lapsed(task: TaskRecord, attempt: int) -> None:
     for entry in task.history:
         if entry.get("attempt") == attempt:
             entry["lapsed"] = True
+
+
+def _record_start(work: _Work, task: TaskRecord, at: float) -> None:
+    """``task`` started at ``at``: counted once (a redelivered event carries the same time)."""
+    if task.started_at != at:
+        work.counts.append(("started", task.capability))
+    task.started_at = at
 
 
 def _lapsed_attempts(task: TaskRecord) -> set[int]:
