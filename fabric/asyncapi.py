@@ -133,14 +133,17 @@ _EXTRA_SCHEMAS: Final[dict[str, dict[str, Any]]] = {
 #: Message name -> (payload schema, description, headers, content types).
 _MESSAGES: Final[dict[str, tuple[str, str, dict[str, Any], str]]] = {
     "Submission": (
-        "Submission", "A workflow to run (DESIGN.md §3).", _SUBMISSION_HEADERS, "application/json"
+        "Submission", "A workflow to run (docs/protocol.md §2).", _SUBMISSION_HEADERS, "application/json"
     ),
     "Accepted": ("Accepted", "Reply: stored, ready tasks queued.", {}, "application/json"),
     "Rejected": ("Rejected", "Reply: refused; nothing stored.", {}, "application/json"),
     "Completed": ("Completed", "Reply and notification: the workflow finished.", {}, "application/json"),
-    "TaskMessage": ("TaskBody", "A task to run (DESIGN.md §5).", _TASK_HEADERS, "application/msgpack"),
+    "TaskMessage": ("TaskBody", "A task to run (docs/protocol.md §4).", _TASK_HEADERS, "application/msgpack"),
     "TaskEvent": (
-        "TaskEvent", "What happened to an attempt (DESIGN.md §6).", _TRACE_HEADERS, "application/msgpack"
+        "TaskEvent",
+        "What happened to an attempt (docs/protocol.md §5).",
+        _TRACE_HEADERS,
+        "application/msgpack",
     ),
     "TaskNotification": (
         "TaskNotification",

@@ -52,7 +52,7 @@ class SubmissionRejected(FabricError):
     """The router refused a submission.
 
     Args:
-        reason: a reason code of DESIGN.md §4 (``cycle``, ``invalid``, ...).
+        reason: a reason code of docs/protocol.md §3 (``cycle``, ``invalid``, ...).
         detail: a human-readable explanation.
         errors: structured validation errors, if any.
     """

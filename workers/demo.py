@@ -1,4 +1,4 @@
-"""The demo agent (DESIGN.md §7): run it with ``fabric worker workers.demo:agent``."""
+"""The demo agent: run it with ``fabric worker workers.demo:agent``."""
 
 from __future__ import annotations
 

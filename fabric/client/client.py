@@ -193,7 +193,7 @@ class FabricClient:
         """Submit a workflow and wait for the router to accept it.
 
         Args:
-            workflow: a :class:`Submission` or the same as a dict (DESIGN.md §3).
+            workflow: a :class:`Submission` or the same as a dict (docs/protocol.md §2).
             message_id: idempotency key; resending with the same id never creates a second workflow.
             on_task: called with each task notification of this workflow (progress); the
                 submission asks the router for them (the ``fabric-notify-tasks`` header).

@@ -1,4 +1,4 @@
-"""AMQP header names of the wire contract (DESIGN.md §5) and typed helpers to read them."""
+"""AMQP header names of the wire contract (docs/protocol.md §4) and typed helpers to read them."""
 
 from __future__ import annotations
 

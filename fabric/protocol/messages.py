@@ -1,4 +1,4 @@
-"""The messages of the wire contract (DESIGN.md §3 to §6) as pydantic models.
+"""The messages of the wire contract (docs/protocol.md §2 to §5) as pydantic models.
 
 Field names are the wire names: anyone can publish a submission from any AMQP client in JSON or msgpack.
 """
@@ -26,7 +26,7 @@ DEFAULT_PRIORITY = 5
 
 
 class TaskStatus(enum.StrEnum):
-    """Lifecycle of a task (DESIGN.md §6)."""
+    """Lifecycle of a task (docs/protocol.md §5)."""
 
     WAITING = "waiting"
     QUEUED = "queued"
@@ -94,7 +94,7 @@ class OnExhausted(enum.StrEnum):
 
 
 class RejectReason(enum.StrEnum):
-    """Reason codes of a ``rejected`` reply (DESIGN.md §4)."""
+    """Reason codes of a ``rejected`` reply (docs/protocol.md §3)."""
 
     UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
     MALFORMED = "malformed"
@@ -126,7 +126,7 @@ class TaskSpec(BaseModel):
 
 
 class Submission(BaseModel):
-    """A workflow submission (DESIGN.md §3). A single task is a workflow of one task."""
+    """A workflow submission (docs/protocol.md §2). A single task is a workflow of one task."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -145,14 +145,14 @@ class ErrorInfo(BaseModel):
 
 
 class TaskBody(BaseModel):
-    """Body of a task message (DESIGN.md §5)."""
+    """Body of a task message (docs/protocol.md §4)."""
 
     input: Any = None
     upstream: dict[str, Any] = Field(default_factory=dict)
 
 
 class TaskEvent(BaseModel):
-    """A task event a worker publishes to ``{ns}.events`` (DESIGN.md §6)."""
+    """A task event a worker publishes to ``{ns}.events`` (docs/protocol.md §5)."""
 
     workflow_id: str
     task_id: str

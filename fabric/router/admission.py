@@ -1,6 +1,6 @@
 """Admission of a submission: decode, validate, build the graph, make the records. Pure: no I/O.
 
-Every way a submission can be refused ends in :class:`Refusal`, carrying a reason code of DESIGN.md §4.
+Every way a submission can be refused ends in :class:`Refusal`, carrying a reason code of docs/protocol.md §3.
 """
 
 from __future__ import annotations

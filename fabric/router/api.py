@@ -1,4 +1,4 @@
-"""The router's HTTP interface (DESIGN.md §9): health, metrics and the REST API, on one port.
+"""The router's HTTP interface (docs/protocol.md §12): health, metrics and the REST API, on one port.
 
 FastAPI on uvicorn, served inside the router's own event loop (no thread, no second process): the API
 calls the router's methods directly, and ``/healthz`` answers whenever the loop turns. FastAPI because
@@ -57,7 +57,7 @@ log = logging.getLogger("fabric.http")
 API = "/api/v1"
 OPENAPI_PATH = f"{API}/openapi.json"
 
-#: HTTP status of each rejection reason of DESIGN.md §4.
+#: HTTP status of each rejection reason of docs/protocol.md §3.
 REJECTION_STATUS: dict[RejectReason, int] = {
     RejectReason.UNSUPPORTED_CONTENT_TYPE: 415,
     RejectReason.MALFORMED: 400,
@@ -148,7 +148,7 @@ class TaskDetail(BaseModel):
 
 class WorkflowDetail(WorkflowSummary):
     """A workflow and each of its tasks. Once finished (``kind`` ``completed``) it holds every field of
-    the ``completed`` document of DESIGN.md §4."""
+    the ``completed`` document of docs/protocol.md §3."""
 
     kind: Literal["running", "completed"]
     counts: dict[str, int] = Field(description="tasks by status")
@@ -417,7 +417,7 @@ def build_app(
         title="fabric router",
         version="1",
         description="Submit workflows, follow them, cancel them; see agents and parked tasks. "
-        "Submissions behave exactly as on AMQP (DESIGN.md §3-4).",
+        "Submissions behave exactly as on AMQP (docs/protocol.md §2-3).",
         openapi_url=OPENAPI_PATH,
         docs_url=None,
         redoc_url=None,
@@ -502,11 +502,12 @@ def build_app(
         response_model=Accepted,
         tags=["workflows"],
         summary="submit a workflow (as on AMQP)",
-        description="The body is a submission (DESIGN.md §3) in JSON or msgpack, as `Content-Type` says. "
+        description="The body is a submission (docs/protocol.md §2) in JSON or msgpack, as "
+        "`Content-Type` says. "
         "202 once the workflow is stored and its ready tasks are queued. A resend with the same "
         "`Idempotency-Key` (or the same `workflow_id`) and the same body is answered 202 again with the "
         "same workflow and creates nothing (`Idempotent-Replayed: true`); the same id with another body "
-        "is a 409 `conflict`. A refused submission gets the `rejected` document of DESIGN.md §4.",
+        "is a 409 `conflict`. A refused submission gets the `rejected` document of docs/protocol.md §3.",
         responses={
             **{
                 code: {"model": Rejected, "description": "rejected: " + ", ".join(sorted(reasons))}

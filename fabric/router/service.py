@@ -878,10 +878,10 @@ class Router:
     ) -> Submitted:
         """Admit a submission: the one path of AMQP (``{ns}.submit``) and HTTP (``POST /api/v1/workflows``).
 
-        Validation, rejection codes and idempotency are those of DESIGN.md §3-4. An accepted workflow is
-        stored and its ready tasks are confirmed by the broker before this returns (or ``respond`` is
-        called). ``respond(document, content_type)`` sends each reply document in order: the
-        ``accepted`` or ``rejected`` reply, then, for a resend of a finished workflow, its ``completed``
+        Validation, rejection codes and idempotency are those of docs/protocol.md §2-3. An accepted
+        workflow is stored and its ready tasks are confirmed by the broker before this returns (or
+        ``respond`` is called). ``respond(document, content_type)`` sends each reply document in order:
+        the ``accepted`` or ``rejected`` reply, then, for a resend of a finished workflow, its ``completed``
         document; it is called under the workflow's lock, so no ``completed`` announcement can overtake
         the ``accepted`` reply. ``notify_tasks`` asks for task notifications (a resend can ask too).
 
@@ -1104,7 +1104,7 @@ class Router:
     def _task_message(
         task: TaskRecord, upstream: dict[str, Any], attempt: int
     ) -> tuple[bytes, dict[str, Any]]:
-        """Body and headers of the task message of ``attempt`` (DESIGN.md §5)."""
+        """Body and headers of the task message of ``attempt`` (docs/protocol.md §4)."""
         task_headers: dict[str, Any] = {
             headers.WORKFLOW_ID: task.workflow_id,
             headers.TASK_ID: task.task_id,

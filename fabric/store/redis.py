@@ -67,7 +67,7 @@ from fabric.store.base import (
 )
 
 #: Separates workflow id and task id in members of the ``undispatched`` index. Neither id may contain it
-#: (DESIGN.md §3 restricts both to ``[A-Za-z0-9_.:-]``).
+#: (docs/protocol.md §2 restricts both to ``[A-Za-z0-9_.:-]``).
 _MEMBER_SEP = "\x1f"
 #: How often :meth:`RedisStore.insert_workflow` and :meth:`RedisStore.mark_dispatched` retry when another
 #: client touched a watched key between WATCH and EXEC; after that the keys are contended and we give up

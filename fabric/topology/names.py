@@ -1,4 +1,5 @@
-"""The only place exchange and queue names are built (DESIGN.md §2). Every name starts with the namespace."""
+"""The only place exchange and queue names are built (docs/protocol.md §1). Every name starts with the
+namespace."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def _unique(items: Iterable[_T]) -> tuple[_T, ...]:
 
 
 def core(ns: str) -> Topology:
-    """Everything that does not depend on capabilities (DESIGN.md §2)."""
+    """Everything that does not depend on capabilities (docs/protocol.md §1)."""
     n = names
     exchanges = (
         ExchangeSpec(n.submit_exchange(ns), ExchangeType.DIRECT),

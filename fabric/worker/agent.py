@@ -1,4 +1,4 @@
-"""Agents: a named set of capability handlers (DESIGN.md §7)."""
+"""Agents: a named set of capability handlers."""
 
 from __future__ import annotations
 

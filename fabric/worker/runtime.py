@@ -2,7 +2,8 @@
 
 For every task message: publish ``started``; run the handler under the concurrency limit and the
 attempt's time limit; publish the outcome event and wait for the broker's confirm; only then ack the
-task message (DESIGN.md §6). If the process dies anywhere before the ack, the broker redelivers the task.
+task message (docs/protocol.md §5). If the process dies anywhere before the ack, the broker redelivers
+the task.
 
 Long tasks: RabbitMQ closes a channel whose delivery stays unacked past its ``consumer_timeout`` (30 min
 by default) and requeues every unacked message on it, while the handlers go on running. So a task still

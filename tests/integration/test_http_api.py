@@ -1,4 +1,4 @@
-"""The router's REST API (DESIGN.md §9) against an in-process router on the real broker.
+"""The router's REST API (docs/protocol.md §12) against an in-process router on the real broker.
 
 HTTP submissions are compared with AMQP submissions of the same bodies in the same test: the outcome
 (accepted, the rejection reason and detail, idempotency) must be the same.
@@ -251,7 +251,7 @@ async def test_get_and_list_with_filters_and_pages(
     assert f["started_at"] <= f["finished_at"]
     assert detail["tasks"]["s"]["depends_on"] == ["f"]
     assert detail["tasks"]["s"]["status"] == "upstream_failed"
-    # The completed document of DESIGN.md §4 is contained in it.
+    # The completed document of docs/protocol.md §3 is contained in it.
     for task_id, outcome in failed.tasks.items():
         assert detail["tasks"][task_id]["status"] == outcome.status
         assert detail["tasks"][task_id]["attempts"] == outcome.attempts
