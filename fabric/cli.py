@@ -279,7 +279,24 @@ async def _submit_and_watch(
         if not quiet and not err.is_terminal:
             err.print(f"accepted {accepted.workflow_id} ({accepted.tasks} tasks); waiting")
         remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        return await client.wait(accepted.workflow_id, timeout_s=remaining)
+        watcher = asyncio.create_task(_warn_unserved(client, accepted.workflow_id))
+        try:
+            return await client.wait(accepted.workflow_id, timeout_s=remaining)
+        finally:
+            watcher.cancel()
+
+
+async def _warn_unserved(client: FabricClient, workflow_id: str) -> None:
+    """Warn once per capability the workflow waits for that no live agent serves (asked every few s)."""
+    from fabric.client.unserved import CHECK_INTERVAL_S, unserved_warnings
+
+    warned: set[str] = set()
+    while True:
+        with contextlib.suppress(FabricError):  # the router may be busy or restarting: ask again later
+            for warning in unserved_warnings(await client.why(workflow_id), warned):
+                warned.add(warning.capability)
+                err.print(f"[yellow]warning:[/] {escape(warning.message)}", highlight=False, soft_wrap=True)
+        await asyncio.sleep(CHECK_INTERVAL_S)
 
 
 def _print_completed(done: Completed) -> None:

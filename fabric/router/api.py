@@ -161,6 +161,7 @@ class WhyAnswer(BaseModel):
 
     task_id: str
     status: TaskStatus
+    capability: str | None = Field(default=None, description="the task's capability")
     reason: str = Field(
         description="finished, waiting_on, queued, no_agent, circuit_open, running_on, backoff_until, "
         "escalated, or a status that waits for an operator"
@@ -836,6 +837,23 @@ async def _read_body(request: Request, limit: int) -> bytes | Refusal:
 # -- the server -------------------------------------------------------------------------------------
 
 
+def serves_dashboard(app: FastAPI) -> bool:
+    """True when ``app`` has the dashboard's page at ``/`` (the router mounts it; tests may not)."""
+    return any(getattr(route, "path", None) == "/" for route in app.routes)
+
+
+def start_line(host: str, port: int, *, dashboard: bool) -> str:
+    """The log line that says where the router's HTTP port serves what, with URLs a user can open.
+
+    Example:
+        >>> start_line("::1", 80, dashboard=True)
+        'dashboard on http://[::1]:80/, HTTP API on http://[::1]:80/api/v1 (health: /healthz, /readyz)'
+    """
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    api = f"HTTP API on {base}{API} (health: /healthz, /readyz)"
+    return f"dashboard on {base}/, {api}" if dashboard else api
+
+
 class ApiServer:
     """Serves an ASGI application with uvicorn inside the running event loop.
 
@@ -891,7 +909,7 @@ class ApiServer:
             raise
         self._socket, self._server = sock, server
         self._loop_task = asyncio.create_task(server.main_loop())
-        log.info("HTTP API on http://%s:%d%s (health: /healthz, /readyz)", self._host, self.port, API)
+        log.info("%s", start_line(self._host, self.port, dashboard=serves_dashboard(self._app)))
         return self
 
     async def __aexit__(self, *exc: object) -> None:

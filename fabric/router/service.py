@@ -1881,7 +1881,11 @@ class Router:
         depths: dict[str, Any] = {}
         answers = []
         for task in selected:
-            answer: dict[str, Any] = {"task_id": task.task_id, "status": str(task.status)}
+            answer: dict[str, Any] = {
+                "task_id": task.task_id,
+                "status": str(task.status),
+                "capability": task.capability,
+            }
             if task.status.terminal:
                 answer.update(reason="finished", detail=f"ended {task.status}")
             elif task.status is TaskStatus.WAITING:
