@@ -387,6 +387,12 @@ class StateStore(Protocol):
         """Every agent seen, by id."""
         ...
 
+    async def prune_agents(self, agent_ids: Iterable[str], *, seen_before: float) -> list[str]:
+        """Remove the records of ``agent_ids`` whose ``last_seen`` is before ``seen_before``, atomically
+        per record: one a heartbeat refreshed meanwhile stays. Returns the ids removed (unknown ids are
+        ignored)."""
+        ...
+
     async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
         """Append a sample of the time series, and drop every sample older than ``keep_since`` and all
         but the newest :data:`MAX_SAMPLES` (in the same write)."""

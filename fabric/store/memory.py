@@ -209,6 +209,16 @@ class MemoryStore:
         self._check_open()
         return [_copy(a) for _, a in sorted(self._agents.items())]
 
+    async def prune_agents(self, agent_ids: Iterable[str], *, seen_before: float) -> list[str]:
+        self._check_open()
+        removed = []
+        for agent_id in dict.fromkeys(agent_ids):
+            agent = self._agents.get(agent_id)
+            if agent is not None and agent.last_seen < seen_before:
+                del self._agents[agent_id]
+                removed.append(agent_id)
+        return removed
+
     async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
         self._check_open()
         kept = [s for s in self._samples if s.at >= keep_since]

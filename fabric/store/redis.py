@@ -765,6 +765,46 @@ class RedisStore:
         by_id = sorted((_text(agent_id), doc) for agent_id, doc in agents.items())
         return [AgentRecord.from_dict(_decode(doc)) for _, doc in by_id]
 
+    async def prune_agents(self, agent_ids: Iterable[str], *, seen_before: float) -> list[str]:
+        """Remove the records of ``agent_ids`` last seen before ``seen_before``. Each is removed only
+        if its document is still the one read (compared in a Lua script), so a heartbeat stored in
+        between keeps its agent.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        client = self._conn()
+        ids = list(dict.fromkeys(agent_ids))
+        if not ids:
+            return []
+        with self._translate("prune_agents"):
+            docs = await client.hmget(self._agents_key, ids)
+        stale: list[tuple[str, EncodableT]] = []
+        for agent_id, doc in zip(ids, docs, strict=True):
+            if doc is not None and AgentRecord.from_dict(_decode(doc)).last_seen < seen_before:
+                stale.append((agent_id, doc))
+        if not stale:
+            return []
+        args: list[EncodableT] = [v for pair in stale for v in pair]
+        with self._translate("prune_agents"):
+            removed = await client.eval(_PRUNE_AGENTS, 1, self._agents_key, *args)
+        return [_text(agent_id) for agent_id in removed]
+
+
+#: Compare-and-delete agent records: ARGV holds (agent id, document) pairs; a field is deleted only
+#: while it still holds that document. Returns the ids deleted.
+_PRUNE_AGENTS = """
+local removed = {}
+for i = 1, #ARGV, 2 do
+    if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+        redis.call('HDEL', KEYS[1], ARGV[i])
+        removed[#removed + 1] = ARGV[i]
+    end
+end
+return removed
+"""
+
 
 def _decode(blob: object) -> dict[str, Any]:
     """The mapping stored as msgpack in ``blob`` (a reply of Redis)."""

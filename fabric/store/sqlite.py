@@ -494,6 +494,24 @@ class SqliteStore:
         rows = await self._read("SELECT doc FROM agents ORDER BY agent_id")
         return [AgentRecord.from_dict(_decode(r[0])) for r in rows]
 
+    async def prune_agents(self, agent_ids: Iterable[str], *, seen_before: float) -> list[str]:
+        session = self._require()
+        ids = list(dict.fromkeys(agent_ids))
+        if not ids:
+            return []
+
+        def apply(db: sqlite3.Connection) -> list[str]:
+            removed = []
+            for agent_id in ids:
+                cursor = db.execute(
+                    "DELETE FROM agents WHERE agent_id = ? AND last_seen < ?", (agent_id, seen_before)
+                )
+                if cursor.rowcount:
+                    removed.append(agent_id)
+            return removed
+
+        return list(await session.write(apply, len(ids)))
+
     async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
         session = self._require()
         row = (sample.at, codec.encode(sample.data))
