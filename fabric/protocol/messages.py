@@ -199,6 +199,11 @@ class ConsumerState(BaseModel):
     latency_ms: float | None = None
 
 
+#: An agent's health as its heartbeat reports it. ``stopped`` is the last heartbeat of a worker that
+#: stopped cleanly (drained): the router shows it ``stopped`` instead of ``lost`` and raises no alert.
+HeartbeatHealth = Literal["ok", "draining", "degraded", "stopped"]
+
+
 class Heartbeat(BaseModel):
     """An agent's heartbeat on ``{ns}.heartbeats``."""
 
@@ -211,7 +216,7 @@ class Heartbeat(BaseModel):
     in_flight: int
     processed: int = 0
     failed: int = 0
-    health: Literal["ok", "draining", "degraded"] = "ok"
+    health: HeartbeatHealth = "ok"
     breakers: dict[str, str] = Field(default_factory=dict)
     #: Seconds between this agent's heartbeats: three missed ones and the router calls it lost.
     interval_s: float = 5.0

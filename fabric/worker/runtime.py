@@ -59,7 +59,15 @@ from fabric.policy import (
 from fabric.policy import score as scoring
 from fabric.policy.breaker import BreakerState, CircuitBreaker
 from fabric.protocol import codec, headers
-from fabric.protocol.messages import ConsumerState, ErrorInfo, EventStatus, Heartbeat, OnExhausted, TaskEvent
+from fabric.protocol.messages import (
+    ConsumerState,
+    ErrorInfo,
+    EventStatus,
+    Heartbeat,
+    HeartbeatHealth,
+    OnExhausted,
+    TaskEvent,
+)
 from fabric.settings import FabricSettings
 from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attributes
 from fabric.topology import names, spec
@@ -71,6 +79,8 @@ log = logging.getLogger("fabric.worker")
 #: Pause before a task whose events could not be published goes back to the queue, so a broker that
 #: keeps refusing publishes does not turn the task into a hot redelivery loop.
 NACK_PAUSE_S = 1.0
+#: How long a stopping worker waits for the broker to confirm its final (``stopped``) heartbeat.
+FINAL_BEAT_TIMEOUT_S = 2.0
 
 
 class Worker:
@@ -143,6 +153,7 @@ class Worker:
         #: Sync handlers still running on their threads after their task ended (timed out, cancelled).
         self.overdue_threads = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._host = socket.gethostname()
         self._watchdog_task: asyncio.Task[None] | None = None
         #: Workflows and tasks an operator cancelled (bounded): their tasks are skipped or stopped.
         self._cancelled: OrderedDict[tuple[str, str | None], None] = OrderedDict()
@@ -231,14 +242,21 @@ class Worker:
             await self._stopped.wait()
             return
         self._draining = True
+        timeout = self.settings.worker.drain_timeout_s if timeout_s is None else timeout_s
+        running = len(self._running)
+        log.info(
+            "worker %s draining: taking no new tasks, waiting up to %.0fs for %d running",
+            self.agent_id,
+            timeout,
+            running,
+        )
         for consumer in self._consumers:
             await consumer.cancel()
         # Tasks received but not started (waiting for a slot) go back to their queues now, unstarted.
         for wait in list(self._slot_waits):
             wait.cancel()
-        timeout = self.settings.worker.drain_timeout_s if timeout_s is None else timeout_s
+        pending: set[asyncio.Task[Any]] = set()
         if self._running:
-            log.info("draining: waiting up to %.0fs for %d running tasks", timeout, len(self._running))
             _, pending = await asyncio.wait(self._running, timeout=timeout)
             if pending:
                 log.warning(
@@ -254,7 +272,21 @@ class Worker:
                 "%d sync handlers are still running past their task; their threads end with the process",
                 self.overdue_threads,
             )
+        await self._stop_heartbeats()
+        if not self.failed_fatally:
+            # A clean stop says so, or the router would take the silence for a crash (``lost``). A fatal
+            # stop stays silent on purpose: ``lost`` and its alert are what an operator should see then.
+            await self._final_heartbeat()
         await self._close()
+        if self.failed_fatally:
+            log.warning("worker %s stopped after a fatal error", self.agent_id)
+        else:
+            log.info(
+                "worker %s stopped: drained %d tasks%s",
+                self.agent_id,
+                running - len(pending),
+                f" ({len(pending)} left to the broker)" if pending else "",
+            )
 
     async def _close(self) -> None:
         for probe in self._probes.values():
@@ -263,10 +295,7 @@ class Worker:
             await self._health.__aexit__(None, None, None)
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heartbeat_task
+        await self._stop_heartbeats()
         await self._amqp.close()
         await asyncio.to_thread(self._telemetry.shutdown)
         self._stopped.set()
@@ -1240,9 +1269,40 @@ class Worker:
             )
         return states
 
+    def _beat(self, health: HeartbeatHealth, leases: list[_Running]) -> Heartbeat:
+        """This agent's heartbeat now: ``health`` as given, renewing the leases of ``leases``."""
+        return Heartbeat(
+            leases=[(r.task.workflow_id, r.task.task_id, r.task.attempt) for r in leases],
+            interval_s=self.settings.worker.heartbeat_interval_s,
+            agent_id=self.agent_id,
+            agent=self.agent.name,
+            host=self._host,
+            pid=os.getpid(),
+            capabilities=self.agent.capabilities,
+            concurrency=self.concurrency,
+            in_flight=self.in_flight,
+            processed=self.processed,
+            failed=self.failed,
+            health=health,
+            breakers={cap: str(b.state) for cap, b in self._breakers.items()},
+            free_since=self._free_since,
+            consumers=self._consumer_states(),
+            at=time.time(),
+        )
+
+    async def _send_beat(self, beat: Heartbeat) -> None:
+        """Publish a heartbeat (confirmed); raises TransportError when it is not sent."""
+        await self._amqp.publish(
+            names.heartbeats_exchange(self.ns),
+            "",
+            codec.encode(beat.model_dump(mode="python")),
+            persistent=False,
+            mandatory=False,
+            expiration_s=max(beat.interval_s * 3, 1.0),
+        )
+
     async def _heartbeats(self) -> None:
         interval = self.settings.worker.heartbeat_interval_s
-        host = socket.gethostname()
         rescoring: asyncio.Task[None] | None = None
         while True:
             # Re-scoring may wait on the broker (basic.cancel + basic.consume): never the heartbeats.
@@ -1253,39 +1313,33 @@ class Worker:
             # at the router though they went unrenewed too long.
             leased = [r for r in self._attempts.values() if r.leased and self._lease_held(r)]
             sent_at = time.monotonic()
-            beat = Heartbeat(
-                leases=[(r.task.workflow_id, r.task.task_id, r.task.attempt) for r in leased],
-                interval_s=interval,
-                agent_id=self.agent_id,
-                agent=self.agent.name,
-                host=host,
-                pid=os.getpid(),
-                capabilities=self.agent.capabilities,
-                concurrency=self.concurrency,
-                in_flight=self.in_flight,
-                processed=self.processed,
-                failed=self.failed,
-                health="draining" if self._draining else "ok",
-                breakers={cap: str(b.state) for cap, b in self._breakers.items()},
-                free_since=self._free_since,
-                consumers=self._consumer_states(),
-                at=time.time(),
-            )
+            beat = self._beat("draining" if self._draining else "ok", leased)
             try:
-                await self._amqp.publish(
-                    names.heartbeats_exchange(self.ns),
-                    "",
-                    codec.encode(beat.model_dump(mode="python")),
-                    persistent=False,
-                    mandatory=False,
-                    expiration_s=max(interval * 3, 1.0),
-                )
+                await self._send_beat(beat)
             except TransportError as exc:
                 log.warning("heartbeat not sent: %s", exc)
             else:
                 for running in leased:
                     running.renewed_at = max(running.renewed_at, sent_at)
             await asyncio.sleep(interval)
+
+    async def _stop_heartbeats(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._heartbeat_task
+
+    async def _final_heartbeat(self) -> None:
+        """Tell the router this agent stopped (``health: stopped``), so it is shown ``stopped``, not
+        ``lost``. Waits at most :data:`FINAL_BEAT_TIMEOUT_S` for the broker's confirm: exiting is never
+        held up longer (without it the router calls the agent lost, as before). It renews no lease."""
+        if not self._amqp.connected:
+            log.warning("worker %s: final heartbeat not sent: the broker connection is down", self.agent_id)
+            return
+        try:
+            await asyncio.wait_for(self._send_beat(self._beat("stopped", [])), FINAL_BEAT_TIMEOUT_S)
+        except (TransportError, TimeoutError) as exc:
+            log.warning("worker %s: final heartbeat not sent: %s", self.agent_id, exc or "no confirm in time")
 
 
 class _Slot:
