@@ -557,8 +557,8 @@ def abort(
 
 @app.command()
 def agents(json_out: JsonOpt = False) -> None:
-    """List the agents seen through their heartbeats: state (alive, unhealthy with its reason, lost),
-    each capability with its score (the consumer priority it consumes with) and breaker, load."""
+    """List the agents seen through their heartbeats: state (alive, unhealthy with its reason, lost,
+    stopped), each capability with its score (the consumer priority it consumes with) and breaker, load."""
     settings = _settings()
 
     async def main() -> list[dict[str, Any]]:

@@ -280,12 +280,15 @@ class RouterMetrics(_Metrics):
         alive_by_capability: Mapping[str, int],
         open_by_capability: Mapping[str, int],
         unhealthy: int = 0,
+        stopped: int = 0,
     ) -> None:
-        """Agents seen through heartbeats (``unhealthy``: alive, but marked by the stall watchdog);
-        capabilities no live agent serves any more read 0."""
+        """Agents seen through heartbeats (``unhealthy``: alive, but marked by the stall watchdog;
+        ``stopped``: its last heartbeat said it stopped cleanly); capabilities no live agent serves any
+        more read 0."""
         self._agents.get("alive").set(alive)
         self._agents.get("unhealthy").set(unhealthy)
         self._agents.get("lost").set(lost)
+        self._agents.get("stopped").set(stopped)
         for (capability,) in self._agents_alive.label_values():
             if capability not in alive_by_capability:
                 self._agents_alive.get(capability).set(0)

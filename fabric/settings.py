@@ -82,6 +82,9 @@ class RouterSettings(_Section):
     stall_after_s: float = Field(default=60.0, gt=0)
     #: How often the active router runs the stall watchdog (checks the queues of idle agents).
     stall_check_interval_s: float = Field(default=5.0, gt=0)
+    #: Agents that stopped or are lost leave the registry (``fabric agents``, the dashboard, the
+    #: metrics) once their last heartbeat is older than this.
+    agent_retention_s: float = Field(default=3600.0, gt=0)
     #: Which workflows get a notification per task state change on ``{ns}.notify``
     #: (``task.<workflow>.<task>.<status>``): ``requested`` (those submitted with the
     #: ``fabric-notify-tasks`` header, as ``FabricClient.submit(on_task=...)`` and ``fabric submit

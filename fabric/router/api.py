@@ -243,8 +243,9 @@ class AgentView(BaseModel):
     )
     first_seen: float
     last_seen: float
-    state: Literal["alive", "unhealthy", "lost"] = Field(
-        description="lost after three missed heartbeats; unhealthy while the stall watchdog has marked it"
+    state: Literal["alive", "unhealthy", "lost", "stopped"] = Field(
+        description="lost after three missed heartbeats; stopped when its last heartbeat said it stopped "
+        "cleanly; unhealthy while the stall watchdog has marked it"
     )
     reason: str | None = Field(default=None, description="with unhealthy: why")
     silent_s: float
@@ -284,6 +285,7 @@ class AgentCounts(BaseModel):
     alive: int
     unhealthy: int = 0
     lost: int
+    stopped: int = 0
 
 
 class Stats(BaseModel):
@@ -686,11 +688,12 @@ def build_app(
         f"{API}/agents",
         response_model=AgentList,
         tags=["agents"],
-        summary="agents seen through their heartbeats, alive, unhealthy or lost",
+        summary="agents seen through their heartbeats, alive, unhealthy, lost or stopped",
         responses={**_BAD_PARAMETER, **_UNAVAILABLE},
     )
     async def list_agents(
-        state: Literal["alive", "unhealthy", "lost"] | None = None, capability: CapabilityQuery = None
+        state: Literal["alive", "unhealthy", "lost", "stopped"] | None = None,
+        capability: CapabilityQuery = None,
     ) -> Response:
         views = await agent_views(router)
         items = [
@@ -774,7 +777,7 @@ def build_app(
 
 
 async def agent_views(router: Router) -> list[AgentView]:
-    """Every agent seen, alive, unhealthy or lost (``GET /api/v1/agents`` and the dashboard)."""
+    """Every agent seen, alive, unhealthy, lost or stopped (``GET /api/v1/agents`` and the dashboard)."""
     return [AgentView(**v) for v in await router.agents()]
 
 
@@ -792,7 +795,10 @@ async def build_stats(router: Router, views: list[AgentView] | None = None) -> S
         uptime_s=round(time.time() - router.started_at, 3),
         counters=dict(router.stats),
         agents=AgentCounts(
-            alive=states.count("alive"), unhealthy=states.count("unhealthy"), lost=states.count("lost")
+            alive=states.count("alive"),
+            unhealthy=states.count("unhealthy"),
+            lost=states.count("lost"),
+            stopped=states.count("stopped"),
         ),
         queues={c: QueueDepth(**d) for c, d in depths.items()},
         dead=QueueDepth(**dead) if dead else None,

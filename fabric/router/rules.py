@@ -15,7 +15,9 @@ kind                      key                                  severity    fires
 ``capability.no_agent``   ``capability.no_agent:<cap>``        critical    work queued, no live agent, for
                                                                             ``no_agent_after_s``
 ``agent.lost``            ``agent.lost:<agent id>``            warning     an agent missed 3 heartbeats
-                                                                            without draining first
+                                                                            without draining first (an
+                                                                            agent that reported it stopped
+                                                                            is not lost)
 ``breaker.open``          ``breaker.open:<agent id>/<cap>``    warning     a live agent's breaker is not
                                                                             closed
 ========================  ===================================  ==========  =================================
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fabric.protocol.messages import AlertSeverity
@@ -131,7 +133,8 @@ class QueueAges:
 
 @dataclass(frozen=True)
 class AgentState:
-    """What the rules need to know of one agent."""
+    """What the rules need to know of one agent. ``lost`` and ``stopped`` come from the router's one
+    judgement of agent state (:func:`fabric.router.watchdog.agent_state`); at most one is true."""
 
     agent_id: str
     capabilities: tuple[str, ...]
@@ -139,6 +142,12 @@ class AgentState:
     draining: bool
     last_seen: float
     breakers: Mapping[str, str] = field(default_factory=dict)
+    #: Its last heartbeat said it stopped cleanly: not live, and not lost either.
+    stopped: bool = False
+
+    @property
+    def live(self) -> bool:
+        return not (self.lost or self.stopped)
 
 
 @dataclass(frozen=True)
@@ -192,9 +201,15 @@ class RuleEngine:
         self._orphaned_since: dict[str, float] = {}
 
     def check(self, snapshot: Snapshot) -> Verdict:
+        snapshot = replace(snapshot, agents=list(snapshot.agents))  # read twice below
         holding = {c.key: c for c in self._conditions(snapshot)}
         fire = [c for key, c in holding.items() if key not in self.active]
-        clear = {key: _cleared(c) for key, c in self.active.items() if key not in holding}
+        stopped = {f"agent.lost:{a.agent_id}": a.agent_id for a in snapshot.agents if a.stopped}
+        clear = {
+            key: f"resolved: agent {stopped[key]} reported that it stopped" if key in stopped else _cleared(c)
+            for key, c in self.active.items()
+            if key not in holding
+        }
         self.active = {key: self.active.get(key, c) for key, c in holding.items()}
         return Verdict(fire, clear)
 
@@ -203,7 +218,7 @@ class RuleEngine:
         agents = [a for a in snap.agents if snap.now - a.last_seen <= AGENT_WATCH_S]
         live: dict[str, list[str]] = {}
         for agent in agents:
-            if not agent.lost:
+            if agent.live:
                 for capability in agent.capabilities:
                     live.setdefault(capability, []).append(agent.agent_id)
         yield from self._error_rates(snap)
@@ -245,7 +260,7 @@ class RuleEngine:
                     {"agent_id": agent.agent_id},
                     {"last_seen": agent.last_seen, "capabilities": list(agent.capabilities)},
                 )
-            if rules.breaker_open and not agent.lost:
+            if rules.breaker_open and agent.live:
                 for capability, state in sorted(agent.breakers.items()):
                     if state != "closed":
                         yield Condition(

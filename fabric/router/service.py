@@ -442,6 +442,10 @@ class Router:
         while True:
             agents: list[AgentRecord] | None = None
             try:
+                await self.prune_agents()
+            except (StoreError, TransportError) as exc:
+                log.warning("agents not pruned (will try again): %s", exc)
+            try:
                 agents = await self.refresh_gauges()
             except Exception as exc:
                 log.debug("metrics refresh failed: %s", exc)
@@ -455,28 +459,26 @@ class Router:
         """Read live agents from the store and queue depths from the broker (passive declares, one
         channel), into the gauges ``/metrics`` shows; returns the agents read (the alert rules use them)."""
         now = time.time()
-        alive = lost = unhealthy = 0
+        counts = dict.fromkeys(watchdog.AgentStatus, 0)
         alive_by: dict[str, int] = {}
         open_by: dict[str, int] = {}
         capabilities = set(self._capabilities)
         records = await self._store.list_agents()
         for agent in records:
             capabilities.update(agent.capabilities)
-            if watchdog.is_lost(agent, now):
-                lost += 1
+            state = watchdog.agent_state(agent, now)
+            counts[state] += 1
+            if not state.live:
                 continue
-            if agent.unhealthy:
-                unhealthy += 1
-            else:
-                alive += 1
             for capability in agent.capabilities:
                 alive_by[capability] = alive_by.get(capability, 0) + 1
                 if agent.breakers.get(capability, "closed") != "closed":
                     open_by[capability] = open_by.get(capability, 0) + 1
         self.metrics.set_agents(
-            alive=alive,
-            lost=lost,
-            unhealthy=unhealthy,
+            alive=counts[watchdog.AgentStatus.ALIVE],
+            lost=counts[watchdog.AgentStatus.LOST],
+            unhealthy=counts[watchdog.AgentStatus.UNHEALTHY],
+            stopped=counts[watchdog.AgentStatus.STOPPED],
             alive_by_capability=alive_by,
             open_by_capability=open_by,
         )
@@ -525,17 +527,20 @@ class Router:
         if not await self._claim_active():
             return
         now = time.time() if now is None else now
-        states = [
-            AgentState(
-                agent_id=a.agent_id,
-                capabilities=tuple(a.capabilities),
-                lost=watchdog.is_lost(a, now),
-                draining=a.health == "draining",
-                last_seen=a.last_seen,
-                breakers=dict(a.breakers),
+        states = []
+        for a in await self._store.list_agents() if agents is None else agents:
+            state = watchdog.agent_state(a, now)
+            states.append(
+                AgentState(
+                    agent_id=a.agent_id,
+                    capabilities=tuple(a.capabilities),
+                    lost=state is watchdog.AgentStatus.LOST,
+                    stopped=state is watchdog.AgentStatus.STOPPED,
+                    draining=a.health == "draining",
+                    last_seen=a.last_seen,
+                    breakers=dict(a.breakers),
+                )
             )
-            for a in (await self._store.list_agents() if agents is None else agents)
-        ]
         verdict = self._rules.check(
             Snapshot(
                 now=now,
@@ -580,7 +585,7 @@ class Router:
         totals = dict(self.metrics.totals)
         views = await self.agents()
         # An unhealthy agent still heartbeats: it is alive (and may hold tasks), only stalled somewhere.
-        alive = [v for v in views if v["state"] != "lost"]
+        alive = [v for v in views if watchdog.AgentStatus(v["state"]).live]
         capabilities = sorted({c for v in views for c in v["capabilities"]} | self._capabilities)
         depths = await self.queue_depths(capabilities[:MAX_WATCHED_CAPABILITIES])
         sample = Sample(
@@ -590,7 +595,7 @@ class Router:
                 "moved": {k: v - before.get(k, 0) for k, v in totals.items()},
                 "queues": {c: d["messages"] for c, d in depths.items()},
                 "agents_alive": len(alive),
-                "agents_lost": len(views) - len(alive),
+                "agents_lost": sum(1 for v in views if v["state"] == watchdog.AgentStatus.LOST),
                 "in_flight": sum(int(v["in_flight"]) for v in alive),
             },
         )
@@ -1870,8 +1875,9 @@ class Router:
         alive: dict[str, list[str]] = {}
         tripped: dict[str, list[str]] = {}  # capability -> live agents whose breaker for it is not closed
         stalled: dict[str, list[str]] = {}  # capability -> live agents the stall watchdog marked on it
+        now = time.time()
         for agent in await self._store.list_agents():
-            if not watchdog.is_lost(agent, time.time()):  # alive, or alive but unhealthy
+            if watchdog.is_live(agent, now):  # alive, or alive but unhealthy
                 for capability in agent.capabilities:
                     alive.setdefault(capability, []).append(agent.agent_id)
                     if agent.breakers.get(capability, "closed") != "closed":
@@ -1964,19 +1970,17 @@ class Router:
 
     @staticmethod
     def _agent_view(agent: AgentRecord, now: float | None = None) -> dict[str, Any]:
-        """An agent with its state: ``alive``; ``unhealthy`` when the stall watchdog found it not
-        consuming a capability whose queue has work (``reason`` says which and why); ``lost`` after
-        three missed heartbeats."""
+        """An agent with its state (:func:`fabric.router.watchdog.agent_state`): ``alive``;
+        ``unhealthy`` when the stall watchdog found it not consuming a capability whose queue has work
+        (``reason`` says which and why); ``lost`` after three missed heartbeats; ``stopped`` when its
+        last heartbeat said it stopped cleanly."""
         now = time.time() if now is None else now
         silent_s = now - agent.last_seen
         view = agent.to_dict()
-        if watchdog.is_lost(agent, now):
-            view["state"] = "lost"
-        elif agent.unhealthy:
-            view["state"] = "unhealthy"
+        state = watchdog.agent_state(agent, now)
+        view["state"] = str(state)
+        if state is watchdog.AgentStatus.UNHEALTHY:
             view["reason"] = "; ".join(mark["reason"] for mark in agent.unhealthy.values())
-        else:
-            view["state"] = "alive"
         view["silent_s"] = round(silent_s, 1)
         return view
 
@@ -2070,7 +2074,8 @@ class Router:
         return workflow
 
     async def agents(self) -> list[dict[str, Any]]:
-        """Every agent seen, with its state (``alive``, ``unhealthy``, ``lost``), by id."""
+        """Every agent seen, with its state (``alive``, ``unhealthy``, ``lost``, ``stopped``), by id.
+        Agents stopped or lost for longer than ``router.agent_retention_s`` are pruned from the list."""
         now = time.time()
         return [self._agent_view(a, now) for a in await self._store.list_agents()]
 
@@ -2135,7 +2140,30 @@ class Router:
         record.first_seen = first_seen
         with contextlib.suppress(StoreError):
             await self._store.put_agent(record)
+        if beat.health == "stopped":
+            log.info("agent %s stopped (processed %d, failed %d)", beat.agent_id, beat.processed, beat.failed)
+            self._agent_first_seen.pop(beat.agent_id, None)
         await delivery.ack()
+
+    async def prune_agents(self, now: float | None = None) -> list[str]:
+        """Remove the agents stopped or lost for longer than ``router.agent_retention_s`` from the
+        registry (:func:`fabric.router.watchdog.expired`); returns their ids."""
+        now = time.time() if now is None else now
+        retention_s = self.settings.router.agent_retention_s
+        gone = watchdog.expired(await self._store.list_agents(), now=now, retention_s=retention_s)
+        if not gone:
+            return []
+        removed = await self._store.prune_agents([a.agent_id for a in gone], seen_before=now - retention_s)
+        for agent_id in removed:
+            self._agent_first_seen.pop(agent_id, None)
+        if removed:
+            log.info(
+                "forgot %d agent(s) stopped or lost for more than %gs: %s",
+                len(removed),
+                retention_s,
+                ", ".join(removed),
+            )
+        return removed
 
     # -- stall watchdog ---------------------------------------------------------------------------
 
@@ -2173,7 +2201,7 @@ class Router:
             {
                 capability
                 for agent in agents.values()
-                if agent.free_since is not None and not watchdog.is_lost(agent, now)
+                if agent.free_since is not None and watchdog.is_live(agent, now)
                 for capability in agent.capabilities
                 if agent.breakers.get(capability, "closed") == "closed"
             }

@@ -1,4 +1,11 @@
-"""The router's stall watchdog: find agents that heartbeat but do not consume although work waits.
+"""The router's judgement of agents: what state each one is in, which to forget, and the stall
+watchdog that finds agents that heartbeat but do not consume although work waits.
+
+Every place that shows or acts on an agent's state (the ``agents`` RPC and CLI, the HTTP API and the
+dashboard, the metrics gauge, the alert rules, ``why``) asks :func:`agent_state`: an agent is
+``stopped`` when its last heartbeat said so (a clean stop), ``lost`` after three missed heartbeats,
+``unhealthy`` while the stall watchdog has marked it, else ``alive``. :func:`expired` says which
+stopped or lost agents have been silent past the retention and leave the registry.
 
 Pure: it judges agent records (from heartbeats) and queue observations; the router does the I/O
 (passive declares, the store, alerts). An agent is **stalled** on a capability when all of these hold:
@@ -20,6 +27,7 @@ draining, its breaker opened, or it no longer serves the capability.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +38,60 @@ from fabric.store.base import AgentRecord
 LOST_AFTER_BEATS = 3
 
 
+class AgentStatus(enum.StrEnum):
+    """An agent's state as the router judges it (:func:`agent_state`)."""
+
+    ALIVE = "alive"
+    UNHEALTHY = "unhealthy"
+    LOST = "lost"
+    STOPPED = "stopped"
+
+    @property
+    def live(self) -> bool:
+        """It heartbeats (an unhealthy agent too: it may hold tasks, only stalled somewhere)."""
+        return self in (AgentStatus.ALIVE, AgentStatus.UNHEALTHY)
+
+
+def agent_state(agent: AgentRecord, now: float) -> AgentStatus:
+    """The one judgement of an agent's state.
+
+    ``stopped``: its last heartbeat said it stopped cleanly, however long ago. ``lost``: three
+    heartbeats missed (``now`` on the router's clock against ``last_seen``). ``unhealthy``: the stall
+    watchdog marked it on some capability. Else ``alive``.
+
+    Example:
+        >>> record = AgentRecord(
+        ...     agent_id="a@h:1", agent="a", host="h", pid=1, capabilities=["cap"], concurrency=1,
+        ...     health="stopped", last_seen=100.0,
+        ... )
+        >>> agent_state(record, now=9999.0)
+        <AgentStatus.STOPPED: 'stopped'>
+    """
+    if agent.health == "stopped":
+        return AgentStatus.STOPPED
+    if now - agent.last_seen > LOST_AFTER_BEATS * agent.interval_s + 1:
+        return AgentStatus.LOST
+    if agent.unhealthy:
+        return AgentStatus.UNHEALTHY
+    return AgentStatus.ALIVE
+
+
 def is_lost(agent: AgentRecord, now: float) -> bool:
-    """True after three missed heartbeats."""
-    return now - agent.last_seen > LOST_AFTER_BEATS * agent.interval_s + 1
+    """True after three missed heartbeats (an agent that stopped cleanly is not lost)."""
+    return agent_state(agent, now) is AgentStatus.LOST
+
+
+def is_live(agent: AgentRecord, now: float) -> bool:
+    """True while it heartbeats: alive or unhealthy."""
+    return agent_state(agent, now).live
+
+
+def expired(agents: Iterable[AgentRecord], *, now: float, retention_s: float) -> list[AgentRecord]:
+    """The agents to remove from the registry: stopped or lost, and silent for more than
+    ``retention_s`` (their last heartbeat, on their own clock, against ``now``)."""
+    return [
+        agent for agent in agents if not agent_state(agent, now).live and now - agent.last_seen > retention_s
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +140,10 @@ class Cleared:
 
 def _judged(agent: AgentRecord, capability: str, now: float) -> str | None:
     """Why the agent is not judged on this capability now; None when it is."""
-    if is_lost(agent, now):
+    state = agent_state(agent, now)
+    if state is AgentStatus.STOPPED:
+        return "the agent stopped"
+    if state is AgentStatus.LOST:
         return "the agent is lost (no heartbeats)"
     if agent.health == "draining":
         return "the agent is draining"

@@ -277,7 +277,7 @@ async def test_get_and_list_with_filters_and_pages(
 
     stats = (await http.get("/api/v1/stats")).json()
     assert stats["counters"]["accepted"] == 4
-    assert stats["agents"] == {"alive": 1, "unhealthy": 0, "lost": 0}
+    assert stats["agents"] == {"alive": 1, "unhealthy": 0, "lost": 0, "stopped": 0}
     assert stats["queues"]["demo.echo"]["consumers"] == 1
     assert stats["dead"]["messages"] == 1
     assert stats["active"] is True

@@ -88,7 +88,7 @@ async def test_one_alert_per_stall_kept_across_a_router_restart_and_resolved(
             assert "no task delivered" in listed[0]["reason"]
             assert listed[0]["consumers"][CAP]["score"] == 10
             stats = (await http.get("/api/v1/stats")).json()
-            assert stats["agents"] == {"alive": 0, "unhealthy": 1, "lost": 0}
+            assert stats["agents"] == {"alive": 0, "unhealthy": 1, "lost": 0, "stopped": 0}
         # The dashboard's history counts a stalled agent among the living: it heartbeats, it is not lost.
         sample = await router.take_sample()
         assert (sample.data["agents_alive"], sample.data["agents_lost"]) == (1, 0)

@@ -29,6 +29,7 @@ def agent(agent_id: str = "a1", *caps: str, lost: bool = False, **fields: Any) -
         draining=fields.get("draining", False),
         last_seen=fields.get("last_seen", 990.0),
         breakers=fields.get("breakers", {}),
+        stopped=fields.get("stopped", False),
     )
 
 
@@ -173,3 +174,26 @@ def test_queue_ages_follow_tasks_until_they_leave() -> None:
 def test_bad_thresholds_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         AlertRuleSettings(**bad)
+
+
+def test_a_stopped_agent_is_not_lost_not_live_and_has_no_breaker_alert() -> None:
+    engine = RuleEngine(AlertRuleSettings(no_agent_after_s=0))
+    stopped = agent("left", stopped=True, last_seen=100.0, breakers={"cap": "open"})
+    verdict = engine.check(snap(queue_depths={"cap": 2}, agents=[stopped]))
+    assert keys(verdict.fire) == ["capability.no_agent:cap"], "it serves nothing any more; no lost alert"
+
+
+def test_a_firing_lost_alert_resolves_when_the_agent_reports_it_stopped() -> None:
+    engine = RuleEngine(AlertRuleSettings())
+    assert keys(engine.check(snap(agents=[agent("a1", lost=True)])).fire) == ["agent.lost:a1"]
+    verdict = engine.check(snap(agents=[agent("a1", stopped=True)]))
+    assert verdict.fire == []
+    assert verdict.clear == {"agent.lost:a1": "resolved: agent a1 reported that it stopped"}
+    assert engine.check(snap(agents=[agent("a1", stopped=True)])).clear == {}, "resolved once"
+
+
+def test_snapshot_agents_may_be_any_iterable() -> None:
+    engine = RuleEngine(AlertRuleSettings())
+    engine.check(snap(agents=[agent("a1", lost=True)]))
+    verdict = engine.check(snap(agents=iter([agent("a1", stopped=True)])))
+    assert list(verdict.clear) == ["agent.lost:a1"]

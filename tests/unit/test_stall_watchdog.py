@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabric.router.watchdog import QueueWork, cleared, find_stalls
+import pytest
+
+from fabric.router.watchdog import AgentStatus, QueueWork, agent_state, cleared, expired, find_stalls
 from fabric.store.base import AgentRecord
 
 NOW = 10_000.0
@@ -120,3 +122,49 @@ def test_a_stall_clears_when_the_agent_is_no_longer_judged() -> None:
     assert "lost" in cleared(agent(last_seen=NOW - 100), marks, now=NOW)[0].why
     assert "open" in cleared(agent(breaker="open"), marks, now=NOW)[0].why
     assert "draining" in cleared(agent(health="draining"), marks, now=NOW)[0].why
+
+
+def test_a_stopped_agent_is_not_judged_and_its_stall_clears() -> None:
+    assert stalls(agent(health="stopped")) == []
+    marks = {CAP: stalls(agent())[0].mark(NOW)}
+    assert cleared(agent(health="stopped"), marks, now=NOW)[0].why == "the agent stopped"
+
+
+@pytest.mark.parametrize(
+    ("fields", "state"),
+    [
+        ({}, AgentStatus.ALIVE),
+        ({"last_seen": NOW - 16.5}, AgentStatus.LOST),  # 3 x 5 s + 1 s of slack
+        ({"last_seen": NOW - 15.5}, AgentStatus.ALIVE),
+        ({"unhealthy": {CAP: {"reason": "quiet"}}}, AgentStatus.UNHEALTHY),
+        ({"unhealthy": {CAP: {"reason": "quiet"}}, "last_seen": NOW - 60}, AgentStatus.LOST),
+        ({"health": "draining"}, AgentStatus.ALIVE),
+        ({"health": "draining", "last_seen": NOW - 60}, AgentStatus.LOST),
+        ({"health": "stopped"}, AgentStatus.STOPPED),
+        ({"health": "stopped", "last_seen": NOW - 86_400}, AgentStatus.STOPPED),  # however long ago
+        ({"health": "stopped", "unhealthy": {CAP: {"reason": "quiet"}}}, AgentStatus.STOPPED),
+    ],
+)
+def test_agent_state(fields: dict[str, Any], state: AgentStatus) -> None:
+    assert agent_state(agent(**fields), NOW) is state
+    assert state.live is (state in (AgentStatus.ALIVE, AgentStatus.UNHEALTHY))
+
+
+def test_expired_agents_are_the_stopped_and_lost_ones_silent_past_the_retention() -> None:
+    def named(agent_id: str, interval_s: float = 5.0, **fields: Any) -> AgentRecord:
+        record = agent(**fields)
+        record.agent_id = agent_id
+        record.interval_s = interval_s
+        return record
+
+    agents = [
+        named("alive"),
+        named("lost-old", last_seen=NOW - 3601),
+        named("lost-recent", last_seen=NOW - 60),
+        named("stopped-old", health="stopped", last_seen=NOW - 3601),
+        named("stopped-recent", health="stopped", last_seen=NOW - 10),
+        # A live agent whose clock runs far behind is never removed: it heartbeats.
+        named("skewed", last_seen=NOW - 7200, interval_s=10_000),
+    ]
+    gone = expired(agents, now=NOW, retention_s=3600)
+    assert [a.agent_id for a in gone] == ["lost-old", "stopped-old"]

@@ -77,7 +77,7 @@ function live() {
     const queues = Object.entries(stats.queues).sort();
     setText("queued", queues.reduce((sum, [, q]) => sum + q.messages, 0));
     setText("agents-alive", stats.agents.alive);
-    setText("agents-lost", `alive · ${stats.agents.unhealthy ?? 0} unhealthy · ${stats.agents.lost} lost`);
+    setText("agents-lost", `alive · ${stats.agents.unhealthy ?? 0} unhealthy · ${stats.agents.lost} lost · ${stats.agents.stopped ?? 0} stopped`);
     setText("running-count", running.length >= 15 ? "15+" : running.length);
     setText("completed", stats.counters.completed ?? 0);
     setText("dead", stats.dead ? stats.dead.messages : "–");
