@@ -919,22 +919,73 @@ def topology_declare(capability: CapOpt = None) -> None:
 @topology_app.command("delete")
 def topology_delete(
     capability: CapOpt = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Really delete (queued messages are lost).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Delete queues that hold messages or have consumers too (messages are lost)."
+        ),
+    ] = False,
 ) -> None:
-    """Delete the namespace's exchanges and queues (for tests and teardown). Needs --yes."""
-    from fabric.topology import spec
-    from fabric.transport.amqp import AmqpConnection
+    """Delete the namespace's exchanges and queues: the core ones, and the queue of every capability the
+    state store knows of (its workflows' and agents') or -c names. Needs --yes.
 
+    Refuses, deleting nothing (exit 4), while any queue holds messages or has consumers, unless --force.
+    Prints what was deleted, what was left and why.
+    """
     if not yes:
         _die("this deletes queues and the messages in them; add --yes to confirm", 2)
     settings = _settings()
+    url = settings.store.url
+    # Opening a SQLite store creates its file: a store that does not exist knows no capabilities.
+    no_store = url.startswith("sqlite://") and not Path(url.removeprefix("sqlite://")[1:]).exists()
+    lines, code = _run(_teardown(settings, capability or [], force=force, read_store=not no_store))
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(code)
 
-    async def main() -> None:
-        async with AmqpConnection(settings.amqp_url.get_secret_value(), name="fabric-cli") as amqp:
-            await amqp.delete(spec.build(settings.namespace, capability or []))
 
-    _run(main())
-    console.print(f"deleted topology of namespace {settings.namespace!r}")
+async def _teardown(
+    settings: FabricSettings, named: list[str], *, force: bool, read_store: bool
+) -> tuple[list[str], int]:
+    """The shell of `fabric topology delete`: ask the store and the broker, plan, delete, report."""
+    from fabric.topology import spec, teardown
+    from fabric.transport.amqp import AmqpConnection
+
+    capabilities: list[str] = []
+    note = f"note: there is no state store at {settings.store.url}"
+    if read_store:
+        capabilities, note = await _known_capabilities(settings)
+    capabilities = sorted({*capabilities, *named})
+    try:
+        topology = spec.build(settings.namespace, capabilities)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    async with AmqpConnection(settings.amqp_url.get_secret_value(), name="fabric-cli") as amqp:
+        infos = await amqp.queue_infos(q.name for q in topology.queues)
+        states = {
+            name: None if info is None else teardown.QueueState(info.messages, info.consumers)
+            for name, info in infos.items()
+        }
+        exists = await amqp.exchanges_exist(e.name for e in topology.exchanges)
+        plan = teardown.plan(topology, states, exists, force=force)
+        deletions = [
+            *[await amqp.delete_queue(q, if_unused=not force, if_empty=not force) for q in plan.queues],
+            *[await amqp.delete_exchange(e, if_unused=not force) for e in plan.exchanges],
+        ]
+    lines, code = teardown.report(settings.namespace, plan, deletions, capabilities)
+    return ([note] if note else []) + lines, code
+
+
+async def _known_capabilities(settings: FabricSettings) -> tuple[list[str], str]:
+    """The capabilities the state store knows of, and a note when it could not be read."""
+    from fabric.store import open_store
+
+    try:
+        async with open_store(settings.store.url, namespace=settings.namespace) as store:
+            return await store.known_capabilities(), ""
+    except FabricError as exc:
+        return [], f"note: could not read the state store ({exc})"
 
 
 @docs_app.command("asyncapi")

@@ -393,6 +393,12 @@ class StateStore(Protocol):
         ignored)."""
         ...
 
+    async def known_capabilities(self) -> list[str]:
+        """Every capability the store knows of, sorted: those of stored workflows' tasks (recorded at
+        admission) and those of every agent seen. ``fabric topology delete`` finds the capability
+        queues it must delete through it."""
+        ...
+
     async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
         """Append a sample of the time series, and drop every sample older than ``keep_since`` and all
         but the newest :data:`MAX_SAMPLES` (in the same write)."""

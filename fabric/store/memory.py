@@ -219,6 +219,12 @@ class MemoryStore:
                 removed.append(agent_id)
         return removed
 
+    async def known_capabilities(self) -> list[str]:
+        self._check_open()
+        found = {c for w in self._workflows.values() for c in w.capabilities}
+        found.update(c for a in self._agents.values() for c in a.capabilities)
+        return sorted(found)
+
     async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
         self._check_open()
         kept = [s for s in self._samples if s.at >= keep_since]

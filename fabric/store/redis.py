@@ -752,6 +752,22 @@ class RedisStore:
         # Read as much as one call may: hand back what was found, and where to go on.
         return found, last
 
+    async def known_capabilities(self) -> list[str]:
+        """Every capability of stored workflows (the keys of their capability index) and of agents seen.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored agent document is corrupt.
+        """
+        client = self._conn()
+        index = self._capability_key("")
+        found: set[str] = set()
+        with self._translate("known_capabilities"):
+            async for key in client.scan_iter(match=_glob_escape(index) + "*", count=_CHUNK):
+                found.add(_text(key)[len(index) :])
+        found.update(c for agent in await self.list_agents() for c in agent.capabilities)
+        return sorted(found)
+
     async def list_agents(self) -> list[AgentRecord]:
         """Every agent seen, by id.
 

@@ -512,6 +512,12 @@ class SqliteStore:
 
         return list(await session.write(apply, len(ids)))
 
+    async def known_capabilities(self) -> list[str]:
+        rows = await self._read("SELECT DISTINCT capability FROM workflow_capabilities")
+        found = {str(row[0]) for row in rows}
+        found.update(c for agent in await self.list_agents() for c in agent.capabilities)
+        return sorted(found)
+
     async def add_sample(self, sample: Sample, *, keep_since: float) -> None:
         session = self._require()
         row = (sample.at, codec.encode(sample.data))

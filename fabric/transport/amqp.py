@@ -28,6 +28,7 @@ from aio_pika.abc import (
 
 from fabric.errors import NotConnectedError, PublishError, TopologyMismatch, TransportError
 from fabric.topology.spec import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from fabric.topology.teardown import Deletion
 
 log = logging.getLogger("fabric.transport")
 
@@ -460,6 +461,71 @@ class AmqpConnection:
                 await channel.close()
         self._declared.clear()
 
+    async def exchanges_exist(self, exchanges: Iterable[str]) -> dict[str, bool]:
+        """Whether each exchange exists (passive declares: nothing is created)."""
+        connection, _ = self._require()
+        found: dict[str, bool] = {}
+        for exchange in exchanges:
+            channel = await connection.channel(publisher_confirms=False)
+            try:
+                await channel.declare_exchange(exchange, passive=True)
+                found[exchange] = True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                found[exchange] = False
+            except aiormq.exceptions.AMQPError as exc:
+                raise TransportError(f"cannot inspect exchange {exchange}: {exc}") from exc
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return found
+
+    async def delete_queue(self, queue: str, *, if_unused: bool, if_empty: bool) -> Deletion:
+        """Delete ``queue`` and report it: with ``if_unused``/``if_empty`` the broker refuses a queue that
+        has consumers or messages (checked atomically there, so a queue that became busy since a passive
+        check is left, with the broker's reason). A queue that does not exist is left as ``not found``.
+        """
+        connection, _ = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(queue, passive=True)
+            done = await channel.queue_delete(queue, if_unused=if_unused, if_empty=if_empty)
+            return Deletion("queue", queue, True, messages=int(done.message_count or 0))
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return Deletion("queue", queue, False, why="not found (deleted by someone else meanwhile)")
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            return Deletion("queue", queue, False, why=f"the broker refused: {_broker_reason(exc)}")
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"deleting queue {queue} failed: {exc}") from exc
+        finally:
+            self._declared.clear()
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def delete_exchange(self, exchange: str, *, if_unused: bool) -> Deletion:
+        """Delete ``exchange`` and report it: with ``if_unused`` the broker refuses one still bound to a
+        queue (a queue fabric was not told about, a client's or an alert consumer's)."""
+        connection, _ = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_exchange(exchange, passive=True)
+            await channel.exchange_delete(exchange, if_unused=if_unused)
+            return Deletion("exchange", exchange, True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return Deletion("exchange", exchange, False, why="not found (deleted by someone else meanwhile)")
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            return Deletion(
+                "exchange",
+                exchange,
+                False,
+                why=f"still bound to a queue (one not named with -c, or a client's): {_broker_reason(exc)}",
+            )
+        except aiormq.exceptions.AMQPError as exc:
+            raise TransportError(f"deleting exchange {exchange} failed: {exc}") from exc
+        finally:
+            self._declared.clear()
+            with contextlib.suppress(Exception):
+                await channel.close()
+
     async def queue_info(self, queue: str) -> QueueInfo | None:
         """Message and consumer counts of ``queue`` (passive declare), or None when it does not exist."""
         connection, _ = self._require()
@@ -890,6 +956,12 @@ def _item_name(item: ExchangeSpec | QueueSpec | BindingSpec) -> str:
 def _precondition_text(exc: BaseException) -> str:
     text = str(exc)
     return f"exists with other arguments than expected ({text}); delete it or fix the settings"
+
+
+def _broker_reason(exc: BaseException) -> str:
+    """The broker's words from a channel error (``PRECONDITION_FAILED - queue 'x' ... not empty``)."""
+    reply = exc.args[0] if exc.args else None
+    return str(getattr(reply, "reply_text", None) or exc)
 
 
 def _safe_url(url: str) -> str:

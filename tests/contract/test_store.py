@@ -806,6 +806,20 @@ async def test_list_workflows_of_an_empty_store(store: StateStore) -> None:
 # -- agents, ping --------------------------------------------------------------------------------------
 
 
+async def test_known_capabilities_are_those_of_workflows_and_agents_sorted(store: StateStore) -> None:
+    assert await store.known_capabilities() == []
+    await store.insert_workflow(
+        workflow("wf-1", capabilities=["demo.sum", "llm.call"]),
+        [task("a", capability="llm.call"), task("b", capability="demo.sum")],
+    )
+    await store.insert_workflow(
+        workflow("wf-2", capabilities=["demo.sum"]), [task("a", "wf-2", capability="demo.sum")]
+    )
+    await store.put_agent(AgentRecord("a-1", "demo", "h", 1, ["demo.echo", "demo.sum"], 2))
+    await store.put_agent(AgentRecord("b-2", "gpu", "h", 2, ["gpu.render"], 1))
+    assert await store.known_capabilities() == ["demo.echo", "demo.sum", "gpu.render", "llm.call"]
+
+
 async def test_put_agent_replaces_by_id_and_list_is_by_id(store: StateStore) -> None:
     assert await store.list_agents() == []
     b = AgentRecord("b-2", "demo", "host-b", 2, ["demo.sum"], 4, first_seen=1.0, last_seen=1.0)
@@ -841,6 +855,7 @@ CALLS: dict[str, Callable[[StateStore], Awaitable[object]]] = {
     "list_workflows": lambda s: s.list_workflows(),
     "put_agent": lambda s: s.put_agent(AgentRecord("a", "demo", "h", 1, [], 1)),
     "list_agents": lambda s: s.list_agents(),
+    "known_capabilities": lambda s: s.known_capabilities(),
     "ping": lambda s: s.ping(),
 }
 
