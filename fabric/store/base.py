@@ -352,6 +352,11 @@ class StateStore(Protocol):
         """Tasks ``running`` under a lease (``lease_s`` set), oldest first: the router watches them."""
         ...
 
+    async def escalated(self, limit: int = 100) -> list[TaskRecord]:
+        """Tasks ``escalated`` to an operator (they wait for a resume or an abort), oldest first
+        (``created_at``), at most ``limit``."""
+        ...
+
     async def list_workflows(
         self, *, status: WorkflowStatus | None = None, limit: int = 100
     ) -> list[WorkflowRecord]:

@@ -139,6 +139,14 @@ class MemoryStore:
         found.sort(key=lambda t: t.created_at)
         return [_copy(t) for t in found[:limit]]
 
+    async def escalated(self, limit: int = 100) -> list[TaskRecord]:
+        self._check_open()
+        found = [
+            t for tasks in self._tasks.values() for t in tasks.values() if t.status is TaskStatus.ESCALATED
+        ]
+        found.sort(key=lambda t: t.created_at)
+        return [_copy(t) for t in found[: max(limit, 0)]]
+
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         self._check_open()
         found = [w for w in self._workflows.values() if w.status.terminal and not w.notified]

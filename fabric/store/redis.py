@@ -18,6 +18,8 @@ the indexes the router queries by are kept beside them and are only ever written
     {prefix}dead_cap:{capability}     sorted set  the same, for one capability
     {prefix}leased                    sorted set  "{workflow_id}\\x1f{task_id}" of tasks running under a
                                                   lease, by created_at
+    {prefix}escalated                 sorted set  "{workflow_id}\\x1f{task_id}" of escalated tasks, by
+                                                  created_at
     {prefix}agents                    hash        agent_id -> msgpack document of the agent
     {prefix}ping                      string      written by :meth:`RedisStore.ping`
 
@@ -222,6 +224,10 @@ class RedisStore:
         return f"{self._prefix}leased"
 
     @property
+    def _escalated_key(self) -> str:
+        return f"{self._prefix}escalated"
+
+    @property
     def _unnotified_key(self) -> str:
         return f"{self._prefix}unnotified"
 
@@ -261,6 +267,8 @@ class RedisStore:
         dead: dict[str, dict[str, float | None]] = {}
         leased: dict[str, float] = {}
         not_leased: list[str] = []
+        escalated: dict[str, float] = {}
+        not_escalated: list[str] = []
         for task in tasks:
             docs.setdefault(task.workflow_id, {})[task.task_id] = codec.encode(task.to_dict())
             member = f"{task.workflow_id}{_MEMBER_SEP}{task.task_id}"
@@ -276,6 +284,11 @@ class RedisStore:
             else:
                 leased.pop(member, None)
                 not_leased.append(member)
+            if task.status is TaskStatus.ESCALATED:
+                escalated[member] = task.created_at
+            else:
+                escalated.pop(member, None)
+                not_escalated.append(member)
         for workflow_id, mapping in docs.items():
             pipe.hset(self._tasks_key(workflow_id), mapping=mapping)
         gone = [m for m in dict.fromkeys(not_ready) if m not in ready]
@@ -296,6 +309,11 @@ class RedisStore:
             pipe.zrem(self._leased_key, *gone[start : start + _CHUNK])
         if leased:
             pipe.zadd(self._leased_key, leased)
+        gone = [m for m in dict.fromkeys(not_escalated) if m not in escalated]
+        for start in range(0, len(gone), _CHUNK):
+            pipe.zrem(self._escalated_key, *gone[start : start + _CHUNK])
+        if escalated:
+            pipe.zadd(self._escalated_key, escalated)
 
     async def insert_workflow(
         self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
@@ -577,6 +595,16 @@ class RedisStore:
         """
         records = await self._indexed_tasks(self._leased_key, limit, "leased")
         return [t for t in records if t.status is TaskStatus.RUNNING and t.lease_s is not None]
+
+    async def escalated(self, limit: int = 100) -> list[TaskRecord]:
+        """Tasks escalated to an operator, oldest first.
+
+        Raises:
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed or a stored document is corrupt.
+        """
+        records = await self._indexed_tasks(self._escalated_key, limit, "escalated")
+        return [t for t in records if t.status is TaskStatus.ESCALATED]
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         """Finished workflows whose ``completed`` document was not yet published, oldest first.

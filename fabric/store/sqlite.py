@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_undispatched ON tasks (created_at)
     WHERE status = 'queued' AND dispatched = 0;
 CREATE INDEX IF NOT EXISTS tasks_running ON tasks (created_at) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS tasks_escalated ON tasks (created_at) WHERE status = 'escalated';
 CREATE TABLE IF NOT EXISTS agents (
     agent_id  TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
@@ -388,6 +389,15 @@ class SqliteStore:
         )
         found = (_task_from_row(r) for r in rows)
         return [t for t in found if t.lease_s is not None][: max(limit, 0)]
+
+    async def escalated(self, limit: int = 100) -> list[TaskRecord]:
+        if limit <= 0:
+            return []
+        rows = await self._read(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = 'escalated' ORDER BY created_at LIMIT ?",
+            (limit,),
+        )
+        return [_task_from_row(r) for r in rows]
 
     async def unnotified(self, limit: int = 1000) -> list[WorkflowRecord]:
         rows = await self._read(

@@ -728,6 +728,44 @@ async def test_leased_follows_saves(store: StateStore) -> None:
     assert keys(await store.undispatched()) == [("wf-1", "a")]
 
 
+# -- escalated -----------------------------------------------------------------------------------------
+
+
+async def test_escalated_lists_tasks_waiting_for_an_operator_oldest_first(store: StateStore) -> None:
+    escalation = {"reason": "max_attempts", "attempt": 3, "agent": "w1", "at": 5.0}
+    tasks = [
+        task("late", created_at=5.0, status=TaskStatus.ESCALATED, attempts=3, escalation=escalation),
+        task("early", created_at=2.0, status=TaskStatus.ESCALATED, attempts=1, escalation=escalation),
+        task("running", created_at=1.0, status=TaskStatus.RUNNING),
+        task("dead", created_at=3.0, status=TaskStatus.DEAD),
+        task("queued", created_at=4.0),
+    ]
+    await store.insert_workflow(workflow(task_count=len(tasks)), tasks)
+
+    found = await store.escalated()
+    assert keys(found) == [("wf-1", "early"), ("wf-1", "late")]
+    assert found[1] == tasks[0], "every field comes back"
+    assert keys(await store.escalated(limit=1)) == [("wf-1", "early")]
+    assert await store.escalated(limit=0) == []
+
+
+async def test_escalated_follows_saves(store: StateStore) -> None:
+    await store.insert_workflow(
+        workflow(task_count=2), [task("a", created_at=1.0), task("b", created_at=2.0)]
+    )
+    assert await store.escalated() == []
+
+    await store.save(tasks=[task("a", created_at=1.0, status=TaskStatus.ESCALATED, attempts=2)])
+    assert keys(await store.escalated()) == [("wf-1", "a")]
+
+    # Resumed (queued again), or aborted (dead): it leaves the list.
+    await store.save(tasks=[task("a", created_at=1.0, attempts=0)])
+    assert await store.escalated() == []
+    await store.save(tasks=[task("b", created_at=2.0, status=TaskStatus.ESCALATED)])
+    await store.save(tasks=[task("b", created_at=2.0, status=TaskStatus.DEAD)])
+    assert await store.escalated() == []
+
+
 # -- unnotified ----------------------------------------------------------------------------------------
 
 
