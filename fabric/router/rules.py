@@ -229,7 +229,7 @@ class RuleEngine:
                     f"queue.depth:{capability}",
                     "queue.depth",
                     AlertSeverity.WARNING,
-                    f"{depth} tasks wait in the queue of {capability} (limit {limit})",
+                    f"{_tasks(depth)} {_wait(depth)} in the queue of {capability} (limit {limit})",
                     "More work arrives than its agents finish: add workers or concurrency, or check them "
                     f"(`fabric agents`). Live agents: {len(live.get(capability, []))}.",
                     {"capability": capability},
@@ -310,11 +310,21 @@ class RuleEngine:
                     f"capability.no_agent:{capability}",
                     "capability.no_agent",
                     AlertSeverity.CRITICAL,
-                    f"{depth} tasks of {capability} wait and no live agent serves it",
+                    f"{_tasks(depth)} of {capability} {_wait(depth)} and no live agent serves it",
                     f"Start a worker whose agent has a handler for {capability!r}.",
                     {"capability": capability},
                     {"depth": depth, "since": since},
                 )
+
+
+def _tasks(count: int) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{count} task" if count == 1 else f"{count} tasks"
+
+
+def _wait(count: int) -> str:
+    """The verb that agrees with :func:`_tasks`."""
+    return "waits" if count == 1 else "wait"
 
 
 def _cleared(condition: Condition) -> str:

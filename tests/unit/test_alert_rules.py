@@ -112,6 +112,19 @@ def test_no_agent_fires_only_after_the_grace_period_and_clears_when_one_comes() 
     ]
 
 
+@pytest.mark.parametrize(
+    ("depth", "no_agent", "queue_depth"),
+    [
+        (1, "1 task of cap waits and no live agent serves it", "1 task waits in the queue of cap (limit 1)"),
+        (2, "2 tasks of cap wait and no live agent serves it", "2 tasks wait in the queue of cap (limit 1)"),
+    ],
+)
+def test_summaries_agree_in_number(depth: int, no_agent: str, queue_depth: str) -> None:
+    engine = RuleEngine(AlertRuleSettings(no_agent_after_s=0, queue_depth=1))
+    fired = {c.kind: c.summary for c in engine.check(snap(queue_depths={"cap": depth})).fire}
+    assert fired == {"capability.no_agent": no_agent, "queue.depth": queue_depth}
+
+
 def test_agent_lost_but_not_after_draining_and_not_forever() -> None:
     engine = RuleEngine(AlertRuleSettings())
     verdict = engine.check(snap(agents=[agent("gone", lost=True), agent("left", lost=True, draining=True)]))
