@@ -185,6 +185,11 @@ class AlertPublisher:
     def firing_keys(self) -> list[str]:
         return list(self._firing)
 
+    @property
+    def firing_alerts(self) -> list[Alert]:
+        """The ``firing`` alert of each condition that holds now, oldest first."""
+        return list(self._firing.values())
+
     def fire(
         self,
         key: str,

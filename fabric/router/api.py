@@ -39,6 +39,7 @@ from fabric.protocol.messages import (
     TASK_ID_PATTERN,
     WORKFLOW_ID_PATTERN,
     Accepted,
+    Alert,
     ErrorInfo,
     Rejected,
     RejectReason,
@@ -70,6 +71,9 @@ REJECTION_STATUS: dict[RejectReason, int] = {
     RejectReason.FORBIDDEN: 403,
     RejectReason.RATE_LIMITED: 429,
 }
+
+#: Running workflows whose capabilities ``/stats`` looks at (beside the agents' and the published ones).
+KNOWN_WORKFLOWS = 200
 
 #: Longest Idempotency-Key accepted (an AMQP message_id is a short string of at most 255 bytes).
 MAX_IDEMPOTENCY_KEY = 255
@@ -288,14 +292,46 @@ class AgentCounts(BaseModel):
     stopped: int = 0
 
 
+class CapabilityQueue(QueueDepth):
+    agents: int = Field(description="live agents (alive or unhealthy) that have a handler for the capability")
+
+
 class Stats(BaseModel):
     namespace: str
     active: bool = Field(description="this router consumes submissions and events (others are standbys)")
     uptime_s: float
     counters: dict[str, int] = Field(description="what this router did since it started")
     agents: AgentCounts
-    queues: dict[str, QueueDepth] = Field(description="per capability of a known agent")
+    queues: dict[str, CapabilityQueue] = Field(
+        description="per capability of a known agent, of a task this router published, or of a running "
+        "workflow: also a queue no agent serves (messages and no consumers: stuck until one comes)"
+    )
     dead: QueueDepth | None
+
+
+class AlertList(BaseModel):
+    active: bool = Field(
+        description="this router evaluates the alert rules; a standby answers with no rule alerts"
+    )
+    items: list[Alert] = Field(description="the conditions firing now, oldest first")
+
+
+class EscalatedTask(BaseModel):
+    """A task that waits for an operator: ``POST .../resume`` runs it again, ``POST .../abort`` gives up."""
+
+    workflow_id: str
+    task_id: str
+    capability: str
+    attempts: int
+    max_attempts: int
+    agent: str | None
+    error: ErrorInfo | None
+    escalation: dict[str, Any] | None = Field(description="its reason, attempt, agent, error and time")
+    created_at: float
+
+
+class EscalatedList(BaseModel):
+    items: list[EscalatedTask] = Field(description="oldest first")
 
 
 # -- the application --------------------------------------------------------------------------------
@@ -741,6 +777,26 @@ def build_app(
         return _json(DeadPage(items=items, next_cursor=page.next_cursor, queue=queue))
 
     @app.get(
+        f"{API}/alerts",
+        response_model=AlertList,
+        tags=["stats"],
+        summary="the alerts firing now (threshold rules, escalations, stalled agents)",
+        responses={**_UNAVAILABLE},
+    )
+    async def alerts() -> Response:
+        return _json(firing_alerts(router))
+
+    @app.get(
+        f"{API}/escalated",
+        response_model=EscalatedList,
+        tags=["workflows"],
+        summary="tasks escalated to an operator, oldest first: resume or abort each",
+        responses={**_BAD_PARAMETER, **_UNAVAILABLE},
+    )
+    async def escalated(limit: LimitQuery = 50) -> Response:
+        return _json(await escalated_tasks(router, limit))
+
+    @app.get(
         f"{API}/stats",
         response_model=Stats,
         tags=["stats"],
@@ -782,12 +838,24 @@ async def agent_views(router: Router) -> list[AgentView]:
 
 
 async def build_stats(router: Router, views: list[AgentView] | None = None) -> Stats:
-    """The summary of ``GET /api/v1/stats`` (the dashboard's live view pushes the same)."""
+    """The summary of ``GET /api/v1/stats`` (the dashboard's live view pushes the same).
+
+    The queues are those of every capability known: of an agent, of a task this router published, of a
+    running workflow in the store; so a queue nobody consumes (the agent is gone, or never came) is
+    listed with its messages and 0 consumers."""
     if views is None:
         views = await agent_views(router)
     states = [v.state for v in views]
-    capabilities = sorted({c for v in views for c in v.capabilities})
+    running = await router.store.query_workflows(
+        WorkflowQuery(status=WorkflowStatus.RUNNING), limit=KNOWN_WORKFLOWS
+    )
+    capabilities = (
+        {c for v in views for c in v.capabilities}
+        | router.published_capabilities
+        | {c for w in running.items for c in w.capabilities}
+    )
     depths = await router.queue_depths(capabilities)
+    serving = [c for v in views if v.state != "lost" for c in v.capabilities]
     dead = await router.dead_queue_depth()
     return Stats(
         namespace=router.ns,
@@ -800,8 +868,34 @@ async def build_stats(router: Router, views: list[AgentView] | None = None) -> S
             lost=states.count("lost"),
             stopped=states.count("stopped"),
         ),
-        queues={c: QueueDepth(**d) for c, d in depths.items()},
+        queues={c: CapabilityQueue(**d, agents=serving.count(c)) for c, d in depths.items()},
         dead=QueueDepth(**dead) if dead else None,
+    )
+
+
+def firing_alerts(router: Router) -> AlertList:
+    """The body of ``GET /api/v1/alerts`` (the dashboard's live view pushes the same)."""
+    return AlertList(active=router.active, items=router.alerts.firing_alerts)
+
+
+async def escalated_tasks(router: Router, limit: int) -> EscalatedList:
+    """The body of ``GET /api/v1/escalated``: the first ``limit`` escalated tasks, oldest first."""
+    tasks = await router.store.escalated(limit)
+    return EscalatedList(
+        items=[
+            EscalatedTask(
+                workflow_id=t.workflow_id,
+                task_id=t.task_id,
+                capability=t.capability,
+                attempts=t.attempts,
+                max_attempts=t.max_attempts,
+                agent=t.agent,
+                error=_errors(t.error),
+                escalation=t.escalation,
+                created_at=t.created_at,
+            )
+            for t in tasks
+        ]
     )
 
 

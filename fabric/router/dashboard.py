@@ -5,8 +5,10 @@
   or the workflow's DAG. No CDN, no build step: vanilla JavaScript and SVG.
 * ``GET /api/v1/stream``: server-sent events, one ``snapshot`` every ``http.stream_interval_s``: the
   ``/api/v1/stats`` summary, the agents of ``/api/v1/agents``, running and recent workflows of
-  ``/api/v1/workflows``, and the live rates (built by the same functions as those endpoints, so there is
+  ``/api/v1/workflows``, the firing alerts of ``/api/v1/alerts``, the escalated tasks of
+  ``/api/v1/escalated``, and the live rates (built by the same functions as those endpoints, so there is
   one data path). The stream ends when the router stops; browsers reconnect by themselves.
+* ``GET /favicon.ico``: the icon browsers ask for.
 * ``GET /api/v1/history``: the samples the active router stores every ``router.sample_interval_s``
   (:meth:`~fabric.store.base.StateStore.add_sample`), for the trend charts: history survives restarts.
 """
@@ -29,7 +31,14 @@ from pydantic import BaseModel, Field
 
 from fabric.errors import StoreError, TransportError
 from fabric.protocol.messages import WorkflowStatus
-from fabric.router.api import API, agent_views, build_stats, workflow_summaries
+from fabric.router.api import (
+    API,
+    agent_views,
+    build_stats,
+    escalated_tasks,
+    firing_alerts,
+    workflow_summaries,
+)
 from fabric.store.base import WorkflowQuery
 
 if TYPE_CHECKING:
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
 
 #: Workflows listed in each of the live view's tables.
 LIVE_WORKFLOWS = 15
+#: Escalated tasks the live view's "Needs attention" box lists at most.
+LIVE_ESCALATED = 20
 #: Seconds of totals the live rates are computed over.
 RATE_WINDOW_S = 10.0
 
@@ -91,11 +102,13 @@ class Rates:
 
 
 async def snapshot(router: Router, rates: Rates) -> dict[str, Any]:
-    """One live-view update: what ``/stats``, ``/agents`` and ``/workflows`` answer now, plus rates."""
+    """One live-view update: what ``/stats``, ``/agents``, ``/workflows``, ``/alerts`` and
+    ``/escalated`` answer now, plus rates."""
     views = await agent_views(router)
     stats = await build_stats(router, views)
     running = await workflow_summaries(router, WorkflowQuery(status=WorkflowStatus.RUNNING), LIVE_WORKFLOWS)
     recent = await workflow_summaries(router, WorkflowQuery(), LIVE_WORKFLOWS)
+    escalated = await escalated_tasks(router, LIVE_ESCALATED)
     return {
         "at": time.time(),
         "stats": stats.model_dump(mode="json"),
@@ -104,6 +117,8 @@ async def snapshot(router: Router, rates: Rates) -> dict[str, Any]:
         "agents": [v.model_dump(mode="json") for v in views],
         "running": [w.model_dump(mode="json") for w in running],
         "recent": [w.model_dump(mode="json") for w in recent],
+        "alerts": [a.model_dump(mode="json") for a in firing_alerts(router).items],
+        "escalated": [t.model_dump(mode="json") for t in escalated.items],
     }
 
 
@@ -130,6 +145,12 @@ def mount_dashboard(app: FastAPI, router: Router) -> None:
     async def workflow_page(workflow_id: str) -> Response:
         # The script reads the id from the path and asks /api/v1/workflows/{id} (a 404 is shown there).
         return index()
+
+    favicon = _asset("favicon.ico")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def icon() -> Response:
+        return Response(favicon, media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:

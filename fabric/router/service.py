@@ -401,6 +401,11 @@ class Router:
         return self._store
 
     @property
+    def published_capabilities(self) -> frozenset[str]:
+        """Capabilities this router has published tasks to since it started."""
+        return frozenset(self._capabilities)
+
+    @property
     def alerts(self) -> AlertPublisher:
         """The router's alerts (escalations, and any rule that fires through it)."""
         return self._alerts

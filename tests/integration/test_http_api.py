@@ -400,6 +400,14 @@ async def test_a_port_in_use_is_a_clear_error(settings: FabricSettings) -> None:
 # -- the OpenAPI document ---------------------------------------------------------------------------
 
 
+async def test_favicon_is_served(http: httpx.AsyncClient) -> None:
+    response = await http.get("/favicon.ico")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/x-icon"
+    assert response.content.startswith(b"\x00\x00\x01\x00"), "an ICO file"
+    assert b"PNG" in response.content[:40]
+
+
 async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -> None:
     document = (await http.get("/api/v1/openapi.json")).json()
     validate(document)
@@ -415,6 +423,8 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
         "/api/v1/agents",
         "/api/v1/dead",
         "/api/v1/stats",
+        "/api/v1/alerts",
+        "/api/v1/escalated",
     }
     assert set(paths["/api/v1/workflows"]) == {"get", "post"}
     schemas = document["components"]["schemas"]
