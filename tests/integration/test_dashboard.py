@@ -19,9 +19,10 @@ import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from fabric.policy import RetryPolicy
 from fabric.router.dashboard import Rates
 from fabric.router.service import Router
-from fabric.settings import FabricSettings
+from fabric.settings import AlertRuleSettings, AlertSettings, FabricSettings
 from fabric.telemetry import Telemetry
 from fabric.worker.runtime import Worker
 from tests.conftest import eventually
@@ -226,3 +227,187 @@ def test_rates_are_over_the_last_window() -> None:
     # Old points leave the window: the rate is what moved in about the last ten seconds.
     rates.update(111.0, {"tasks_succeeded": 8, "tasks_retried": 2})
     assert rates.update(130.0, {"tasks_succeeded": 8, "tasks_retried": 2})["tasks_per_s"] == 0.0
+
+
+# -- what needs attention, and the workflow page -------------------------------------------------------
+
+
+@pytest.fixture
+def attention_settings(dashboard_settings: FabricSettings) -> FabricSettings:
+    """Rules checked every 0.2 s: a queue without an agent alerts after 0.5 s; no other rule."""
+    settings = dashboard_settings
+    rules = AlertRuleSettings(error_rate=None, queue_depth=None, queue_age_s=None, no_agent_after_s=0.5)
+    return settings.model_copy(
+        update={
+            "router": settings.router.model_copy(update={"metrics_interval_s": 0.2}),
+            "alerts": AlertSettings(rules=rules),
+        }
+    )
+
+
+async def test_needs_attention_box_shows_an_alert_and_an_escalated_task(
+    attention_settings: FabricSettings, browser: Browser, extra_caps: list[str]
+) -> None:
+    settings = attention_settings
+    extra_caps.append("t.stranded")
+    async with Worker(demo, settings, concurrency=2), Router(settings) as router:
+        port = router.http_port
+        assert port
+        page = await browser.new_page()
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await expect(page.locator("#connection")).to_have_text("live", timeout=DEADLINE_MS)
+        await expect(page.locator("#attention")).to_have_class(re.compile(r"\bcalm\b"), timeout=DEADLINE_MS)
+
+        # Work no agent serves, and a task that waits for an operator.
+        await submit(port, {"tasks": [{"id": f"s{i}", "capability": "t.stranded"} for i in range(3)]})
+        await submit(
+            port,
+            {
+                "workflow_id": "wf-review",
+                "metadata": {"name": "quarterly review"},
+                "tasks": [{"id": "review", "capability": "demo.review", "input": {"note": "check totals"}}],
+            },
+        )
+        box = page.locator("#attention")
+        alert = box.locator('li[data-key="capability.no_agent:t.stranded"]')
+        await expect(alert).to_contain_text(
+            "3 tasks of t.stranded wait and no live agent serves it", timeout=DEADLINE_MS
+        )
+        escalated = box.locator('li[data-kind="escalated"][data-workflow="wf-review"][data-task="review"]')
+        await expect(escalated).to_contain_text("waits for an operator", timeout=DEADLINE_MS)
+        await expect(escalated.locator('a[href="/workflows/wf-review"]')).to_be_visible()
+        await expect(box).not_to_have_class(re.compile(r"\bcalm\b"))
+        # The escalated task's own alert is not listed a second time.
+        await expect(box.locator('li[data-key="task.escalated:wf-review/review"]')).to_have_count(0)
+
+        # The stranded queue: counted, red and first, with no consumer and no agent.
+        first = page.locator("#queues tbody tr").first
+        await expect(first).to_have_attribute("data-capability", "t.stranded", timeout=DEADLINE_MS)
+        await expect(first).to_have_class("stuck")
+        await expect(first.locator("td").nth(1)).to_have_text("3")
+        await expect(first.locator("td").nth(3)).to_have_text("0")
+        await expect(page.locator("#queued-tile")).to_have_class(re.compile(r"\bbad\b"))
+        assert int(await page.locator("#queued").inner_text()) >= 3
+
+        # Workflows are listed by the name their submitter set, on one line.
+        link = page.locator('#running tr[data-workflow="wf-review"] a.wf')
+        await expect(link).to_have_text("quarterly review", timeout=DEADLINE_MS)
+        box_height = (await link.bounding_box() or {}).get("height", 0)
+        assert 0 < box_height < 24, f"one line, not wrapped ({box_height}px)"
+        await screenshot(page, "dashboard-needs-attention")
+
+
+def fails(task_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": task_id, "capability": "demo.fail", "input": "boom", "max_attempts": 3, **fields}
+
+
+async def test_workflow_page_names_lays_out_and_explains_its_tasks(
+    dashboard_settings: FabricSettings, browser: Browser
+) -> None:
+    settings = dashboard_settings
+    # One short delay tier: three attempts within seconds.
+    policy = RetryPolicy({"1s": 1_000}, jitter=0.0)
+    body = {
+        "workflow_id": "wf-page",
+        "metadata": {"name": "nightly report", "team": "finance"},
+        "tasks": [
+            {"id": "a", "capability": "demo.echo", "input": "hello"},
+            {"id": "b", "capability": "demo.echo", "input": {"n": 2}},
+            # Sorted by id, column 2 would be [y, z] and the edges a->z, b->y would cross.
+            {"id": "y", "capability": "demo.echo", "depends_on": ["b"]},
+            {"id": "z", "capability": "demo.echo", "depends_on": ["a"]},
+            fails("fail", on_exhausted="park"),
+            {"id": "publish-summary", "capability": "demo.echo", "depends_on": ["fail"]},
+            {"id": "review", "capability": "demo.review", "input": {"note": "sign off"}},
+        ],
+    }
+    async with Worker(demo, settings, concurrency=4, policy=policy), Router(settings) as router:
+        port = router.http_port
+        assert port
+        await submit(port, body)
+        page = await browser.new_page()
+        await page.goto(f"http://127.0.0.1:{port}/workflows/wf-page")
+        await expect(page.locator('#tasks tr[data-task="publish-summary"]')).to_have_attribute(
+            "data-status", "upstream_failed", timeout=DEADLINE_MS
+        )
+        await expect(page.locator('#tasks tr[data-task="review"]')).to_have_attribute(
+            "data-status", "escalated", timeout=DEADLINE_MS
+        )
+        await expect(page.locator('#tasks tr[data-task="z"]')).to_have_attribute(
+            "data-status", "succeeded", timeout=DEADLINE_MS
+        )
+        await expect(page.locator('#tasks tr[data-task="y"]')).to_have_attribute(
+            "data-status", "succeeded", timeout=DEADLINE_MS
+        )
+        await expect(page.locator("#wf-name")).to_have_text("nightly report")
+        await expect(page.locator("#wf-id")).to_have_text("wf-page")
+        await expect(page.locator("#wf-meta")).to_contain_text("team: finance")
+
+        # Every node's text fits in its box.
+        clipped = await page.evaluate(
+            """() => [...document.querySelectorAll('#dag g.node')].flatMap((node) => {
+                const width = Number(node.querySelector('rect').getAttribute('width'));
+                return [...node.querySelectorAll('text')]
+                  .filter((t) => Number(t.getAttribute('x')) + t.getComputedTextLength() > width - 4)
+                  .map((t) => t.textContent);
+            })"""
+        )
+        assert clipped == [], f"clipped node text: {clipped}"
+        await expect(page.locator('#dag g.node[data-task="publish-summary"] text.sub')).to_have_text(
+            "upstream_failed · not started"
+        )
+        assert await edge_crossings(page) == 0
+
+        # One line per distinct error, with its attempts; the results; how to resume or abort.
+        errors = page.locator('#tasks tr[data-task="fail"] td.errors .err')
+        await expect(errors).to_have_text(["attempts 1\u20133: ValueError: boom"])
+        await expect(page.locator('#tasks tr[data-task="publish-summary"] td.errors .err')).to_have_text(
+            ["UpstreamFailed: dependency 'fail' ended dead"]
+        )
+        await expect(page.locator('#tasks tr[data-task="a"] td.result')).to_have_text('"hello"')
+        await expect(page.locator('#tasks tr[data-task="b"] td.result')).to_have_text('{"n":2}')
+        actions = page.locator('#wf-actions li[data-task="review"]')
+        await expect(actions).to_contain_text("fabric resume wf-page --task review")
+        await expect(actions).to_contain_text("fabric abort wf-page --task review")
+        await expect(actions).to_contain_text("POST /api/v1/workflows/wf-page/tasks/review/resume")
+        await expect(actions).to_contain_text("POST /api/v1/workflows/wf-page/tasks/review/abort")
+        await screenshot(page, "dashboard-workflow-escalated")
+
+
+async def edge_crossings(page: Page) -> int:
+    """Pairs of edges between the same two columns whose ends are in opposite vertical orders."""
+    crossings: int = await page.evaluate(
+        """() => {
+            const y = {}, column = {};
+            for (const node of document.querySelectorAll('#dag g.node')) {
+              y[node.dataset.task] = Number(node.getAttribute('transform').match(/,([-\\d.]+)\\)/)[1]);
+              column[node.dataset.task] = node.dataset.column;
+            }
+            const edges = [...document.querySelectorAll('#dag path.edge')]
+              .map((e) => [e.dataset.from, e.dataset.to]);
+            let count = 0;
+            for (let i = 0; i < edges.length; i++) for (let j = i + 1; j < edges.length; j++) {
+              const [a, b] = edges[i], [c, d] = edges[j];
+              if (column[a] !== column[c] || column[b] !== column[d]) continue;
+              if ((y[a] - y[c]) * (y[b] - y[d]) < 0) count++;
+            }
+            return count;
+        }"""
+    )
+    return crossings
+
+
+async def test_workflow_page_of_an_unknown_workflow_says_not_found(
+    dashboard_settings: FabricSettings, browser: Browser
+) -> None:
+    async with Router(dashboard_settings) as router:
+        page = await browser.new_page()
+        await page.goto(f"http://127.0.0.1:{router.http_port}/workflows/no-such-workflow")
+        await expect(page.locator("#wf-missing")).to_be_visible(timeout=DEADLINE_MS)
+        await expect(page.locator("#wf-missing")).to_contain_text("Workflow not found")
+        await expect(page.locator("#wf-error")).to_contain_text("no workflow no-such-workflow")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "missing")
+        await expect(page.locator("#connection")).to_have_text("not found")
+        await expect(page.locator("#dag-box")).to_be_hidden()
+        await expect(page.locator("#tasks")).to_be_hidden()
+        await screenshot(page, "dashboard-workflow-not-found")
