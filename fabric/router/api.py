@@ -855,7 +855,7 @@ async def build_stats(router: Router, views: list[AgentView] | None = None) -> S
         | {c for w in running.items for c in w.capabilities}
     )
     depths = await router.queue_depths(capabilities)
-    serving = [c for v in views if v.state != "lost" for c in v.capabilities]
+    serving = [c for v in views if v.state in ("alive", "unhealthy") for c in v.capabilities]
     dead = await router.dead_queue_depth()
     return Stats(
         namespace=router.ns,
