@@ -39,6 +39,10 @@ Semantics every backend keeps (the contract suite in ``tests/contract`` checks t
   dashboard's trend charts: the router appends one every ``router.sample_interval_s``, and each append
   drops samples older than ``keep_since`` and keeps at most :data:`MAX_SAMPLES`, so the series stays
   bounded whatever runs; a restarted router finds the history its predecessor wrote.
+* A task cancelled while copies of its message may still be out (queued, in a delay queue, held by a
+  worker) is stored with ``recall`` set. :meth:`StateStore.recalled` lists those, so a worker that
+  starts (or reconnects) after the cancel broadcast learns which copies to drop; the router clears the
+  flag once a worker reports a copy dropped. Each backend answers it from an index.
 """
 
 from __future__ import annotations
@@ -135,6 +139,10 @@ class TaskRecord(_Record):
     #: With tracing: the ``traceparent`` of the attempt that released it (its last dependency to
     #: succeed), under which it is published; None for a task ready at submission (the workflow's root).
     release: str | None = None
+    #: Set on a task an operator cancelled while copies of its message may still be out (in its
+    #: capability queue, a delay queue, or held by a worker): workers drop those copies, unrun.
+    #: Cleared when a worker reports a copy dropped (``cancelled``); set again when one shows up.
+    recall: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -252,6 +260,9 @@ class DeadQuery:
 #: Most records one query page may hold.
 MAX_PAGE = 1000
 
+#: Most recalled tasks one :meth:`StateStore.recalled` page may hold.
+MAX_RECALLED = 10_000
+
 #: Most samples a store keeps (an hour at one per second); older ones are dropped on append.
 MAX_SAMPLES = 3600
 
@@ -282,6 +293,34 @@ def decode_cursor(cursor: str, parts: int) -> tuple[float, tuple[str, ...]]:
     ):
         raise ValueError(f"invalid cursor {cursor!r}: not one this API returned")
     return float(value[0]), tuple(value[1:])
+
+
+def check_recalled_limit(limit: int) -> None:
+    """Raise ValueError unless ``1 <= limit <= MAX_RECALLED``."""
+    if not 1 <= limit <= MAX_RECALLED:
+        raise ValueError(f"limit must be between 1 and {MAX_RECALLED}, not {limit}")
+
+
+def recalled_cursor(key: tuple[str, str]) -> str:
+    """The cursor of a :meth:`StateStore.recalled` page that ended at ``key``."""
+    return encode_cursor(0.0, *key)
+
+
+def recalled_after(cursor: str | None) -> tuple[str, str] | None:
+    """The key a :meth:`StateStore.recalled` cursor points after (None for the first page).
+
+    Raises:
+        ValueError: not a cursor :func:`recalled_cursor` made.
+    """
+    if cursor is None:
+        return None
+    _, (workflow_id, task_id) = decode_cursor(cursor, 2)
+    return workflow_id, task_id
+
+
+def is_recalled(task: TaskRecord) -> bool:
+    """True when :meth:`StateStore.recalled` lists ``task``: cancelled, with ``recall`` set."""
+    return task.recall and task.status is TaskStatus.CANCELLED
 
 
 def parked_at(task: TaskRecord) -> float:
@@ -381,6 +420,18 @@ class StateStore(Protocol):
 
         Raises:
             ValueError: ``cursor`` is not one this method returned, or ``limit`` is outside 1..MAX_PAGE.
+        """
+        ...
+
+    async def recalled(
+        self, *, limit: int = MAX_RECALLED, cursor: str | None = None
+    ) -> Page[tuple[str, str]]:
+        """Cancelled tasks with ``recall`` set, as ``(workflow_id, task_id)``, one page in a stable
+        order (ascending by key), each on exactly one page of a walk.
+
+        Raises:
+            ValueError: ``cursor`` is not one this method returned, or ``limit`` is outside
+                1..MAX_RECALLED.
         """
         ...
 

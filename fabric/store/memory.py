@@ -9,6 +9,7 @@ from fabric.errors import NotConnectedError, StoreError
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
+    MAX_RECALLED,
     MAX_SAMPLES,
     AgentRecord,
     DeadQuery,
@@ -18,9 +19,13 @@ from fabric.store.base import (
     WorkflowQuery,
     WorkflowRecord,
     check_limit,
+    check_recalled_limit,
     decode_cursor,
     encode_cursor,
+    is_recalled,
     parked_at,
+    recalled_after,
+    recalled_cursor,
 )
 
 _R = TypeVar("_R", TaskRecord, WorkflowRecord, AgentRecord, Sample)
@@ -116,6 +121,21 @@ class MemoryStore:
             stored = self._tasks.get(workflow_id, {}).get(task_id)
             if stored is not None and stored.status is TaskStatus.QUEUED and not stored.dispatched:
                 stored.dispatched = True
+
+    async def recalled(
+        self, *, limit: int = MAX_RECALLED, cursor: str | None = None
+    ) -> Page[tuple[str, str]]:
+        self._check_open()
+        check_recalled_limit(limit)
+        after = recalled_after(cursor)
+        keys = sorted(
+            t.key
+            for tasks in self._tasks.values()
+            for t in tasks.values()
+            if is_recalled(t) and (after is None or t.key > after)
+        )
+        more = len(keys) > limit
+        return Page(keys[:limit], recalled_cursor(keys[limit - 1]) if more else None)
 
     async def undispatched(self, limit: int = 1000) -> list[TaskRecord]:
         self._check_open()

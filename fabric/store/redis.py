@@ -20,6 +20,8 @@ the indexes the router queries by are kept beside them and are only ever written
                                                   lease, by created_at
     {prefix}escalated                 sorted set  "{workflow_id}\\x1f{task_id}" of escalated tasks, by
                                                   created_at
+    {prefix}recall                    sorted set  "{workflow_id}\\x1f{task_id}" of cancelled tasks with
+                                                  ``recall`` set, all scored 0 (listed by member)
     {prefix}agents                    hash        agent_id -> msgpack document of the agent
     {prefix}ping                      string      written by :meth:`RedisStore.ping`
 
@@ -54,6 +56,7 @@ from fabric.errors import ConfigError, NotConnectedError, ProtocolError, StoreEr
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
+    MAX_RECALLED,
     MAX_SAMPLES,
     AgentRecord,
     DeadQuery,
@@ -63,9 +66,13 @@ from fabric.store.base import (
     WorkflowQuery,
     WorkflowRecord,
     check_limit,
+    check_recalled_limit,
     decode_cursor,
     encode_cursor,
+    is_recalled,
     parked_at,
+    recalled_after,
+    recalled_cursor,
 )
 
 #: Separates workflow id and task id in members of the ``undispatched`` index. Neither id may contain it
@@ -228,6 +235,10 @@ class RedisStore:
         return f"{self._prefix}escalated"
 
     @property
+    def _recall_key(self) -> str:
+        return f"{self._prefix}recall"
+
+    @property
     def _unnotified_key(self) -> str:
         return f"{self._prefix}unnotified"
 
@@ -269,6 +280,8 @@ class RedisStore:
         not_leased: list[str] = []
         escalated: dict[str, float] = {}
         not_escalated: list[str] = []
+        # Only a cancelled task can be recalled, and a cancelled task stays cancelled: others need no ZREM.
+        recall: dict[str, bool] = {}
         for task in tasks:
             docs.setdefault(task.workflow_id, {})[task.task_id] = codec.encode(task.to_dict())
             member = f"{task.workflow_id}{_MEMBER_SEP}{task.task_id}"
@@ -289,6 +302,8 @@ class RedisStore:
             else:
                 escalated.pop(member, None)
                 not_escalated.append(member)
+            if task.status is TaskStatus.CANCELLED:
+                recall[member] = is_recalled(task)
         for workflow_id, mapping in docs.items():
             pipe.hset(self._tasks_key(workflow_id), mapping=mapping)
         gone = [m for m in dict.fromkeys(not_ready) if m not in ready]
@@ -314,6 +329,12 @@ class RedisStore:
             pipe.zrem(self._escalated_key, *gone[start : start + _CHUNK])
         if escalated:
             pipe.zadd(self._escalated_key, escalated)
+        unrecalled = [m for m, on in recall.items() if not on]
+        for start in range(0, len(unrecalled), _CHUNK):
+            pipe.zrem(self._recall_key, *unrecalled[start : start + _CHUNK])
+        recalled = {m: 0.0 for m, on in recall.items() if on}
+        if recalled:
+            pipe.zadd(self._recall_key, recalled)
 
     async def insert_workflow(
         self, workflow: WorkflowRecord, tasks: Sequence[TaskRecord]
@@ -585,6 +606,27 @@ class RedisStore:
                 pipe.hget(self._tasks_key(workflow_id), task_id)
             blobs: list[object] = await pipe.execute() if members else []
         return [TaskRecord.from_dict(_decode(b)) for b in blobs if b is not None]
+
+    async def recalled(
+        self, *, limit: int = MAX_RECALLED, cursor: str | None = None
+    ) -> Page[tuple[str, str]]:
+        """Cancelled tasks with ``recall`` set, one page ascending by key (see the StateStore contract).
+
+        Raises:
+            ValueError: bad ``cursor`` or ``limit``.
+            NotConnectedError: the store is not open.
+            StoreError: Redis failed.
+        """
+        check_recalled_limit(limit)
+        after = recalled_after(cursor)
+        # All members score 0, so ZRANGE BYLEX walks them by member: by workflow id, then task id (the
+        # separator sorts below every id character).
+        low = "-" if after is None else f"({after[0]}{_MEMBER_SEP}{after[1]}"
+        client = self._conn()
+        with self._translate("recalled"):
+            members = await client.zrange(self._recall_key, low, "+", bylex=True, offset=0, num=limit + 1)
+        keys = [_split_member(_text(m)) for m in members[:limit]]
+        return Page(keys, recalled_cursor(keys[-1]) if len(members) > limit else None)
 
     async def leased(self, limit: int = 1000) -> list[TaskRecord]:
         """Tasks ``running`` under a lease, oldest first.
@@ -861,6 +903,11 @@ def _decode(blob: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise StoreError("corrupt record in Redis store: not a mapping")
     return value
+
+
+def _split_member(member: str) -> tuple[str, str]:
+    workflow_id, _, task_id = member.partition(_MEMBER_SEP)
+    return workflow_id, task_id
 
 
 def _text(value: object) -> str:

@@ -51,6 +51,7 @@ from fabric.errors import NotConnectedError, ProtocolError, StoreError
 from fabric.protocol import codec
 from fabric.protocol.messages import TaskStatus, WorkflowStatus
 from fabric.store.base import (
+    MAX_RECALLED,
     MAX_SAMPLES,
     AgentRecord,
     DeadQuery,
@@ -60,9 +61,13 @@ from fabric.store.base import (
     WorkflowQuery,
     WorkflowRecord,
     check_limit,
+    check_recalled_limit,
     decode_cursor,
     encode_cursor,
+    is_recalled,
     parked_at,
+    recalled_after,
+    recalled_cursor,
 )
 
 log = logging.getLogger("fabric.store")
@@ -95,6 +100,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     doc         BLOB NOT NULL,
     capability  TEXT,
     ended_at    REAL,
+    recall      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (workflow_id, task_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_undispatched ON tasks (created_at)
@@ -110,16 +116,17 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS samples (at REAL PRIMARY KEY, doc BLOB NOT NULL);
 """
 
-#: Indexes over columns added in schema version 2: created after :func:`_migrate` added the columns.
+#: Indexes over columns added in schema versions 2 and 3: created after :func:`_migrate` added them.
 _INDEXES_V2 = """
 CREATE INDEX IF NOT EXISTS tasks_dead ON tasks (ended_at, workflow_id, task_id) WHERE status = 'dead';
+CREATE INDEX IF NOT EXISTS tasks_recalled ON tasks (workflow_id, task_id) WHERE recall = 1;
 """
 
-_SCHEMA_VERSION = "2"
+_SCHEMA_VERSION = "3"
 
 _INSERT_TASK = (
-    "INSERT INTO tasks (workflow_id, task_id, status, dispatched, created_at, doc, capability, ended_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO tasks (workflow_id, task_id, status, dispatched, created_at, doc, capability, ended_at, "
+    "recall) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_WORKFLOW = (
     "INSERT INTO workflows (workflow_id, status, notified, created_at, doc) VALUES (?, ?, ?, ?, ?)"
@@ -129,7 +136,7 @@ _INSERT_WORKFLOW = (
 _UPSERT_TASK = (
     f"{_INSERT_TASK} ON CONFLICT (workflow_id, task_id) DO UPDATE SET status = excluded.status, "
     "dispatched = excluded.dispatched, created_at = excluded.created_at, doc = excluded.doc, "
-    "capability = excluded.capability, ended_at = excluded.ended_at"
+    "capability = excluded.capability, ended_at = excluded.ended_at, recall = excluded.recall"
 )
 _UPSERT_WORKFLOW = (
     f"{_INSERT_WORKFLOW} ON CONFLICT (workflow_id) DO UPDATE SET status = excluded.status, "
@@ -158,6 +165,7 @@ def _task_row(t: TaskRecord) -> tuple[Any, ...]:
         doc,
         t.capability,
         parked_at(t),
+        int(is_recalled(t)),
     )
 
 
@@ -491,6 +499,23 @@ class SqliteStore:
         last = rows[limit - 1] if len(rows) > limit else None
         return Page(items, encode_cursor(last[2], last[3], last[4]) if last else None)
 
+    async def recalled(
+        self, *, limit: int = MAX_RECALLED, cursor: str | None = None
+    ) -> Page[tuple[str, str]]:
+        check_recalled_limit(limit)
+        after = recalled_after(cursor)
+        # Every condition keeps ``recall = 1``, so the partial index tasks_recalled serves the query.
+        where, params = "recall = 1", []
+        if after is not None:
+            where += " AND (workflow_id, task_id) > (?, ?)"
+            params = [*after]
+        rows = await self._read(
+            f"SELECT workflow_id, task_id FROM tasks WHERE {where} ORDER BY workflow_id, task_id LIMIT ?",
+            (*params, limit + 1),
+        )
+        keys = [(str(r[0]), str(r[1])) for r in rows[:limit]]
+        return Page(keys, recalled_cursor(keys[-1]) if len(rows) > limit else None)
+
     async def put_agent(self, agent: AgentRecord) -> None:
         session = self._require()
         row = (agent.agent_id, agent.last_seen, codec.encode(agent.to_dict()))
@@ -789,21 +814,27 @@ def _migrate(db: sqlite3.Connection) -> None:
     Version 2 adds the ``capability`` and ``ended_at`` columns of tasks (filled here for dead tasks, the
     only ones queried by them; other tasks get them at their next save). Workflows stored before
     version 2 have no capabilities recorded, so a capability filter does not find them.
+
+    Version 3 adds the ``recall`` column (0 for every stored task: a fabric before version 3 never
+    recorded which cancelled tasks had copies out).
     """
     columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
-    if "capability" in columns:
+    if "capability" in columns and "recall" in columns:
         return
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("ALTER TABLE tasks ADD COLUMN capability TEXT")
-        db.execute("ALTER TABLE tasks ADD COLUMN ended_at REAL")
-        dead = db.execute("SELECT doc FROM tasks WHERE status = 'dead'").fetchall()
-        for (blob,) in dead:
-            task = TaskRecord.from_dict(_decode(blob))
-            db.execute(
-                "UPDATE tasks SET capability = ?, ended_at = ? WHERE workflow_id = ? AND task_id = ?",
-                (task.capability, parked_at(task), task.workflow_id, task.task_id),
-            )
+        if "capability" not in columns:
+            db.execute("ALTER TABLE tasks ADD COLUMN capability TEXT")
+            db.execute("ALTER TABLE tasks ADD COLUMN ended_at REAL")
+            dead = db.execute("SELECT doc FROM tasks WHERE status = 'dead'").fetchall()
+            for (blob,) in dead:
+                task = TaskRecord.from_dict(_decode(blob))
+                db.execute(
+                    "UPDATE tasks SET capability = ?, ended_at = ? WHERE workflow_id = ? AND task_id = ?",
+                    (task.capability, parked_at(task), task.workflow_id, task.task_id),
+                )
+        if "recall" not in columns:
+            db.execute("ALTER TABLE tasks ADD COLUMN recall INTEGER NOT NULL DEFAULT 0")
         db.execute("COMMIT")
     except BaseException:
         _rollback(db)

@@ -189,7 +189,8 @@ async def test_query_dead_lists_parked_tasks_newest_first(store: StateStore) -> 
 
 
 async def test_sqlite_file_of_schema_1_is_migrated(tmp_path: Path) -> None:
-    """A file written before the query indexes: dead tasks are found, new workflows by capability."""
+    """A file written before the query indexes: dead tasks are found, new workflows by capability,
+    recalled tasks listed (schema 3; this test expected version "2" before the recall column)."""
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.executescript(
@@ -218,8 +219,13 @@ async def test_sqlite_file_of_schema_1_is_migrated(tmp_path: Path) -> None:
         assert ids((await store.query_workflows()).items) == ["wf-old"]
         await store.insert_workflow(workflow("wf-new", created_at=6.0, capabilities=["demo.echo"]), [])
         assert ids((await store.query_workflows(WorkflowQuery(capability="demo.echo"))).items) == ["wf-new"]
+        # Schema 3: the recall column, added with 0 for every old task, and its index.
+        assert (await store.recalled()).items == []
+        cancelled = task("c", "wf-new", status=TaskStatus.CANCELLED, recall=True)
+        await store.save(tasks=[cancelled])
+        assert (await store.recalled()).items == [("wf-new", "c")]
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
     db.close()
 
 
