@@ -67,6 +67,7 @@ from fabric.router import watchdog
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.api import ApiServer, build_app
 from fabric.router.dashboard import mount_dashboard
+from fabric.router.recall import cancels_answer, recall_after, recall_on_cancel
 from fabric.router.rules import AgentState, ErrorWindow, QueueAges, RuleEngine, Snapshot
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
@@ -174,6 +175,8 @@ class _Work:
         self.counts: list[tuple[TaskCounter, str]] = []
         #: Tasks this batch escalated: each fires an alert once the batch is committed.
         self.escalated: list[TaskRecord] = []
+        #: Cancelled tasks whose cancel is broadcast again once the batch is committed.
+        self.recalled: list[str] = []
         self._all_loaded = False
 
     async def load(self, task_ids: Iterable[str]) -> list[TaskRecord]:
@@ -1233,6 +1236,21 @@ class Router:
         task = found[0]
         # Any event says the task left its queue; a retry is ready again when its delay ends (below).
         self._queue_ages.left(task.key)
+        recall = recall_after(task.status, event.status)
+        if recall is not None:
+            # A copy of a cancelled task reached a worker: nothing is counted; a worker that ran it
+            # (it did not know) is told again, and so are workers that start later (the flag).
+            if recall.recall != task.recall:
+                task.recall = recall.recall
+                work.touch(task, notify=False)
+            if recall.broadcast:
+                log.info(
+                    "%s event for cancelled task %s/%s: broadcasting its cancel again",
+                    event.status,
+                    task.workflow_id,
+                    task.task_id,
+                )
+                work.recalled.append(task.task_id)
         if task.status.terminal:
             # A redelivered event for a finished task: the router may have died (or a publish failed)
             # between recording it and releasing dependents or announcing: finish that.
@@ -1399,13 +1417,17 @@ class Router:
         return ended
 
     async def _commit(self, work: _Work) -> None:
-        """Save a working set in one atomic batch, then publish the tasks it released (confirmed) and
-        send its task notifications (best effort)."""
-        if not work.changed and not work.workflow_changed:
+        """Save a working set in one atomic batch, then broadcast the cancels it recalls and publish the
+        tasks it released (both confirmed), and send its task notifications (best effort)."""
+        if not work.changed and not work.workflow_changed and not work.recalled:
             return
-        workflows = [work.workflow] if work.workflow is not None and work.workflow_changed else []
-        await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
-        self._count(work)
+        if work.changed or work.workflow_changed:
+            workflows = [work.workflow] if work.workflow is not None and work.workflow_changed else []
+            await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
+            self._count(work)
+        if work.recalled:
+            await self._broadcast_cancel(work.workflow_id, sorted(set(work.recalled)))
+            work.recalled.clear()
         await self._dispatch(work.released, known=work.tasks, workflow=work.workflow)
         await self._send_notes(work)
 
@@ -1594,6 +1616,8 @@ class Router:
             return {"namespace": self.ns, "stats": dict(self.stats)}
         if method == "agents":
             return await self.agents()
+        if method == "cancelled":
+            return await self._cancels(request)
         workflow_id = str(request["workflow_id"])
         workflow = await self._store.get_workflow(workflow_id)
         if workflow is None:
@@ -1840,6 +1864,7 @@ class Router:
                         _escalation_key(workflow.workflow_id, tid),
                         summary=f"task {workflow.workflow_id}/{tid} cancelled by an operator",
                     )
+                task.recall = recall_on_cancel(task.status)
                 task.status, task.finished_at, task.lease_s = TaskStatus.CANCELLED, now, None
                 task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
                 task.escalation = None
@@ -1857,16 +1882,25 @@ class Router:
                         WorkflowStatus.FAILED if statuses & _FAILED_STATES else WorkflowStatus.CANCELLED
                     )
                 await self._commit(work)
-                control: dict[str, Any] = {"kind": "cancel", "workflow_id": workflow.workflow_id}
-                if task_id is not None:
-                    control["task_ids"] = cancelled
-                await self._amqp.publish(
-                    names.control_exchange(self.ns), "", codec.encode(control), mandatory=False
-                )
+                await self._broadcast_cancel(workflow.workflow_id, cancelled)
                 if current.status.terminal:
                     await self._announce(current, work)
         log.warning("cancelled %d task(s) of workflow %s", len(cancelled), workflow.workflow_id)
         return {"workflow_id": workflow.workflow_id, "cancelled": cancelled, "status": str(current.status)}
+
+    async def _broadcast_cancel(self, workflow_id: str, task_ids: list[str]) -> None:
+        """Tell every worker on ``{ns}.control`` to stop and drop these tasks. The ids are always
+        listed: a workflow-wide cancel would also drop a task of it replayed later."""
+        control = {"kind": "cancel", "workflow_id": workflow_id, "task_ids": task_ids}
+        await self._amqp.publish(names.control_exchange(self.ns), "", codec.encode(control), mandatory=False)
+
+    async def _cancels(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The RPC ``cancelled``: one page of the tasks whose copies workers must drop."""
+        cursor = request.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise ProtocolError(f"cursor must be a string, not {type(cursor).__name__}")
+        page = await self._store.recalled(cursor=cursor)
+        return cancels_answer(page.items, page.next_cursor)
 
     async def _why(self, workflow: WorkflowRecord, task_id: str | None) -> list[dict[str, Any]]:
         """For each unfinished task (or the one asked about): why it is not running, or where it runs."""

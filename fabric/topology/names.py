@@ -14,7 +14,18 @@ _CAPABILITY_RE = re.compile(CAPABILITY_PATTERN)
 SUBMIT_ROUTING_KEY = "workflow"
 
 #: Routing keys of the router's RPC methods on ``{ns}.rpc`` (each bound to ``{ns}.router.rpc``).
-RPC_METHODS = ("status", "result", "why", "agents", "ping", "replay", "cancel", "resume", "abort")
+RPC_METHODS = (
+    "status",
+    "result",
+    "why",
+    "agents",
+    "ping",
+    "replay",
+    "cancel",
+    "resume",
+    "abort",
+    "cancelled",
+)
 
 #: Backoff tiers of the retry ladder: name -> delay in milliseconds. Each tier is its own queue with a
 #: fixed per-queue TTL, because RabbitMQ expires messages only at the head of a queue: a short delay

@@ -310,6 +310,10 @@ class AmqpConnection:
         self.on_confirm: Callable[[str, float], None] | None = None
         #: Callbacks running on deliveries; they outlive the channel that delivered them (_guard_callback).
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Called (without arguments) when the connection is lost (not when it is closed on purpose)...
+        self.on_lost: list[Callable[[], None]] = []
+        #: ...and when it is back, with its channels, queues, bindings and consumers restored.
+        self.on_restored: list[Callable[[], None]] = []
 
     async def __aenter__(self) -> AmqpConnection:
         await self.connect()
@@ -349,6 +353,18 @@ class AmqpConnection:
             self._unconfirmed_channel = await self._connection.channel(publisher_confirms=False)
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
             raise TransportError(f"cannot connect to the broker at {_safe_url(self._url)}: {exc}") from exc
+        self._connection.close_callbacks.add(self._lost)
+        self._connection.reconnect_callbacks.add(self._restored)
+
+    def _lost(self, *_: object) -> None:
+        if not self._closed:
+            for callback in self.on_lost:
+                callback()
+
+    def _restored(self, *_: object) -> None:
+        if not self._closed:
+            for callback in self.on_restored:
+                callback()
 
     async def close(self) -> None:
         if self._closed:

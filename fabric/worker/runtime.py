@@ -73,6 +73,7 @@ from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attr
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 from fabric.worker.agent import Agent, Handler, Task
+from fabric.worker.cancels import CancelSync
 
 log = logging.getLogger("fabric.worker")
 
@@ -155,8 +156,8 @@ class Worker:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._host = socket.gethostname()
         self._watchdog_task: asyncio.Task[None] | None = None
-        #: Workflows and tasks an operator cancelled (bounded): their tasks are skipped or stopped.
-        self._cancelled: OrderedDict[tuple[str, str | None], None] = OrderedDict()
+        #: Workflows and tasks an operator cancelled: running ones are stopped, copies dropped unrun.
+        self._cancels = CancelSync(self._amqp, self.ns, on_cancel=self._stop_cancelled)
         #: Tasks running now, with the asyncio future of an async handler (to cancel it).
         self._current: dict[tuple[str, str], tuple[Task, asyncio.Future[Any] | None]] = {}
         #: Attempts held here from their delivery until they are settled, by (workflow, task, attempt).
@@ -185,6 +186,9 @@ class Worker:
         try:
             await self._amqp.connect()
             await self._amqp.declare(spec.build(self.ns, self.agent.capabilities))
+            # Cancellations are broadcast on {ns}.control: bound before any task is consumed, so none
+            # is missed; the ones before are asked of the router (tasks wait for that list).
+            await self._cancels.start()
             # One channel, one prefetch for every capability: at most `concurrency` unacked tasks in all,
             # so the tasks this worker cannot start yet stay in their queues for idle workers.
             # Every consumer starts at the top score (no record yet) and moves with its record.
@@ -205,9 +209,6 @@ class Worker:
             self._consumer_of = dict(zip(self.agent.capabilities, self._consumers, strict=True))
             now = time.time()
             self._subscribed_at = dict.fromkeys(self.agent.capabilities, now)
-            # Cancellations and runtime tuning are broadcast on {ns}.control to every worker.
-            control = await self._amqp.reply_queue(self._on_control, prefetch=16)
-            await control.bind(names.control_exchange(self.ns), "")
             http = self.settings.http
             # Many workers may share a host: a taken port falls back to a free one (logged).
             self._health = await serve_health(
@@ -291,6 +292,7 @@ class Worker:
     async def _close(self) -> None:
         for probe in self._probes.values():
             probe.cancel()
+        await self._cancels.close()
         if self._health is not None:
             await self._health.__aexit__(None, None, None)
         if self._watchdog_task is not None:
@@ -463,20 +465,17 @@ class Worker:
             on_exhausted=_on_exhausted_header(msg_headers),
         )
         key = (workflow_id, task_id, task.attempt)
+        # Until the list of cancels is in (bounded wait), a copy of a cancelled task cannot be told apart.
+        await self._cancels.ready()
         if await self._adopt(key, delivery):
+            return
+        if self._is_cancelled(task):
+            # Wherever the copy came from (its queue, a delay queue, handed back, redelivered): dropped.
+            await self._drop_cancelled(task, [delivery])
             return
         if self.agent_id in headers.get_list(msg_headers, headers.AVOID) and await self._pass_on(
             delivery, task
         ):
-            return
-        if self._is_cancelled(task):
-            try:
-                await self._event(task, EventStatus.CANCELLED, error=_CANCELLED)
-            except TransportError:
-                await asyncio.sleep(NACK_PAUSE_S)
-                await delivery.nack(requeue=True)
-                return
-            await delivery.ack()
             return
         if delivery.redelivered:
             # The lost attempt's own span died with its worker: this one stands for it in the trace.
@@ -535,6 +534,10 @@ class Worker:
             await self._return_unstarted(delivery)
             for copy in running.deliveries[1:]:
                 await copy.ack()
+            return
+        if self._is_cancelled(task):
+            slot.release()  # cancelled while it waited for the slot
+            await self._drop_cancelled(task, running.deliveries)
             return
         with self._attempt_span(task, delivery.headers) as span:
             await self._attempt(handler, running, slot, span)
@@ -874,30 +877,34 @@ class Worker:
         )
 
     def _is_cancelled(self, task: Task) -> bool:
-        return (task.workflow_id, None) in self._cancelled or (
+        return self._cancels.covers(task.workflow_id, task.task_id)
+
+    async def _drop_cancelled(self, task: Task, deliveries: list[Delivery]) -> None:
+        """A copy of a cancelled task: report it ``cancelled`` (so the router knows the copy is gone)
+        and ack it, unrun. Nothing is counted, handed on or parked."""
+        try:
+            await self._event(task, EventStatus.CANCELLED, error=_CANCELLED)
+        except TransportError:
+            await asyncio.sleep(NACK_PAUSE_S)
+            for delivery in deliveries:
+                await delivery.nack(requeue=True)
+            return
+        log.info(
+            "dropped a copy of cancelled task %s/%s (attempt %d)",
             task.workflow_id,
             task.task_id,
-        ) in self._cancelled
+            task.attempt,
+        )
+        for delivery in deliveries:
+            await delivery.ack()
 
-    async def _on_control(self, delivery: Delivery) -> None:
-        """A broadcast on ``{ns}.control``: ``{"kind": "cancel", "workflow_id", "task_ids"?}``."""
-        await delivery.ack()
-        try:
-            message = codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
-        except ProtocolError as exc:
-            log.warning("malformed control message ignored: %s", exc)
+    def _stop_cancelled(self, workflow_id: str, task_ids: list[str] | None) -> None:
+        """Stop the running handlers of a cancel just learnt."""
+        if not self._current:
             return
-        if not isinstance(message, dict) or message.get("kind") != "cancel":
-            return
-        workflow_id = str(message.get("workflow_id"))
-        task_ids = message.get("task_ids")
-        keys = [(workflow_id, None)] if not task_ids else [(workflow_id, str(t)) for t in task_ids]
-        for key in keys:
-            self._cancelled[key] = None
-        while len(self._cancelled) > _MAX_CANCELLED:
-            self._cancelled.popitem(last=False)
+        wanted = None if task_ids is None else set(task_ids)
         for (wf, task_id), (task, running) in list(self._current.items()):
-            if wf == workflow_id and (not task_ids or task_id in task_ids):
+            if wf == workflow_id and (wanted is None or task_id in wanted):
                 task.cancelled.set()  # a sync handler sees it through task.is_cancelled
                 if running is not None:
                     running.cancel()
@@ -1512,8 +1519,6 @@ _LOAD_SMOOTHING = 0.3
 MAX_BOUNCES = 20
 #: Error types that say nothing about the agent's health (its input's fault, or a decision).
 _NOT_AGENT_FAULTS = frozenset({"Abort", "Escalate", "ResultNotSerializable", "Cancelled"})
-#: Cancellations a worker remembers (oldest forgotten first).
-_MAX_CANCELLED = 10_000
 #: Reported attempts a worker remembers, to ack copies of them delivered again.
 _MAX_REPORTED = 10_000
 #: The error recorded on a task an operator cancelled.
