@@ -101,7 +101,8 @@ _EXTRA_SCHEMAS: Final[dict[str, dict[str, Any]]] = {
     },
     "Cancel": {
         "type": "object",
-        "description": "Broadcast on {ns}.control: stop a workflow's (or some tasks') running handlers.",
+        "description": "Broadcast on {ns}.control: stop a workflow's (or some tasks') running handlers and "
+        "drop every copy of them (the router lists task_ids; without them: the whole workflow).",
         "properties": {
             "kind": {"const": "cancel"},
             "workflow_id": {"type": "string"},
@@ -112,8 +113,12 @@ _EXTRA_SCHEMAS: Final[dict[str, dict[str, Any]]] = {
     "Query": {
         "type": "object",
         "description": "A query on {ns}.rpc; the routing key names it (status, result, why, agents, ping, "
-        "replay, cancel, resume, abort).",
-        "properties": {"workflow_id": {"type": "string"}, "task_id": {"type": "string"}},
+        "replay, cancel, resume, abort, cancelled).",
+        "properties": {
+            "workflow_id": {"type": "string"},
+            "task_id": {"type": "string"},
+            "cursor": {"type": "string", "description": "cancelled: the page after this cursor"},
+        },
     },
     "QueryReply": {
         "type": "object",
