@@ -6,6 +6,7 @@ Sources, highest priority first: keyword arguments, ``FABRIC_*`` environment var
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -315,6 +316,18 @@ class FabricSettings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = value.get_secret_value().partition("://")[0].lower()
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"must be an AMQP URL (amqp://user:password@host:5672/vhost or amqps://...), not {scheme}://"
+                if "://" in value.get_secret_value()
+                else "must be an AMQP URL (amqp://user:password@host:5672/vhost or amqps://...)"
+            )
+        return value
+
     @field_validator("namespace")
     @classmethod
     def _valid_namespace(cls, value: str) -> str:
@@ -388,14 +401,36 @@ def load_settings(**overrides: Any) -> FabricSettings:
 
 def _check_environment() -> None:
     """Refuse FABRIC_* variables that name no setting: a typo must not be silently ignored."""
-    fields = set(FabricSettings.model_fields)
-    unknown = []
-    for name in os.environ:
-        if not name.upper().startswith("FABRIC_"):
-            continue
-        top = name[len("FABRIC_") :].split("__", 1)[0].lower()
-        if top not in fields:
-            unknown.append(name)
-    if unknown:
-        known = ", ".join(f"FABRIC_{f.upper()}" for f in sorted(fields))
-        raise ConfigError(f"unknown setting {', '.join(sorted(unknown))}; known settings: {known}")
+    problems = [p for p in map(unknown_setting, sorted(os.environ)) if p is not None]
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def unknown_setting(name: str, model: type[BaseModel] = FabricSettings) -> str | None:
+    """Why the environment variable ``name`` names no setting, with the closest names; None when it names
+    one (or is no ``FABRIC_*`` variable).
+
+    Example:
+        >>> unknown_setting("FABRIC_WORKER__CONCURENCY")
+        'unknown setting FABRIC_WORKER__CONCURENCY: did you mean FABRIC_WORKER__CONCURRENCY?'
+    """
+    if not name.upper().startswith("FABRIC_"):
+        return None
+    parts = name[len("FABRIC_") :].lower().split("__")
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            prefix = "FABRIC_" + "".join(f"{p.upper()}__" for p in parts[:depth])
+            rest = "".join(f"__{p.upper()}" for p in parts[depth + 1 :])
+            close = [
+                prefix + c.upper() + rest for c in difflib.get_close_matches(part, list(fields), cutoff=0.6)
+            ]
+            if close:
+                return f"unknown setting {name}: did you mean {' or '.join(close)}?"
+            known = ", ".join(prefix + f.upper() for f in sorted(fields))
+            return f"unknown setting {name}; known settings here: {known}"
+        annotation = fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None  # a value (or a mapping such as policy.capabilities): pydantic checks the rest
+        model = annotation
+    return None

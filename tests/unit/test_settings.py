@@ -222,3 +222,65 @@ def test_unknown_store_scheme_names_the_variable(env: pytest.MonkeyPatch) -> Non
 
     with pytest.raises(ConfigError, match="FABRIC_STORE__URL"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("FABRIC_WORKER__CONCURENCY", "did you mean FABRIC_WORKER__CONCURRENCY?"),
+        ("FABRIC_NAMESPCE", "did you mean FABRIC_NAMESPACE?"),
+        ("FABRIC_STORE__UTL", "did you mean FABRIC_STORE__URL?"),
+        ("FABRIC_ALERTS__RULES__QUEUE_DEPT", "did you mean FABRIC_ALERTS__RULES__QUEUE_DEPTH"),
+        ("FABRIC_WROKER__CONCURRENCY", "did you mean FABRIC_WORKER__CONCURRENCY"),
+        ("FABRIC_XYZZY", "known settings here: FABRIC_ALERTS, FABRIC_AMQP_URL"),
+    ],
+)
+def test_unknown_setting_suggests_the_closest_name(
+    env: pytest.MonkeyPatch, variable: str, suggestion: str
+) -> None:
+    env.setenv(variable, "3")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert f"unknown setting {variable}" in str(caught.value)
+    assert suggestion in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "FABRIC_WORKER__CONCURRENCY",
+        "FABRIC_AMQP_URL",
+        "FABRIC_POLICY__CAPABILITIES",
+        "FABRIC_PROFILE",
+        "HOME",
+    ],
+)
+def test_known_settings_are_not_flagged(variable: str) -> None:
+    from fabric.settings import unknown_setting
+
+    assert unknown_setting(variable) is None
+
+
+@pytest.mark.parametrize(
+    "url", ["http://guest:guest@127.0.0.1:5672/", "https://broker.example/", "redis://127.0.0.1:6379/0", "x"]
+)
+def test_amqp_url_must_be_amqp(env: pytest.MonkeyPatch, url: str) -> None:
+    env.setenv("FABRIC_AMQP_URL", url)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert "FABRIC_AMQP_URL" in str(caught.value)
+    assert "must be an AMQP URL" in str(caught.value)
+    assert "guest:guest" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["amqp://guest:guest@127.0.0.1:5672/", "amqps://u:p@broker:5671/vh", "AMQP://h/"]
+)
+def test_amqp_urls_are_accepted(env: pytest.MonkeyPatch, url: str) -> None:
+    env.setenv("FABRIC_AMQP_URL", url)
+
+    assert load_settings().amqp_url.get_secret_value() == url
