@@ -26,7 +26,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fabric import cliformat
 from fabric.client.client import FabricClient
+from fabric.clihelp import FabricTyper
 from fabric.errors import (
     ConfigError,
     FabricError,
@@ -40,7 +42,7 @@ from fabric.errors import (
 from fabric.protocol.messages import Completed, TaskStatus
 from fabric.settings import FabricSettings, load_settings
 
-app = typer.Typer(
+app = FabricTyper(
     help="fabric: run AI agents and other workers over RabbitMQ, reliably and observably.\n\n"
     "Settings come from FABRIC_* environment variables (FABRIC_AMQP_URL, FABRIC_NAMESPACE, "
     "FABRIC_STORE__URL, ...) and the profile file configs/<FABRIC_PROFILE>.yaml.",
@@ -48,15 +50,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-dead_app = typer.Typer(
-    help="Inspect, replay or purge messages parked on the {ns}.dead queue.", no_args_is_help=True
+dead_app = FabricTyper(
+    help="Inspect, replay or purge messages parked on the dead queue (NAMESPACE.dead).", no_args_is_help=True
 )
 app.add_typer(dead_app, name="dead")
-topology_app = typer.Typer(
+topology_app = FabricTyper(
     help="Inspect or create the broker topology (exchanges and queues).", no_args_is_help=True
 )
 app.add_typer(topology_app, name="topology")
-docs_app = typer.Typer(
+docs_app = FabricTyper(
     help="Documents generated from the code: the AsyncAPI description of the wire contract."
 )
 app.add_typer(docs_app, name="docs")
@@ -68,7 +70,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def _die(message: str, code: int) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -148,11 +150,14 @@ def _load_agent(target: str) -> Any:
     sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         _die(f"cannot import module {module_name!r}: {exc}", 2)
-    agent = getattr(module, attr, None)
+    except Exception as exc:  # the module's own error: one line naming file:line, not a traceback
+        _die(cliformat.import_failure(module_name, exc), 2)
+    agent = getattr(module, attr, cliformat.MISSING)
     if not isinstance(agent, Agent):
-        _die(f"{target} is {type(agent).__name__}, not a fabric.Agent", 2)
+        agents = [name for name, value in vars(module).items() if isinstance(value, Agent)]
+        _die(cliformat.missing_agent(target, agents, agent), 2)
     return agent
 
 
@@ -196,9 +201,9 @@ def _read_workflow(source: str, workflow_id: str | None) -> dict[str, Any]:
     except OSError as exc:
         _die(f"cannot read {source}: {exc}", 2)
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        _die(f"{source} is neither JSON nor YAML: {exc}", 2)
+        doc = cliformat.parse_document(text, source)
+    except cliformat.DocumentError as exc:
+        _die(str(exc), 2)
     if isinstance(doc, list):
         doc = {"tasks": doc}
     elif isinstance(doc, dict) and "tasks" not in doc and "capability" in doc:
@@ -282,6 +287,8 @@ async def _submit_and_watch(
         watcher = asyncio.create_task(_warn_unserved(client, accepted.workflow_id))
         try:
             return await client.wait(accepted.workflow_id, timeout_s=remaining)
+        except WaitTimeout as exc:  # say the timeout that was given, not what was left of it
+            raise WaitTimeout(f"workflow {accepted.workflow_id} did not finish within {timeout:g}s") from exc
         finally:
             watcher.cancel()
 
@@ -307,7 +314,7 @@ def _print_completed(done: Completed) -> None:
         shown = (
             f"{outcome.error.type}: {outcome.error.message}"
             if outcome.error
-            else json.dumps(outcome.result, default=repr)
+            else json.dumps(outcome.result, default=repr, ensure_ascii=False)
         )
         table.add_row(task_id, str(outcome.status), str(outcome.attempts), outcome.agent or "-", shown[:200])
     console.print(table)
@@ -478,9 +485,9 @@ def _read_input(source: str) -> Any:
     if not text.strip():
         _die(f"--input {source} is empty; it must hold the new input as JSON or YAML", 2)
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        _die(f"--input {source} is neither valid JSON nor valid YAML: {exc}", 2)
+        return cliformat.parse_document(text, source, "--input")
+    except cliformat.DocumentError as exc:
+        _die(str(exc), 2)
 
 
 @app.command()
@@ -530,7 +537,7 @@ def abort(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Give up on an escalated task: it ends dead with the reason (a copy is parked on {ns}.dead), the
+    """Give up on an escalated task: it ends dead with the reason (a copy is parked on NAMESPACE.dead), the
     tasks depending on it end upstream_failed, and the workflow ends failed when nothing else remains.
 
     Exits 4 when the task is not escalated, 5 when there is no such workflow or task.
@@ -569,36 +576,10 @@ def agents(json_out: JsonOpt = False) -> None:
     if json_out:
         console.print_json(data=found)
         return
-    table = Table(
-        "agent id", "state", "capabilities (score)", "in flight", "processed", "failed", "last seen"
-    )
-    now = time.time()
-    for a in found:
-        state = a.get("state", "?")
-        if state == "unhealthy":
-            state = f"[red]unhealthy[/]: {escape(a.get('reason', ''))}"
-        elif a.get("health") == "draining":
-            state = f"{state} (draining)"
-        table.add_row(
-            a["agent_id"],
-            state,
-            ", ".join(_capability_cell(a, c) for c in a["capabilities"]),
-            f"{a['in_flight']}/{a['concurrency']}",
-            str(a["processed"]),
-            str(a["failed"]),
-            f"{now - a['last_seen']:.0f}s ago",
-        )
+    table, notes = cliformat.agents_table(found, time.time())
     console.print(table)
-
-
-def _capability_cell(agent: dict[str, Any], capability: str) -> str:
-    """``cap (score)``, with the breaker when it is not closed."""
-    consumer = (agent.get("consumers") or {}).get(capability) or {}
-    notes = [] if consumer.get("score") is None else [str(consumer["score"])]
-    breaker = (agent.get("breakers") or {}).get(capability, "closed")
-    if breaker != "closed":
-        notes.append(f"breaker {breaker}")
-    return f"{capability} ({', '.join(notes)})" if notes else capability
+    for note in notes:
+        console.print(f"* {note}", highlight=False, soft_wrap=True, markup=False)
 
 
 # -- demo -----------------------------------------------------------------------------------------
@@ -750,6 +731,23 @@ async def _parked(
         yield [(_parked_view(i, d), d) for i, d in enumerate(deliveries)]
 
 
+PARKED_ID_HELP = (
+    "The id shown by `fabric dead list`, or a unique part of it: its beginning, TASK/ATTEMPT or TASK."
+)
+
+
+def _pick_parked(wanted: str, views: list[dict[str, Any]]) -> str | None:
+    """The one parked id ``wanted`` names (None: none does); several raise a ConfigError (exit 2)."""
+    ids = cliformat.pick_ids(wanted, views)
+    if len(ids) > 1:
+        raise ConfigError(
+            f"{wanted!r} names {len(ids)} parked messages; give one of: "
+            + ", ".join(ids[:20])
+            + (" ..." if len(ids) > 20 else "")
+        )
+    return ids[0] if ids else None
+
+
 @dead_app.command("list")
 def dead_list(limit: LimitOpt = 1000, json_out: JsonOpt = False) -> None:
     """List parked messages: why each was parked, its task, attempts and last error. Changes nothing."""
@@ -763,19 +761,12 @@ def dead_list(limit: LimitOpt = 1000, json_out: JsonOpt = False) -> None:
     if json_out:
         console.print_json(data=found)
         return
-    table = Table("id", "reason", "task", "attempt", "age", "last error")
-    for row in found:
-        task = f"{row['workflow_id']}/{row['task_id']}" if row["task_id"] else row["capability"]
-        age = "-" if row["age_s"] is None else f"{row['age_s']:.0f}s"
-        table.add_row(
-            row["id"], row["reason"], task, str(row["attempt"] or "-"), age, row["last_error"][:120]
-        )
-    console.print(table)
+    console.print(cliformat.dead_table(found, console.width))
     console.print(f"{len(found)} parked message(s) in namespace {settings.namespace!r}")
 
 
 @dead_app.command("show")
-def dead_show(message_id: Annotated[str, typer.Argument(help="The id shown by `fabric dead list`.")]) -> None:
+def dead_show(message_id: Annotated[str, typer.Argument(help=PARKED_ID_HELP)]) -> None:
     """Show one parked message: every header and its decoded body."""
     from fabric.protocol import codec
 
@@ -783,8 +774,9 @@ def dead_show(message_id: Annotated[str, typer.Argument(help="The id shown by `f
 
     async def main() -> dict[str, Any] | None:
         async with _parked(settings) as parked:
+            wanted = _pick_parked(message_id, [view for view, _ in parked])
             for view, delivery in parked:
-                if view["id"] == message_id:
+                if view["id"] == wanted:
                     try:
                         body: Any = codec.decode(delivery.body, delivery.content_type)
                     except FabricError:
@@ -800,7 +792,7 @@ def dead_show(message_id: Annotated[str, typer.Argument(help="The id shown by `f
 
 @dead_app.command("replay")
 def dead_replay(
-    message_id: Annotated[str | None, typer.Argument(help="The id shown by `fabric dead list`.")] = None,
+    message_id: Annotated[str | None, typer.Argument(help=PARKED_ID_HELP)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Replay every parked task.")] = False,
     capability: Annotated[str | None, typer.Option(help="With --all: only this capability's tasks.")] = None,
 ) -> None:
@@ -813,8 +805,9 @@ def dead_replay(
     async def main() -> tuple[int, list[str]]:
         replayed, skipped = 0, []
         async with FabricClient(settings) as client, _parked(settings) as parked:
+            wanted = None if message_id is None else _pick_parked(message_id, [v for v, _ in parked])
             for view, delivery in parked:
-                if message_id is not None and view["id"] != message_id:
+                if wanted is not None and view["id"] != wanted:
                     continue
                 if capability is not None and view["capability"] != capability:
                     continue

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -36,6 +38,11 @@ log = logging.getLogger("fabric.transport")
 DEFAULT_EXCHANGE = ""
 #: Longest wait for the broker to answer a consumer cancel or a channel close.
 _CANCEL_TIMEOUT_S = 5.0
+#: A server that does not send the AMQP greeting (``Connection.Start``) within this long after the
+#: protocol header is not an AMQP broker: connecting fails then, instead of after the whole connect timeout.
+GREETING_TIMEOUT_S = 3.0
+#: A connect still not done after this long has the greeting checked on a connection of its own.
+_PROBE_AFTER_S = 0.5
 
 #: ``basic_publish(wait=False)``: return once the frames are queued for the socket instead of after an
 #: extra event loop round trip for the write (aiormq versions without the argument always wait).
@@ -340,19 +347,19 @@ class AmqpConnection:
         """
         if self._connection is not None:
             raise NotConnectedError("this AmqpConnection is already connected; create a new one")
+        token = _first_connect.set(True)
         try:
-            self._connection = await aio_pika.connect_robust(
-                self._url,
-                timeout=timeout_s,
-                client_properties={"connection_name": self._name},
-                connection_class=_RobustConnection,
-            )
+            self._connection = await _connect_or_explain(self._url, self._name, timeout_s)
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             self._unconfirmed_channel = await self._connection.channel(publisher_confirms=False)
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
-            raise TransportError(f"cannot connect to the broker at {_safe_url(self._url)}: {exc}") from exc
+            raise TransportError(
+                f"cannot connect to the broker at {_safe_url(self._url)}: {_connect_failure(exc, self._url)}"
+            ) from exc
+        finally:
+            _first_connect.reset(token)
         self._connection.close_callbacks.add(self._lost)
         self._connection.reconnect_callbacks.add(self._restored)
 
@@ -978,6 +985,85 @@ def _broker_reason(exc: BaseException) -> str:
     """The broker's words from a channel error (``PRECONDITION_FAILED - queue 'x' ... not empty``)."""
     reply = exc.args[0] if exc.args else None
     return str(getattr(reply, "reply_text", None) or exc)
+
+
+#: True while :meth:`AmqpConnection.connect` makes its first connection: its failure is raised as a
+#: TransportError, so aiormq's own log line about it would only say the same thing twice.
+_first_connect: contextvars.ContextVar[bool] = contextvars.ContextVar("fabric_first_connect", default=False)
+
+
+class _QuietFirstConnect(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _first_connect.get()
+
+
+logging.getLogger("aiormq.connection").addFilter(_QuietFirstConnect())
+
+
+async def _connect_or_explain(url: str, name: str, timeout_s: float) -> AbstractRobustConnection:
+    """``aio_pika.connect_robust``; when it is not done after ``_PROBE_AFTER_S``, the server is asked for
+    its greeting on a connection of its own, and one that gives none within :data:`GREETING_TIMEOUT_S`
+    fails the connect (a web server or Redis on the port would otherwise fail it after ``timeout_s``,
+    with an empty reason)."""
+    connection = _RobustConnection(
+        aio_pika.connection.make_url(url), client_properties={"connection_name": name}
+    )
+    connecting = asyncio.ensure_future(connection.connect(timeout=timeout_s))
+    try:
+        done, _ = await asyncio.wait({connecting}, timeout=min(_PROBE_AFTER_S, timeout_s))
+        if not done and urlsplit(url).scheme.lower() == "amqp" and await _greets_as_amqp(url) is False:
+            raise TimeoutError(
+                f"no AMQP greeting within {GREETING_TIMEOUT_S:g}s: this is not an AMQP server "
+                "(check the host and port of FABRIC_AMQP_URL; RabbitMQ listens on 5672)"
+            )
+        await connecting
+        return connection
+    except BaseException:
+        # A robust connection that never opened would keep trying in the background: stop it.
+        connecting.cancel()
+        with contextlib.suppress(Exception):
+            await connection.close()
+        with contextlib.suppress(BaseException):
+            await connecting
+        raise
+
+
+async def _greets_as_amqp(url: str) -> bool | None:
+    """Whether the server at ``url`` answers the AMQP protocol header with a method frame within
+    :data:`GREETING_TIMEOUT_S`; None when it cannot be reached (the connect reports that)."""
+    parts = urlsplit(url)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname or "localhost", parts.port or 5672), GREETING_TIMEOUT_S
+        )
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"AMQP\x00\x00\x09\x01")
+        first = await asyncio.wait_for(reader.read(1), GREETING_TIMEOUT_S)
+        # An AMQP broker answers with Connection.Start: a method frame (type 1) on channel 0.
+        return first == b"\x01"
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def _connect_failure(exc: BaseException, url: str) -> str:
+    """What went wrong connecting, in words: aiormq says ``Expected one of ['Connection.OpenOk'], got
+    <Connection.Close ...>`` when the broker refuses the virtual host."""
+    text = str(exc)
+    if isinstance(exc, aiormq.exceptions.AMQPError) and "Connection.OpenOk" in text and "Close" in text:
+        parts = urlsplit(url)
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        user = unquote(parts.username or "guest")
+        return (
+            f"the broker refused virtual host {vhost!r} for user {user!r} (the vhost does not exist, or the "
+            "user has no permission on it; the vhost is the path of FABRIC_AMQP_URL)"
+        )
+    return text or type(exc).__name__
 
 
 def _safe_url(url: str) -> str:

@@ -73,7 +73,7 @@ async def test_resume_with_a_new_input_completes_the_workflow(fleet: Fleet, tmp_
     broken.write_text('{"approved": tru')
     malformed = await cli(fleet, "resume", "cli-esc-1", "--task", "review", "--input", str(broken))
     assert malformed.returncode == 2
-    assert "neither valid JSON nor valid YAML" in malformed.stderr
+    assert "broken.json is not valid JSON: Expecting value at line 1 column 14" in malformed.stderr
     empty = tmp_path / "empty.yaml"
     empty.write_text("\n")
     assert (await cli(fleet, "resume", "cli-esc-1", "--input", str(empty))).returncode == 2
