@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import inspect
 import logging
 import time
@@ -343,11 +342,11 @@ class AmqpConnection:
         """Open the connection and the publish channel.
 
         Raises:
-            TransportError: the broker cannot be reached or refused the login.
+            TransportError: the broker cannot be reached, refused the login or the virtual host, or the
+                server at the URL is no AMQP broker (no greeting within :data:`GREETING_TIMEOUT_S`).
         """
         if self._connection is not None:
             raise NotConnectedError("this AmqpConnection is already connected; create a new one")
-        token = _first_connect.set(True)
         try:
             self._connection = await _connect_or_explain(self._url, self._name, timeout_s)
             self._publish_channel = await self._connection.channel(
@@ -358,8 +357,6 @@ class AmqpConnection:
             raise TransportError(
                 f"cannot connect to the broker at {_safe_url(self._url)}: {_connect_failure(exc, self._url)}"
             ) from exc
-        finally:
-            _first_connect.reset(token)
         self._connection.close_callbacks.add(self._lost)
         self._connection.reconnect_callbacks.add(self._restored)
 
@@ -987,17 +984,15 @@ def _broker_reason(exc: BaseException) -> str:
     return str(getattr(reply, "reply_text", None) or exc)
 
 
-#: True while :meth:`AmqpConnection.connect` makes its first connection: its failure is raised as a
-#: TransportError, so aiormq's own log line about it would only say the same thing twice.
-_first_connect: contextvars.ContextVar[bool] = contextvars.ContextVar("fabric_first_connect", default=False)
+class _NoTransportErrorLine(logging.Filter):
+    """Drops aiormq's "error when creating transport" line: aiormq raises that error right after logging
+    it, and fabric reports it once (a TransportError on connect; aio-pika's warning on a reconnect)."""
 
-
-class _QuietFirstConnect(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not _first_connect.get()
+        return not str(record.msg).startswith("error when creating transport")
 
 
-logging.getLogger("aiormq.connection").addFilter(_QuietFirstConnect())
+logging.getLogger("aiormq.connection").addFilter(_NoTransportErrorLine())
 
 
 async def _connect_or_explain(url: str, name: str, timeout_s: float) -> AbstractRobustConnection:
