@@ -3,7 +3,8 @@
 ``closed`` (tasks flow) → ``open`` after ``failure_threshold`` failures in a row: the worker stops
 consuming the capability, so other agents take the work → ``half_open`` once ``cooldown_s`` has
 passed: exactly one probe task is let through → ``closed`` if it succeeds, ``open`` again (a new
-cool-down) if it fails.
+cool-down) if it fails. A probe that ends without an outcome (handed back unstarted, malformed,
+cancelled, aborted) is released, so the next task may probe: half-open never waits on nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ class CircuitBreaker:
         if self.state is not BreakerState.HALF_OPEN or self._probing:
             return False
         self._probing = True
+        return True
+
+    def release_probe(self) -> bool:
+        """The probe claimed with :meth:`try_probe` ended without a recorded outcome: let another probe.
+
+        A no-op unless a probe is claimed and the breaker is still half-open (a recorded outcome
+        already closed or reopened it). Returns True when a claim was released.
+
+        Example:
+            >>> if breaker.try_probe():
+            ...     try:
+            ...         await run(task)  # may hand the task back without an outcome
+            ...     finally:
+            ...         breaker.release_probe()
+        """
+        if self.state is not BreakerState.HALF_OPEN or not self._probing:
+            return False
+        self._probing = False
         return True
 
     def record(self, success: bool) -> BreakerState:

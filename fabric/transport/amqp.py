@@ -193,8 +193,8 @@ class Consumer:
             return
         try:
             await self._subscribe()
-        except aiormq.exceptions.AMQPError as exc:
-            raise TransportError(f"cannot consume {self.queue_name} again: {exc}") from exc
+        except (aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
+            raise TransportError(f"cannot consume {self.queue_name} again: {exc!r}") from exc
         self.active = True
 
     async def set_priority(self, priority: int) -> None:
@@ -239,11 +239,18 @@ class Consumer:
             await self._resume()
 
     async def get_one(self) -> Delivery | None:
-        """Take one message with basic.get on this consumer's channel (a circuit breaker's probe)."""
+        """Take one message with basic.get on this consumer's channel (a circuit breaker's probe).
+
+        Raises:
+            TransportError: the broker refused, did not answer, or the channel is closed (reconnecting:
+                try again later).
+        """
         try:
             message = await self._queue.get(no_ack=False, fail=False)
-        except aiormq.exceptions.AMQPError as exc:
-            raise TransportError(f"cannot get from {self.queue_name}: {exc}") from exc
+        except (aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
+            # A closed channel (the connection is being restored) raises ChannelInvalidStateError, a
+            # RuntimeError that is no AMQPError.
+            raise TransportError(f"cannot get from {self.queue_name}: {exc!r}") from exc
         return None if message is None else Delivery(message)
 
     @property

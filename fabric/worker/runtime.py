@@ -330,22 +330,26 @@ class Worker:
     # -- circuit breakers -------------------------------------------------------------------------
 
     def _count_for_breaker(self, capability: str, outcome: _Outcome) -> None:
-        """Feed an attempt's outcome to its capability's breaker; open it, or close it, as it says."""
+        """Feed an attempt's outcome to its capability's breaker; when it opens, stop consuming."""
         if not _counts_for_health(outcome):
             return  # the input's fault or an operator's decision, not this agent's health
         breaker = self._breakers[capability]
         before = breaker.state
         after = breaker.record(outcome.status is EventStatus.SUCCEEDED)
-        if after is BreakerState.OPEN and before is not BreakerState.OPEN:
+        if after is BreakerState.OPEN and before is BreakerState.CLOSED:
             log.warning(
                 "circuit breaker of %s opened after failures; not taking its tasks for %.0fs",
                 capability,
                 breaker.cooldown_s,
             )
-            self._background_breaker(capability, self._open_breaker(capability))
+        elif after is BreakerState.OPEN and before is BreakerState.HALF_OPEN:
+            log.warning(
+                "the probe of %s failed: circuit breaker open again for %.0fs", capability, breaker.cooldown_s
+            )
         elif after is BreakerState.CLOSED and before is BreakerState.HALF_OPEN:
             log.info("circuit breaker of %s closed: the probe succeeded", capability)
-            self._background_breaker(capability, self._resume(capability))
+        if after is BreakerState.OPEN:
+            self._keep_breaker(capability)
 
     def _count_for_score(self, capability: str, outcome: _Outcome, duration_s: float) -> None:
         """Feed an attempt's outcome and duration to the capability's recent record (the score)."""
@@ -355,36 +359,67 @@ class Worker:
             time.time(), ok=outcome.status is EventStatus.SUCCEEDED, duration_s=duration_s
         )
 
-    def _background_breaker(self, capability: str, work: Any) -> None:
-        task = asyncio.create_task(work, name=f"fabric-breaker-{capability}")
-        self._probes[capability] = task
+    def _keep_breaker(self, capability: str) -> None:
+        """Start the capability's breaker loop, unless it runs already (it runs until the breaker closes)."""
+        running = self._probes.get(capability)
+        if running is None or running.done():
+            self._probes[capability] = asyncio.create_task(
+                self._breaker_loop(capability), name=f"fabric-breaker-{capability}"
+            )
 
     async def _resume(self, capability: str) -> None:
         await self._consumer_of[capability].resume()
         self._subscribed_at[capability] = time.time()
 
-    async def _open_breaker(self, capability: str) -> None:
-        """Stop consuming the capability, then after the cool-down run exactly one probe task."""
+    async def _breaker_loop(self, capability: str) -> None:
+        """While the breaker is not closed: not consuming the capability; after each cool-down, fetch
+        one task (basic.get) and run it as the probe. Ends when the breaker closes (consuming again)
+        or the worker drains.
+
+        A probe that ends without an outcome (handed back because it avoids this agent, malformed,
+        cancelled, aborted, a copy of an attempt held here) releases its claim, so the next task
+        probes: a half-open breaker never waits on nothing.
+        """
         consumer = self._consumer_of[capability]
         breaker = self._breakers[capability]
+        handler = self.agent.handlers[capability]
         await consumer.cancel()
         while not self._draining:
-            await asyncio.sleep(max(0.05, breaker.seconds_until_probe()))
-            if breaker.state is not BreakerState.HALF_OPEN:
+            state = breaker.state
+            if state is BreakerState.OPEN:
+                await asyncio.sleep(max(_PROBE_POLL_S / 5, breaker.seconds_until_probe()))
                 continue
             try:
+                if state is BreakerState.CLOSED:
+                    await self._resume(capability)
+                    if breaker.state is BreakerState.CLOSED:
+                        return
+                    await consumer.cancel()  # opened again while subscribing (tasks in flight failed)
+                    continue
                 probe = await consumer.get_one()
             except TransportError as exc:
-                log.warning("breaker probe of %s could not fetch a task: %s", capability, exc)
+                log.warning("circuit breaker of %s: %s; trying again", capability, exc)
+                await asyncio.sleep(NACK_PAUSE_S)
                 continue
             if probe is None:
-                continue  # nothing queued: stay half-open and look again shortly
-            if breaker.try_probe():
-                log.info("circuit breaker of %s half-open: running one probe task", capability)
-                # The probe's outcome closes the breaker (and resumes consuming) or opens it again.
-                await self._on_task(self.agent.handlers[capability], probe)
-                return
-            await probe.nack(requeue=True)
+                await asyncio.sleep(_PROBE_POLL_S)  # nothing queued: stay half-open, look again
+                continue
+            if not breaker.try_probe():
+                # A task taken before the breaker opened ended meanwhile and closed (or reopened) it:
+                # this one is no probe. Back it goes, fresh (a nack would make it a lost attempt).
+                await self._return_unstarted(probe)
+                continue
+            log.info("circuit breaker of %s half-open: running one probe task", capability)
+            try:
+                # The probe's outcome closes the breaker or opens it again (_count_for_breaker).
+                await self._on_task(handler, probe)
+            finally:
+                if breaker.release_probe():
+                    log.debug(
+                        "the probe of %s ended without an outcome (handed back, malformed, cancelled "
+                        "or aborted): the next task probes",
+                        capability,
+                    )
 
     def render_metrics(self) -> str:
         """The Prometheus text exposition served at ``/metrics``."""
@@ -1515,6 +1550,8 @@ class _Outcome:
 
 #: Weight of the newest load sample in the smoothed load (an exponential moving average).
 _LOAD_SMOOTHING = 0.3
+#: Seconds between looks at an empty queue while a circuit breaker is half-open (basic.get polls).
+_PROBE_POLL_S = 0.25
 #: Hand-overs of a task this agent must avoid before it is parked as ``no_other_agent``.
 MAX_BOUNCES = 20
 #: Error types that say nothing about the agent's health (its input's fault, or a decision).

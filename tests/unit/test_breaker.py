@@ -63,3 +63,59 @@ def test_outcomes_while_open_are_ignored() -> None:
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="failure_threshold"):
         CircuitBreaker(failure_threshold=0)
+
+
+# Each case: breaker(failure_threshold=1, cooldown_s=5), opened by one failure at t=0; then steps run at
+# t=5 (half-open). A step is "probe" (try_probe), "ok"/"fail" (record), "release" (release_probe).
+RELEASE_CASES = [
+    pytest.param(
+        ["probe", "release"], [True, True], BreakerState.HALF_OPEN, True, id="probe-without-outcome"
+    ),
+    pytest.param(["release"], [False], BreakerState.HALF_OPEN, True, id="nothing-claimed"),
+    pytest.param(["probe", "ok", "release"], [True, None, False], BreakerState.CLOSED, False, id="probe-ok"),
+    pytest.param(
+        ["probe", "fail", "release"], [True, None, False], BreakerState.OPEN, False, id="probe-failed"
+    ),
+    pytest.param(
+        ["probe", "release", "release"], [True, True, False], BreakerState.HALF_OPEN, True, id="twice"
+    ),
+    pytest.param(
+        ["probe", "release", "probe", "fail"],
+        [True, True, True, None],
+        BreakerState.OPEN,
+        False,
+        id="next-probe-counts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("steps", "returns", "state", "may_probe"), RELEASE_CASES)
+def test_release_probe(
+    steps: list[str], returns: list[bool | None], state: BreakerState, may_probe: bool
+) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    breaker.record(False)
+    clock.now = 5
+    got: list[bool | None] = []
+    for step in steps:
+        if step == "probe":
+            got.append(breaker.try_probe())
+        elif step == "release":
+            got.append(breaker.release_probe())
+        else:
+            breaker.record(step == "ok")
+            got.append(None)
+    assert got == returns
+    assert breaker.state is state
+    assert breaker.try_probe() is may_probe
+
+
+@pytest.mark.parametrize("state", ["closed", "open"])
+def test_release_probe_is_a_no_op_unless_half_open(state: str) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    if state == "open":
+        breaker.record(False)
+    assert breaker.release_probe() is False
+    assert breaker.state == state
