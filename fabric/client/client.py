@@ -388,7 +388,7 @@ class FabricClient:
         """Why each unfinished task (or ``task_id``) is not running yet, or where it runs.
 
         Each answer has ``task_id``, ``status``, ``reason`` (``waiting_on``, ``queued``, ``no_agent``,
-        ``running_on``, ``backoff_until``, ...) and a human ``detail``.
+        ``circuit_open``, ``running_on``, ``backoff_until``, ...) and a human ``detail``.
 
         Raises:
             WorkflowNotFound: no such workflow.

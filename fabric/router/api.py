@@ -172,8 +172,16 @@ class WhyAnswer(BaseModel):
     )
     detail: str
     waiting_on: list[str] | None = Field(default=None, description="waiting_on: unfinished dependencies")
-    queue_depth: int | None = Field(default=None, description="queued: tasks in the capability's queue")
+    queue_depth: int | None = Field(
+        default=None, description="queued, no_agent, circuit_open: tasks in the capability's queue"
+    )
     agents: list[str] | None = Field(default=None, description="queued, circuit_open: the live agents")
+    breakers: dict[str, str] | None = Field(
+        default=None, description="circuit_open: each live agent's breaker state (open, half_open)"
+    )
+    unhealthy_agents: list[str] | None = Field(
+        default=None, description="queued: live agents the stall watchdog found not consuming"
+    )
     agent: str | None = Field(default=None, description="running_on, escalated: the agent")
     since: float | None = Field(default=None, description="running_on, escalated: since when")
     until: float | None = Field(default=None, description="backoff_until: when the next attempt is due")

@@ -63,7 +63,7 @@ from fabric.protocol.messages import (
     TaskStatus,
     WorkflowStatus,
 )
-from fabric.router import watchdog
+from fabric.router import watchdog, why
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.api import ApiServer, build_app
 from fabric.router.dashboard import mount_dashboard
@@ -1911,19 +1911,10 @@ class Router:
             selected = [tasks[task_id]]
         else:
             selected = [t for t in tasks.values() if not t.status.terminal]
-        alive: dict[str, list[str]] = {}
-        tripped: dict[str, list[str]] = {}  # capability -> live agents whose breaker for it is not closed
-        stalled: dict[str, list[str]] = {}  # capability -> live agents the stall watchdog marked on it
         now = time.time()
-        for agent in await self._store.list_agents():
-            if watchdog.is_live(agent, now):  # alive, or alive but unhealthy
-                for capability in agent.capabilities:
-                    alive.setdefault(capability, []).append(agent.agent_id)
-                    if agent.breakers.get(capability, "closed") != "closed":
-                        tripped.setdefault(capability, []).append(agent.agent_id)
-                    if capability in agent.unhealthy:
-                        stalled.setdefault(capability, []).append(agent.agent_id)
-        depths: dict[str, Any] = {}
+        # Stopped and lost agents are left out; alive but unhealthy ones serve (the watchdog's mark is named).
+        who = why.serving(a for a in await self._store.list_agents() if watchdog.is_live(a, now))
+        depths: dict[str, int] = {}
         answers = []
         for task in selected:
             answer: dict[str, Any] = {
@@ -1938,42 +1929,14 @@ class Router:
                 answer.update(
                     reason="waiting_on", waiting_on=pending, detail=f"waiting on {', '.join(pending)}"
                 )
-            elif task.status is TaskStatus.QUEUED:
+            elif why.in_queue(task, now):
+                # Queued, or a retry whose attempt is due (back in the capability queue): who takes it?
                 if task.capability not in depths:
-                    depths[task.capability] = await self._amqp.queue_info(
-                        names.capability_queue(self.ns, task.capability)
-                    )
-                info = depths[task.capability]
-                depth = info.messages if info is not None else 0
-                if task.capability in alive and set(alive[task.capability]) <= set(
-                    tripped.get(task.capability, [])
-                ):
-                    answer.update(
-                        reason="circuit_open",
-                        agents=tripped[task.capability],
-                        detail=f"every live agent of {task.capability!r} has its circuit breaker open: "
-                        f"{', '.join(tripped[task.capability])} ({depth} task(s) wait)",
-                    )
-                elif task.capability not in alive:
-                    answer.update(
-                        reason="no_agent",
-                        detail=f"no live agent has capability {task.capability!r} "
-                        f"({depth} task(s) wait for one)",
-                    )
-                else:
-                    answer.update(
-                        reason="queued",
-                        queue_depth=depth,
-                        agents=alive[task.capability],
-                        detail=f"{depth} task(s) queued for {task.capability!r} "
-                        f"(priority {task.priority} here), {len(alive[task.capability])} live agent(s)",
-                    )
-                    if task.capability in stalled:
-                        answer["unhealthy_agents"] = stalled[task.capability]
-                        answer["detail"] += (
-                            f"; not consuming although work waits (unhealthy): "
-                            f"{', '.join(stalled[task.capability])}"
-                        )
+                    info = await self._amqp.queue_info(names.capability_queue(self.ns, task.capability))
+                    depths[task.capability] = info.messages if info is not None else 0
+                answer.update(
+                    why.why_queued(task, depth=depths[task.capability], who=who.get(task.capability))
+                )
             elif task.status is TaskStatus.RUNNING:
                 answer.update(
                     reason="running_on",
@@ -1987,7 +1950,7 @@ class Router:
                     reason="backoff_until",
                     until=task.retry_at,
                     detail=f"attempt {task.attempts} failed ({error.get('type')}: {error.get('message')}); "
-                    f"next attempt in {max(0.0, (task.retry_at or 0) - time.time()):.0f}s",
+                    f"next attempt in {max(0.0, (task.retry_at or 0) - now):.0f}s",
                 )
             elif task.status is TaskStatus.ESCALATED:
                 escalation = task.escalation or {}

@@ -195,3 +195,26 @@ async def test_a_probe_that_ends_without_an_outcome_lets_the_next_task_probe(
         await eventually(lambda: worker._consumer_of["t.probe"].healthy, what="consuming t.probe again")
         expected = ["fail", "abort", "good"] if kind == "aborted" else ["fail", "good"]
         assert runs == expected, "the probe that said nothing went first, the good task probed after it"
+
+
+async def test_why_says_circuit_open_for_a_retry_back_in_its_queue(
+    settings: FabricSettings, client: FabricClient, router: Router, extra_caps: list[str]
+) -> None:
+    # The first attempt fails and opens the breaker (one failure, a long cool-down); its retry comes back
+    # to the capability queue a second later, where no one takes it. `why` names the open breaker, not a
+    # backoff that ended long ago.
+    extra_caps.append("t.tripped")
+    long_open = _breaker_settings(settings, failures=1, cooldown_s=300.0)
+    async with Worker(_flaky("tripped", "t.tripped", [True]), long_open) as worker:
+        accepted = await client.submit({"tasks": [{"id": "t", "capability": "t.tripped", "max_attempts": 2}]})
+
+        async def circuit_open() -> dict[str, object] | None:
+            (answer,) = await client.why(accepted.workflow_id)
+            return answer if answer["reason"] == "circuit_open" else None
+
+        answer = await eventually(circuit_open, what="why to name the open breaker")
+        assert answer["status"] == "retrying"
+        assert answer["breakers"] == {worker.agent_id: "open"}
+        assert answer["agents"] == [worker.agent_id]
+        assert "attempt 1 failed (ValueError: always fails)" in str(answer["detail"])
+        assert "next attempt in" not in str(answer["detail"])
