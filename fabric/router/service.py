@@ -340,6 +340,9 @@ class Router:
             await self._amqp.declare(spec.core(self.ns))
             await self._alerts.__aenter__()
             await self._load_stalls()
+            # The capabilities of stored workflows and agents seen: a queue a previous router filled and
+            # nobody serves any more is watched (stats, the no_agent alert) before anything is published.
+            self._capabilities.update((await self._store.known_capabilities())[:MAX_WATCHED_CAPABILITIES])
             await self._recover()
             prefetch = self.settings.router
             self._consumers = [

@@ -81,6 +81,17 @@ async def test_a_queue_no_agent_serves_is_in_stats_also_after_a_restart(
         queue = await eventually(lambda: unserved(again), what="t.unserved in /stats after a restart")
         assert (queue["consumers"], queue["agents"]) == (0, 0)
 
+        # ... and its no_agent alert fires again, though this router has published nothing to it.
+        async def alert() -> list[Any] | None:
+            found = [
+                a
+                for a in (await get(again, "/alerts"))["items"]
+                if a["key"] == "capability.no_agent:t.unserved"
+            ]
+            return found or None
+
+        await eventually(alert, what="capability.no_agent:t.unserved after a restart")
+
 
 async def test_served_queues_count_their_agents(router: Router, start_worker: StartWorker) -> None:
     await start_worker(demo)
