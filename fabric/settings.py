@@ -272,8 +272,13 @@ class AlertSettings(_Section):
     queue_size: int = Field(default=1000, ge=1, le=1_000_000)
 
 
+#: A worker's health port when ``FABRIC_HTTP__PORT`` is not set: not the router's 8080, so a worker started
+#: before the router (or left running while it restarts) never takes the router's API and dashboard port.
+WORKER_HTTP_PORT = 8081
+
+
 class HttpSettings(_Section):
-    #: Port of the HTTP API (router) and health endpoints.
+    #: Port of the HTTP API (router) and health endpoints. Unset, a worker uses 8081 (then any free port).
     port: int = Field(default=8080, ge=0, le=65535)
     host: str = "127.0.0.1"
     #: Base URL of the Jaeger UI: the dashboard links each workflow to ``<jaeger_url>/trace/<trace id>``.
@@ -281,6 +286,11 @@ class HttpSettings(_Section):
     jaeger_url: str = Field(default="http://localhost:16686", pattern=r"^(https?://\S+)?$")
     #: How often the dashboard's live stream (``/api/v1/stream``) pushes a snapshot.
     stream_interval_s: float = Field(default=1.0, ge=0.1, le=60.0)
+
+    @property
+    def worker_port(self) -> int:
+        """The port a worker's health endpoints try first: ``port`` when it was set, else 8081."""
+        return self.port if "port" in self.model_fields_set else WORKER_HTTP_PORT
 
 
 class FabricSettings(BaseSettings):

@@ -213,7 +213,7 @@ class Worker:
             # Many workers may share a host: a taken port falls back to a free one (logged).
             self._health = await serve_health(
                 http.host,
-                http.port,
+                http.worker_port,
                 checks={"broker": self._check_broker, "consumers": self._check_consumers},
                 metrics=self.render_metrics,
                 fallback=True,

@@ -153,3 +153,17 @@ async def test_router_start_line_names_the_dashboard(fleet: Fleet, settings: Fab
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert settings.namespace in page.text
+
+
+async def test_a_worker_with_the_default_port_leaves_the_routers_port_free(fleet: Fleet) -> None:
+    # "Router in one terminal, worker in another": started first, or left running while the router
+    # restarts, a worker with no FABRIC_HTTP__PORT must not take the router's default 8080.
+    env = {k: v for k, v in fleet.env.items() if k != "FABRIC_HTTP__PORT"}
+    worker = Proc("worker", ["worker", "workers.demo:agent"], env, fleet.logs)
+    fleet.procs.append(worker)
+    found = await eventually(
+        lambda: re.search(r"health endpoints on http://127\.0\.0\.1:(\d+)/healthz", worker.log()),
+        timeout=30,
+        what="the worker's health line",
+    )
+    assert int(found.group(1)) != 8080, worker.log()

@@ -284,3 +284,22 @@ def test_amqp_urls_are_accepted(env: pytest.MonkeyPatch, url: str) -> None:
     env.setenv("FABRIC_AMQP_URL", url)
 
     assert load_settings().amqp_url.get_secret_value() == url
+
+
+@pytest.mark.parametrize(
+    ("variables", "router_port", "worker_port"),
+    [
+        ({}, 8080, 8081),
+        ({"FABRIC_HTTP__HOST": "0.0.0.0"}, 8080, 8081),
+        ({"FABRIC_HTTP__PORT": "8080"}, 8080, 8080),
+        ({"FABRIC_HTTP__PORT": "9000"}, 9000, 9000),
+        ({"FABRIC_HTTP__PORT": "0"}, 0, 0),
+    ],
+)
+def test_a_worker_keeps_off_the_routers_default_port(
+    env: pytest.MonkeyPatch, variables: dict[str, str], router_port: int, worker_port: int
+) -> None:
+    for name, value in variables.items():
+        env.setenv(name, value)
+    http = load_settings().http
+    assert (http.port, http.worker_port) == (router_port, worker_port)
