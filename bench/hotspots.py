@@ -90,7 +90,7 @@ class Hotspots:
         fabric = [
             (n, c)
             for n, c in self.inclusive
-            if ("fabric/" in n or "workers/" in n) and "fabric/cli.py" not in n
+            if ("fabric/" in n or "workers/" in n) and "fabric/cli/" not in n
         ]
         lines += [f"    {100 * c / self.samples:5.1f}%  {name}" for name, c in fabric[:top]]
         return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from fabric import cliformat
+from fabric.cli import format as cliformat
 
 WF = "wf-0123456789abcdef0123456789abcdef"
 VIEWS = [

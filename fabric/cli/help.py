@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.models import CommandFunctionType
 
-from fabric.cliformat import join_paragraphs
+from fabric.cli.format import join_paragraphs
 
 
 class _Argument(TyperArgument):

@@ -1,6 +1,6 @@
 """Pure helpers of the ``fabric`` command line: reading documents, picking parked messages by a part of
 their id, naming what an agent module holds, and the tables the commands print. No I/O here: the
-commands in :mod:`fabric.cli` read, call these and print.
+commands of :mod:`fabric.cli` read, call these and print.
 """
 
 from __future__ import annotations
@@ -68,13 +68,18 @@ def import_failure(module_name: str, exc: BaseException) -> str:
 
 
 def _frames(exc: BaseException) -> Iterable[tuple[str, int]]:
-    """(file, line) of each traceback frame outside the import machinery."""
+    """(file, line) of each traceback frame outside the import machinery and the command line."""
     tb = exc.__traceback__
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
-        if not filename.startswith("<frozen") and Path(filename).name not in ("cli.py", "__init__.py"):
+        path = Path(filename)
+        if not filename.startswith("<frozen") and path.name != "__init__.py" and path.parent != _CLI_DIR:
             yield filename, tb.tb_lineno
         tb = tb.tb_next
+
+
+#: The command line's own files: their frames are not where an agent module failed.
+_CLI_DIR = Path(__file__).parent
 
 
 #: Stands for an attribute the module does not have, in :func:`missing_agent`.

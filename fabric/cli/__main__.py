@@ -1,0 +1,5 @@
+"""``python -m fabric.cli``: the ``fabric`` command line."""
+
+from fabric.cli import main
+
+main()
