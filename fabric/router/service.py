@@ -1666,7 +1666,7 @@ class Router:
             task.history.append(
                 {
                     "attempt": task.attempts,
-                    "agent": "operator",
+                    "agent": _OPERATOR,
                     "error": {"type": "Replayed", "message": f"replayed after {task.attempts} attempt(s)"},
                     "at": now,
                 }
@@ -1757,7 +1757,7 @@ class Router:
             now = time.time()
             entry: dict[str, Any] = {
                 "attempt": task.attempts,
-                "agent": "operator",
+                "agent": _OPERATOR,
                 "error": {
                     "type": "Resumed",
                     "message": f"resumed by an operator after {task.attempts} attempt(s)"
@@ -1815,7 +1815,7 @@ class Router:
             await self._finish(work, task, event, TaskStatus.DEAD)
             task.escalation = None
             task.history.append(
-                {"attempt": task.attempts, "agent": "operator", "error": error.model_dump(), "at": now}
+                {"attempt": task.attempts, "agent": _OPERATOR, "error": error.model_dump(), "at": now}
             )
             await self._commit(work)
             current = await work.get_workflow()
@@ -2339,6 +2339,8 @@ class Router:
 
 #: Failed attempts remembered per task (the first ones and the latest ones are kept).
 _MAX_HISTORY = 20
+#: The agent of the history entries an operator's replay, resume or abort adds.
+_OPERATOR = "operator"
 
 
 def _stall_key(agent_id: str, capability: str) -> str:
@@ -2346,20 +2348,53 @@ def _stall_key(agent_id: str, capability: str) -> str:
     return f"agent.stalled:{agent_id}/{capability}"
 
 
+def _epoch_start(history: list[dict[str, Any]]) -> int:
+    """The index of the first entry after the last operator entry (0 when there is none)."""
+    for index in range(len(history) - 1, -1, -1):
+        if history[index].get("agent") == _OPERATOR:
+            return index + 1
+    return 0
+
+
+def attempt_epoch(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of ``history`` since an operator last acted on the task (a replay, a resume or an
+    abort): a replayed or resumed task counts its attempts from 1 again, so only these entries speak of
+    the attempts it runs now.
+
+    Example:
+        >>> attempt_epoch([{"attempt": 1, "agent": "w1"}, {"attempt": 1, "agent": "operator"}])
+        []
+    """
+    return history[_epoch_start(history) :]
+
+
+def trim_history(history: list[dict[str, Any]]) -> None:
+    """Keep ``history`` within ``_MAX_HISTORY`` entries: drop one from the middle (the first entries say
+    how it began, the last how it goes), never the operator entry the current epoch counts from.
+
+    Example:
+        >>> history = [{"attempt": 1, "agent": "w"}] * _MAX_HISTORY + [{"attempt": 1, "agent": "operator"}]
+        >>> trim_history(history)
+        >>> len(history), history[-1]["agent"]
+        (20, 'operator')
+    """
+    if len(history) <= _MAX_HISTORY:
+        return
+    middle = _MAX_HISTORY // 2
+    if _epoch_start(history) == middle + 1:
+        middle += 1  # the middle entry starts the current epoch: the one after it goes
+    del history[middle]
+
+
 def _remember_failure(task: TaskRecord, event: TaskEvent) -> None:
-    """Add a failed attempt to the task's history, once per attempt since the last operator action
-    (a replay or resume starts counting attempts from 1 again), bounded."""
-    for entry in reversed(task.history):
-        if entry.get("agent") == "operator":
-            break
-        if entry.get("attempt") == event.attempt:
-            return
+    """Add a failed attempt to the task's history, once per attempt of the current epoch, bounded."""
+    if any(entry.get("attempt") == event.attempt for entry in attempt_epoch(task.history)):
+        return
     assert event.error is not None
     task.history.append(
         {"attempt": event.attempt, "agent": event.agent_id, "error": event.error.model_dump(), "at": event.at}
     )
-    if len(task.history) > _MAX_HISTORY:
-        del task.history[_MAX_HISTORY // 2]
+    trim_history(task.history)
 
 
 #: Committed task counters that are the outcome of an attempt (for the error-rate rule).
@@ -2379,8 +2414,8 @@ def _task_param(request: Mapping[str, Any]) -> str:
 
 
 def _mark_lapsed(task: TaskRecord, attempt: int) -> None:
-    """Mark ``attempt`` in the history as given up by the router (its lease lapsed)."""
-    for entry in task.history:
+    """Mark ``attempt`` of the current epoch as given up by the router (its lease lapsed)."""
+    for entry in attempt_epoch(task.history):
         if entry.get("attempt") == attempt:
             entry["lapsed"] = True
 
@@ -2393,20 +2428,14 @@ def _record_start(work: _Work, task: TaskRecord, at: float) -> None:
 
 
 def _lapsed_attempts(task: TaskRecord) -> set[int]:
-    """Attempts the router gave up since the task was last replayed (a replay counts from 1 again)."""
-    lapsed: set[int] = set()
-    for entry in task.history:
-        error = entry.get("error") or {}
-        if error.get("type") == "Replayed":
-            lapsed.clear()
-        elif entry.get("lapsed"):
-            lapsed.add(int(entry["attempt"]))
-    return lapsed
+    """Attempts of the current epoch the router gave up (a replay or resume counts from 1 again)."""
+    return {int(entry["attempt"]) for entry in attempt_epoch(task.history) if entry.get("lapsed")}
 
 
 def _remember_stale(task: TaskRecord, event: TaskEvent) -> None:
     """Record what a stale attempt reported, once per attempt and status, bounded like failures."""
-    if any(e.get("attempt") == event.attempt and e.get("late") == str(event.status) for e in task.history):
+    epoch = attempt_epoch(task.history)
+    if any(e.get("attempt") == event.attempt and e.get("late") == str(event.status) for e in epoch):
         return
     error = event.error.model_dump() if event.error is not None else None
     task.history.append(
@@ -2418,8 +2447,7 @@ def _remember_stale(task: TaskRecord, event: TaskEvent) -> None:
             "at": event.at,
         }
     )
-    if len(task.history) > _MAX_HISTORY:
-        del task.history[_MAX_HISTORY // 2]
+    trim_history(task.history)
 
 
 def is_stale(attempt: int, current: int, lapsed: set[int]) -> bool:

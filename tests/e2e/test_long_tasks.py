@@ -130,3 +130,49 @@ async def test_router_restarted_into_an_idle_fabric_still_lapses_the_lease(
 
     assert done.status == "succeeded"
     assert (done.tasks["long"].attempts, done.tasks["long"].agent) == (2, "rescuer")
+
+
+async def test_leased_task_escalated_when_its_worker_dies_runs_again_when_resumed(
+    fleet: Fleet, settings: FabricSettings
+) -> None:
+    """The lease of the last attempt lapses and the task escalates; resumed, it counts from attempt 1
+    again, and that attempt (same number as the one given up) is the task's, not a stale one."""
+    fleet.env.update(LEASES)
+    await fleet.router()
+    victim = await fleet.worker("victim", queue="demo.sleep")
+    async with FabricClient(settings, reply_timeout_s=60) as client:
+        task = {
+            "id": "long",
+            "capability": "demo.sleep",
+            "input": 30,
+            "max_attempts": 1,
+            "on_exhausted": "escalate",
+        }
+        await client.submit({"workflow_id": "wf-resume", "tasks": [task]})
+        await eventually(
+            lambda: leased_on(client, "wf-resume", "victim"), what="the long task leased on victim"
+        )
+        victim.kill()
+        victim.wait()
+
+        async def escalated() -> bool:
+            return bool((await client.status("wf-resume"))["tasks"]["long"]["status"] == "escalated")
+
+        await eventually(escalated, timeout=30, what="the task escalated by its lapsed lease")
+        await fleet.worker("rescuer", queue="demo.sleep")
+        await client.resume("wf-resume", "long", input=1)
+
+        async def finished() -> dict[str, Any] | None:
+            status = await client.status("wf-resume")
+            return dict(status) if status["status"] != "running" else None
+
+        status = await eventually(finished, timeout=30, what="the resumed task to finish")
+        done = await client.wait("wf-resume", timeout_s=10)
+
+    long = done.tasks["long"]
+    assert (done.status, long.status, long.result) == ("succeeded", "succeeded", 1)
+    assert (long.attempts, long.agent) == (1, "rescuer")
+    assert [(e["attempt"], e["error"]["type"]) for e in status["tasks"]["long"]["history"]] == [
+        (1, "WorkerLost"),
+        (1, "Resumed"),
+    ]

@@ -15,7 +15,15 @@ from fabric import Agent, Task, load_settings
 from fabric.errors import ConfigError
 from fabric.protocol.messages import EventStatus, TaskEvent, TaskStatus
 from fabric.router import service
-from fabric.router.service import Router, _lapsed_attempts, _Work, is_stale, lease_lapsed
+from fabric.router.service import (
+    Router,
+    _lapsed_attempts,
+    _Work,
+    attempt_epoch,
+    is_stale,
+    lease_lapsed,
+    trim_history,
+)
 from fabric.store import TaskRecord, WorkflowRecord
 from fabric.store.memory import MemoryStore
 from fabric.worker.runtime import Worker, _Running
@@ -62,6 +70,72 @@ def test_lapsed_attempts_count_from_the_last_replay() -> None:
     assert _lapsed_attempts(task) == set(), "after a replay, attempt 1 is a new attempt"
     task.history.append({"attempt": 1, "agent": "w3", "error": lost, "at": 3.0, "lapsed": True})
     assert _lapsed_attempts(task) == {1}
+
+
+_LOST = {"type": "WorkerLost", "message": "lease"}
+
+
+def _operator(kind: str, attempt: int = 1) -> dict[str, Any]:
+    return {"attempt": attempt, "agent": "operator", "error": {"type": kind, "message": ""}, "at": 9.0}
+
+
+@pytest.mark.parametrize("kind", ["Replayed", "Resumed", "Aborted"])
+def test_an_operator_entry_starts_a_new_attempt_epoch(kind: str) -> None:
+    """A resumed (or replayed) task counts from attempt 1 again: the attempts given up before are not
+    this epoch's, so the attempt 1 it runs now is not stale."""
+    task = TaskRecord(workflow_id="wf", task_id="a", capability="demo.echo")
+    task.history = [{"attempt": 1, "agent": "w1", "error": _LOST, "at": 1.0, "lapsed": True}, _operator(kind)]
+    assert attempt_epoch(task.history) == []
+    assert _lapsed_attempts(task) == set()
+    assert not is_stale(1, 1, _lapsed_attempts(task))
+    task.history.append({"attempt": 1, "agent": "w2", "error": _LOST, "at": 3.0, "lapsed": True})
+    assert attempt_epoch(task.history) == task.history[-1:]
+    assert _lapsed_attempts(task) == {1}
+
+
+@pytest.mark.parametrize(
+    ("operator_at", "dropped"),
+    [
+        (None, 10),  # no operator entry: the middle one goes
+        (20, 10),  # the newest entry is the operator's
+        (9, 10),
+        (10, 11),  # the operator entry is the middle one: the one after it goes instead
+        (11, 10),
+    ],
+)
+def test_trimming_the_history_keeps_the_entry_the_current_epoch_counts_from(
+    operator_at: int | None, dropped: int
+) -> None:
+    history = [{"attempt": i, "agent": "w", "at": float(i)} for i in range(21)]
+    if operator_at is not None:
+        history[operator_at] = _operator("Resumed", attempt=operator_at)
+    trim_history(history)
+    assert len(history) == 20
+    assert dropped not in [e["attempt"] for e in history]
+    if operator_at is not None:
+        assert [e["attempt"] for e in history if e["agent"] == "operator"] == [operator_at]
+
+
+def test_a_short_history_is_not_trimmed() -> None:
+    history = [{"attempt": i, "agent": "w"} for i in range(20)]
+    trim_history(history)
+    assert len(history) == 20
+
+
+async def test_a_resumed_task_lapsed_before_takes_the_events_of_its_new_attempt_1(
+    router: Router,
+) -> None:
+    """Attempt 1 lapsed and escalated; the operator resumed the task: the new attempt 1 is the task's."""
+    task = TaskRecord(workflow_id="wf", task_id="a", capability="c", status=TaskStatus.QUEUED, attempts=0)
+    task.history = [
+        {"attempt": 1, "agent": "w1", "error": _LOST, "at": 1.0, "lapsed": True},
+        _operator("Resumed"),
+    ]
+    await _stored(router, task)
+    verdict, task = await _apply(router, EventStatus.STARTED, 1)
+    assert (verdict, task.status, task.attempts) == ("ok", TaskStatus.RUNNING, 1)
+    verdict, task = await _apply(router, EventStatus.SUCCEEDED, 1, result="done")
+    assert (verdict, task.status, task.result) == ("ok", TaskStatus.SUCCEEDED, "done")
 
 
 class _Delivery:
