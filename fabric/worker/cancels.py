@@ -28,6 +28,7 @@ from fabric.errors import FabricError, ProtocolError
 from fabric.protocol import codec
 from fabric.topology import names
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
+from fabric.worker import background
 
 log = logging.getLogger("fabric.worker")
 
@@ -162,10 +163,7 @@ class CancelSync:
         self._resync()
 
     async def close(self) -> None:
-        if self._sync is not None:
-            self._sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sync
+        await background.stop(self._sync, "cancel list sync")
         self._synced.set()
 
     def covers(self, workflow_id: str, task_id: str) -> bool:

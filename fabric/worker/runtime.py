@@ -72,6 +72,7 @@ from fabric.settings import FabricSettings
 from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attributes
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
+from fabric.worker import background
 from fabric.worker.agent import Agent, Handler, Task
 from fabric.worker.cancels import CancelSync
 
@@ -118,7 +119,10 @@ class Worker:
             for capability in agent.capabilities
         }
         self._consumer_of: dict[str, Consumer] = {}
+        #: The breaker loop of each capability whose breaker is not closed (see _keep_breaker).
         self._probes: dict[str, asyncio.Task[None]] = {}
+        #: Re-scoring and the stop after a fatal error: never a probe, never cancelled by itself.
+        self._background = background.Background()
         # Agent health per capability: recent outcomes (the score's input), deliveries, subscriptions.
         self._recent = {
             capability: scoring.RecentOutcomes(window_s=worker_settings.score_window_s)
@@ -290,8 +294,10 @@ class Worker:
             )
 
     async def _close(self) -> None:
+        # Closing may run in a background task (the stop after a fatal error): it is not cancelled.
         for probe in self._probes.values():
             probe.cancel()
+        await self._background.stop_all()
         await self._cancels.close()
         if self._health is not None:
             await self._health.__aexit__(None, None, None)
@@ -1244,8 +1250,7 @@ class Worker:
                     return
 
     def _background_stop(self) -> None:
-        task = asyncio.create_task(self.drain(), name="fabric-fatal-drain")
-        self._probes["__fatal__"] = task
+        self._background.start("fatal-drain", self.drain())
 
     # -- heartbeats -------------------------------------------------------------------------------
 
@@ -1345,12 +1350,10 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         interval = self.settings.worker.heartbeat_interval_s
-        rescoring: asyncio.Task[None] | None = None
         while True:
             # Re-scoring may wait on the broker (basic.cancel + basic.consume): never the heartbeats.
-            if not self._draining and (rescoring is None or rescoring.done()):
-                rescoring = asyncio.create_task(self._rescore_guarded(), name="fabric-rescore")
-                self._probes["__rescore__"] = rescoring
+            if not self._draining and not self._background.running("rescore"):
+                self._background.start("rescore", self._rescore_guarded())
             # Leases are checked before the beat: after the event loop stalled, a beat would renew them
             # at the router though they went unrenewed too long.
             leased = [r for r in self._attempts.values() if r.leased and self._lease_held(r)]
@@ -1366,10 +1369,7 @@ class Worker:
             await asyncio.sleep(interval)
 
     async def _stop_heartbeats(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heartbeat_task
+        await background.stop(self._heartbeat_task, "heartbeats")
 
     async def _final_heartbeat(self) -> None:
         """Tell the router this agent stopped (``health: stopped``), so it is shown ``stopped``, not

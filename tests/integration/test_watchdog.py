@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fabric import FabricClient
@@ -40,3 +42,24 @@ async def test_worker_resubscribes_after_its_queue_is_deleted(
         )
         assert done.tasks["after"].result == "back"
         assert not worker.failed_fatally
+
+
+async def test_worker_that_cannot_consume_its_queue_again_stops_and_closes(
+    settings: FabricSettings, router: Router, broker: AmqpConnection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue comes back declared otherwise (no priority): declaring it fails, and the worker stops
+    of itself. The stop runs to its end: nothing cancels it half way, the connection is closed."""
+    watched = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"watchdog_interval_s": 0.5})}
+    )
+    queue = names.capability_queue(settings.namespace, "demo.echo")
+    worker = await Worker(demo, watched).__aenter__()
+    try:
+        await broker.delete(spec.Topology(queues=(spec.QueueSpec(queue),)))
+        await broker.declare(spec.Topology(queues=(spec.QueueSpec(queue),)))
+        await asyncio.wait_for(worker.wait_stopped(), timeout=30)
+    finally:
+        await broker.delete(spec.Topology(queues=(spec.QueueSpec(queue),)))
+    assert worker.failed_fatally
+    assert not worker._amqp.connected, "the stop closed the broker connection"
+    assert "stopped after a fatal error" in caplog.text
