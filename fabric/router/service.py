@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 import traceback
@@ -120,6 +121,21 @@ Respond = Callable[[dict[str, Any], str], Awaitable[None]]
 
 async def _no_reply(doc: dict[str, Any], content_type: str) -> None:
     """The submitter asked for no replies."""
+
+
+class EventVerdict(enum.StrEnum):
+    """What became of one task event applied to its workflow's working set (it decides how the event's
+    delivery is settled)."""
+
+    #: Applied (a stale attempt's outcome goes to the task's history): acked.
+    OK = "ok"
+    #: No such task in the state store: parked, for an operator to see.
+    UNKNOWN = "unknown"
+    #: The task finished, or waits for an operator: nothing changes; acked.
+    LATE = "late"
+    #: A redelivered event of a finished task: acked, and what it may not have done yet (release the
+    #: dependents, announce the workflow) is done now.
+    RECONCILE = "reconcile"
 
 
 @dataclass(frozen=True)
@@ -1215,7 +1231,7 @@ class Router:
             self._alert_escalated(task)
         reconcile = False
         for (delivery, event), verdict in zip(batch, verdicts, strict=True):
-            if verdict == "unknown":
+            if verdict is EventVerdict.UNKNOWN:
                 # Not acked into silence: a store that lost the workflow (or another fabric's event)
                 # is something an operator must see.
                 await self._park(
@@ -1224,18 +1240,18 @@ class Router:
                     f"no task {event.workflow_id}/{event.task_id} in the state store",
                 )
             else:
-                reconcile = reconcile or verdict == "reconcile"
+                reconcile = reconcile or verdict is EventVerdict.RECONCILE
                 await delivery.ack()
         if reconcile:
             await self._reconcile(workflow_id, locked=True)
         if work.workflow is not None and work.workflow.status.terminal and work.workflow_changed:
             await self._announce(work.workflow, work)
 
-    async def _apply_event(self, work: _Work, event: TaskEvent, delivery: Delivery) -> str:
-        """Apply one event to the working set; returns "ok", "unknown", "late" or "reconcile"."""
+    async def _apply_event(self, work: _Work, event: TaskEvent, delivery: Delivery) -> EventVerdict:
+        """Apply one event to the working set; returns what became of it."""
         found = await work.load([event.task_id])
         if not found:
-            return "unknown"
+            return EventVerdict.UNKNOWN
         task = found[0]
         # Any event says the task left its queue; a retry is ready again when its delay ends (below).
         self._queue_ages.left(task.key)
@@ -1258,7 +1274,7 @@ class Router:
             # A redelivered event for a finished task: the router may have died (or a publish failed)
             # between recording it and releasing dependents or announcing: finish that.
             log.debug("late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id)
-            return "reconcile" if delivery.redelivered else "late"
+            return EventVerdict.RECONCILE if delivery.redelivered else EventVerdict.LATE
         if task.status is TaskStatus.ESCALATED:
             # Only an operator moves an escalated task on (resume, abort, cancel). An event for it now
             # is a duplicate (a worker died between reporting and acking, and the task ran again).
@@ -1269,7 +1285,7 @@ class Router:
                 task.task_id,
                 event.attempt,
             )
-            return "late"
+            return EventVerdict.LATE
         status = event.status
         if is_stale(event.attempt, task.attempts, _lapsed_attempts(task)):
             # An attempt older than the current one (overtaken by a retry, or given up when its lease
@@ -1285,7 +1301,7 @@ class Router:
                 )
                 _remember_stale(task, event)
                 work.touch(task, notify=False)
-            return "ok"
+            return EventVerdict.OK
         # With tracing, an event carries its attempt's span: dependents and later attempts link to it.
         span = self._telemetry.traceparent(delivery.headers)
         if span is not None and event.attempt >= task.attempts:
@@ -1324,7 +1340,7 @@ class Router:
             self._transition(work, task, event, TaskStatus.RETRYING)
         elif status is EventStatus.ESCALATED:
             self._escalate(work, task, event)
-        return "ok"
+        return EventVerdict.OK
 
     def _escalate(self, work: _Work, task: TaskRecord, event: TaskEvent) -> None:
         """``task`` waits for an operator; its alert fires once the change is committed."""
