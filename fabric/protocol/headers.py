@@ -119,13 +119,20 @@ def get_table(headers: Mapping[str, Any] | None, name: str) -> dict[str, str]:
 
 
 def parked(
-    original: Mapping[str, Any] | None, *, reason: str, last_error: str, routing_key: str, **extra: Any
+    original: Mapping[str, Any] | None,
+    *,
+    reason: str,
+    last_error: str,
+    routing_key: str,
+    at_ms: int | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Headers of a message parked on ``{ns}.dead``: its own, plus why, its last error and its route."""
+    """Headers of a message parked on ``{ns}.dead``: its own, plus why, its last error, its route and
+    when (``at_ms``, by default now)."""
     result = dict(original or {})
     result[DEAD_REASON] = reason
     result[LAST_ERROR] = last_error[:1000]
     result[ORIGINAL_ROUTING_KEY] = routing_key
-    result[PARKED_AT_MS] = int(time.time() * 1000)
+    result[PARKED_AT_MS] = now_ms() if at_ms is None else at_ms
     result.update(extra)
     return result

@@ -64,6 +64,7 @@ from fabric.protocol.messages import (
     TaskStatus,
     WorkflowStatus,
 )
+from fabric.protocol.task_message import TaskMessage
 from fabric.router import watchdog, why
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.api import ApiServer, build_app
@@ -833,17 +834,15 @@ class Router:
         (confirmed), marked parked by ``agent`` (by default the task's last agent)."""
         attempt = task.attempts if attempt is None else attempt
         upstream = {t.task_id: t.result for t in await work.load(task.depends_on)}
-        body, task_headers = self._task_message(task, upstream, attempt)
-        message_id = f"{task.workflow_id}/{task.task_id}/{attempt}"
-        parked = headers.parked(
-            task_headers,
+        parked = self._task_message(task, upstream, attempt).parked(
             reason=reason,
             last_error=f"{error.type}: {error.message}",
             routing_key=task.capability,
-            **{headers.AGENT_ID: (task.agent or "") if agent is None else agent},
+            agent_id=(task.agent or "") if agent is None else agent,
+            now_ms=headers.now_ms(),
         )
         await self._amqp.publish(
-            names.dead_exchange(self.ns), task.capability, body, headers=parked, message_id=message_id
+            names.dead_exchange(self.ns), task.capability, parked.body, **parked.properties()
         )
 
     def _became_active(self) -> None:
@@ -1133,41 +1132,36 @@ class Router:
             await self._publish_task_message(task, upstream, links)
 
     @staticmethod
-    def _task_message(
-        task: TaskRecord, upstream: dict[str, Any], attempt: int
-    ) -> tuple[bytes, dict[str, Any]]:
-        """Body and headers of the task message of ``attempt`` (docs/protocol.md §4)."""
-        task_headers: dict[str, Any] = {
-            headers.WORKFLOW_ID: task.workflow_id,
-            headers.TASK_ID: task.task_id,
-            headers.ATTEMPT: attempt,
-            headers.MAX_ATTEMPTS: task.max_attempts,
-            headers.AVOID: [],
-            headers.DISPATCHED_AT_MS: headers.now_ms(),
-            headers.ON_EXHAUSTED: task.on_exhausted,
-        }
-        if task.timeout_s is not None:
-            task_headers[headers.TIMEOUT_S] = task.timeout_s
-        return codec.encode({"input": task.input, "upstream": upstream}), task_headers
+    def _task_message(task: TaskRecord, upstream: dict[str, Any], attempt: int) -> TaskMessage:
+        """The task message of ``attempt`` (docs/protocol.md §4)."""
+        return TaskMessage.new(
+            workflow_id=task.workflow_id,
+            task_id=task.task_id,
+            attempt=attempt,
+            max_attempts=task.max_attempts,
+            on_exhausted=task.on_exhausted,
+            timeout_s=task.timeout_s,
+            input=task.input,
+            upstream=upstream,
+            priority=task.priority,
+            dispatched_at_ms=headers.now_ms(),
+        )
 
     async def _publish_task_message(
         self, task: TaskRecord, upstream: dict[str, Any], links: dict[str, str] | None = None
     ) -> None:
-        attempt = task.attempts + 1
-        body, task_headers = self._task_message(task, upstream, attempt)
+        message = self._task_message(task, upstream, task.attempts + 1)
         if self._telemetry.enabled:
-            self._telemetry.inject(task_headers)
-            if links:
-                task_headers[headers.LINKS] = dict(list(links.items())[:MAX_LINKS])
-            if task.span:  # a replay or resume: the attempt before it
-                task_headers[headers.PREVIOUS_ATTEMPT] = task.span
-        kwargs: dict[str, Any] = {
-            "headers": task_headers,
-            "message_id": f"{task.workflow_id}/{task.task_id}/{attempt}",
-            "priority": task.priority,
-        }
+            context: dict[str, Any] = {}
+            self._telemetry.inject(context)
+            message = message.traced(
+                context,
+                links=dict(list(links.items())[:MAX_LINKS]) if links else None,
+                previous_attempt=task.span,  # a replay or resume: the attempt before it
+            )
+        exchange = names.tasks_exchange(self.ns)
         try:
-            await self._amqp.publish(names.tasks_exchange(self.ns), task.capability, body, **kwargs)
+            await self._amqp.publish(exchange, task.capability, message.body, **message.properties())
         except PublishError as exc:
             if "unroutable" not in str(exc):
                 raise
@@ -1180,7 +1174,7 @@ class Router:
             )
             await self._amqp.forget(spec.capability(self.ns, task.capability))
             await self._amqp.declare(spec.capability(self.ns, task.capability))
-            await self._amqp.publish(names.tasks_exchange(self.ns), task.capability, body, **kwargs)
+            await self._amqp.publish(exchange, task.capability, message.body, **message.properties())
 
     # -- events -----------------------------------------------------------------------------------
 

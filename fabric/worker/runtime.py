@@ -68,6 +68,7 @@ from fabric.protocol.messages import (
     OnExhausted,
     TaskEvent,
 )
+from fabric.protocol.task_message import TaskMessage
 from fabric.settings import FabricSettings
 from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attributes
 from fabric.topology import names, spec
@@ -472,38 +473,31 @@ class Worker:
             raise
 
     async def _process_delivery(self, handler: Handler, delivery: Delivery) -> None:
-        msg_headers = delivery.headers
-        workflow_id = headers.get_str(msg_headers, headers.WORKFLOW_ID)
-        task_id = headers.get_str(msg_headers, headers.TASK_ID)
+        message = _task_message(delivery)
+        workflow_id, task_id = message.workflow_id, message.task_id
         if not workflow_id or not task_id:
             await self._park(
                 delivery, "malformed_task", "missing fabric-workflow-id or fabric-task-id header"
             )
             return
         try:
-            body = codec.decode(delivery.body, delivery.content_type or codec.MSGPACK)
-            if not isinstance(body, dict):
-                raise ProtocolError("task body must be a map with 'input' and 'upstream'", delivery.body)
+            task_input, upstream = message.payload()
         except ProtocolError as exc:
             await self._park(delivery, "malformed_task", str(exc))
             return
-        timeout_s = (
-            headers.get_float(msg_headers, headers.TIMEOUT_S, None)
-            or handler.timeout_s
-            or (self.settings.worker.default_timeout_s)
-        )
+        timeout_s = message.timeout_s or handler.timeout_s or (self.settings.worker.default_timeout_s)
         task = Task(
-            input=body.get("input"),
-            upstream=dict(body.get("upstream") or {}),
+            input=task_input,
+            upstream=upstream,
             workflow_id=workflow_id,
             task_id=task_id,
             capability=handler.capability,
-            attempt=headers.get_int(msg_headers, headers.ATTEMPT, 1),
-            max_attempts=headers.get_int(msg_headers, headers.MAX_ATTEMPTS, 1),
+            attempt=message.attempt,
+            max_attempts=message.max_attempts,
             agent_id=self.agent_id,
             timeout_s=timeout_s,
             cancelled=threading.Event(),
-            on_exhausted=_on_exhausted_header(msg_headers),
+            on_exhausted=_on_exhausted_header(message.on_exhausted),
         )
         key = (workflow_id, task_id, task.attempt)
         # Until the list of cancels is in (bounded wait), a copy of a cancelled task cannot be told apart.
@@ -514,13 +508,11 @@ class Worker:
             # Wherever the copy came from (its queue, a delay queue, handed back, redelivered): dropped.
             await self._drop_cancelled(task, [delivery])
             return
-        if self.agent_id in headers.get_list(msg_headers, headers.AVOID) and await self._pass_on(
-            delivery, task
-        ):
+        if self.agent_id in message.avoid and await self._pass_on(delivery, task):
             return
         if delivery.redelivered:
             # The lost attempt's own span died with its worker: this one stands for it in the trace.
-            with self._attempt_span(task, msg_headers, lost=True) as span:
+            with self._attempt_span(task, message, lost=True) as span:
                 await self._lost_attempt(delivery, task, span)
             return
         running = _Running(task, [delivery])
@@ -580,11 +572,11 @@ class Worker:
             slot.release()  # cancelled while it waited for the slot
             await self._drop_cancelled(task, running.deliveries)
             return
-        with self._attempt_span(task, delivery.headers) as span:
+        with self._attempt_span(task, _task_message(delivery)) as span:
             await self._attempt(handler, running, slot, span)
 
     def _attempt_span(
-        self, task: Task, msg_headers: dict[str, Any], *, lost: bool = False
+        self, task: Task, message: TaskMessage, *, lost: bool = False
     ) -> contextlib.AbstractContextManager[Span]:
         """The span of one attempt, under the publish that released the task (a retry keeps that
         parent), linked to the previous attempt and to the task's other dependencies. The handler's
@@ -601,16 +593,16 @@ class Worker:
         )
         links: list[SpanLink] = []
         if self._telemetry.enabled:
-            previous = headers.get_str(msg_headers, headers.PREVIOUS_ATTEMPT)
+            previous = message.previous_attempt
             if previous:
                 links.append((previous, {"fabric.link.type": "previous_attempt"}))
-            for dependency, traceparent in headers.get_table(msg_headers, headers.LINKS).items():
+            for dependency, traceparent in message.links.items():
                 links.append((traceparent, {"fabric.link.type": "dependency", "fabric.task.id": dependency}))
         return self._telemetry.span(
             f"process {destination}",
             SpanKind.CONSUMER,
             attributes,
-            parent=self._telemetry.extract(msg_headers),
+            parent=self._telemetry.extract(dict(message.headers)),
             links=links,
         )
 
@@ -958,13 +950,13 @@ class Worker:
         handler (``Reassign``) is then parked as ``no_other_agent``; one that merely failed here before
         is run here after all (a retry on the same agent beats no retry). Returns True when handled.
         """
-        bounces = headers.get_int(delivery.headers, headers.BOUNCES, 0)
-        must_avoid = headers.get_str(delivery.headers, headers.MUST_AVOID) == "true"
-        if bounces >= MAX_BOUNCES and not must_avoid:
+        message = _task_message(delivery)
+        bounces = message.bounces
+        if bounces >= MAX_BOUNCES and not message.must_avoid:
             return False
         try:
             if bounces >= MAX_BOUNCES:
-                avoided = ", ".join(headers.get_list(delivery.headers, headers.AVOID))
+                avoided = ", ".join(message.avoid)
                 error = ErrorInfo(
                     type="NoOtherAgent",
                     message=f"no agent but {avoided} took the task in {bounces} hand-overs",
@@ -979,9 +971,7 @@ class Worker:
                     "escalated" if decision.action is Action.ESCALATE else "parked", task.capability
                 )
             else:
-                passed = dict(delivery.headers)
-                passed[headers.BOUNCES] = bounces + 1
-                await self._republish(delivery, task.capability, passed, delivery.message_id)
+                await self._republish(task.capability, message.handed_on())
         except TransportError:
             await asyncio.sleep(NACK_PAUSE_S)
             await delivery.nack(requeue=True)
@@ -989,33 +979,18 @@ class Worker:
         await delivery.ack()
         return True
 
-    async def _republish(
-        self, delivery: Delivery, capability: str, message_headers: dict[str, Any], message_id: str | None
-    ) -> None:
+    async def _republish(self, capability: str, message: TaskMessage) -> None:
         """Publish a copy of the task message to ``{ns}.tasks`` (a fresh message, not a redelivery)."""
         await self._amqp.publish(
-            names.tasks_exchange(self.ns),
-            capability,
-            delivery.body,
-            headers=message_headers,
-            content_type=delivery.content_type or codec.MSGPACK,
-            message_id=message_id,
-            priority=delivery.priority,
+            names.tasks_exchange(self.ns), capability, message.body, **message.properties()
         )
 
     async def _reassign(self, delivery: Delivery, task: Task) -> None:
         """The handler raised ``Reassign``: the next attempt must run on another agent, at once."""
-        moved = dict(delivery.headers)
-        avoid = headers.get_list(delivery.headers, headers.AVOID)
-        moved[headers.AVOID] = avoid if self.agent_id in avoid else [*avoid, self.agent_id]
-        moved[headers.ATTEMPT] = task.attempt + 1
-        moved[headers.MUST_AVOID] = "true"
-        moved[headers.BOUNCES] = 0
-        moved[headers.DISPATCHED_AT_MS] = headers.now_ms()
-        self._previous_attempt(moved)
-        await self._republish(
-            delivery, task.capability, moved, f"{task.workflow_id}/{task.task_id}/{task.attempt + 1}"
+        moved = _task_message(delivery).reassigned(
+            self.agent_id, now_ms=headers.now_ms(), previous_attempt=self._telemetry.current()
         )
+        await self._republish(task.capability, moved)
 
     async def _lost_attempt(self, delivery: Delivery, task: Task, span: Span) -> None:
         """A redelivered task message: a consumer got this attempt before and never settled it, because
@@ -1069,7 +1044,7 @@ class Worker:
         A nack would mark it redelivered, and a redelivered task counts as a lost attempt.
         """
         try:
-            await self._republish(delivery, delivery.routing_key, delivery.headers, delivery.message_id)
+            await self._republish(delivery.routing_key, _task_message(delivery))
         except TransportError:
             await delivery.nack(requeue=True)
             return
@@ -1083,28 +1058,18 @@ class Worker:
         The wait happens in the broker: ``{ns}.delay.<tier>`` dead-letters the message back to
         ``{ns}.tasks`` with its capability routing key when it expires.
         """
-        retry_headers = dict(delivery.headers)
-        retry_headers[headers.DELAY] = decision.tier
-        retry_headers[headers.ATTEMPT] = task.attempt + 1
-        # The next attempt goes to another agent whenever one takes it (reassignment).
-        avoid = headers.get_list(delivery.headers, headers.AVOID)
-        if avoid_self and self.agent_id not in avoid:
-            avoid = [*avoid, self.agent_id]
-        retry_headers[headers.AVOID] = avoid
-        retry_headers[headers.BOUNCES] = 0
-        retry_headers[headers.LAST_ERROR] = f"{decision.error.type}: {decision.error.message}"[:1000]
-        # Ready again once the delay is over: the next attempt's queue wait counts from then.
-        retry_headers[headers.DISPATCHED_AT_MS] = headers.now_ms(decision.delay_ms or 0)
-        self._previous_attempt(retry_headers)
+        delay_ms = decision.delay_ms or 0
+        retry = _task_message(delivery).retried(
+            tier=decision.tier,
+            delay_ms=delay_ms,
+            last_error=f"{decision.error.type}: {decision.error.message}",
+            # The next attempt goes to another agent whenever one takes it (reassignment).
+            avoid=self.agent_id if avoid_self else None,
+            now_ms=headers.now_ms(),
+            previous_attempt=self._telemetry.current(),
+        )
         await self._amqp.publish(
-            names.retry_exchange(self.ns),
-            task.capability,
-            delivery.body,
-            headers=retry_headers,
-            content_type=delivery.content_type or codec.MSGPACK,
-            message_id=f"{task.workflow_id}/{task.task_id}/{task.attempt + 1}",
-            priority=delivery.priority,
-            expiration_s=(decision.delay_ms or 0) / 1000,
+            names.retry_exchange(self.ns), task.capability, retry.body, **retry.properties()
         )
         log.info(
             "task %s/%s attempt %d failed (%s); retry %d in %s",
@@ -1116,22 +1081,18 @@ class Worker:
             decision.tier,
         )
 
-    def _previous_attempt(self, message_headers: dict[str, Any]) -> None:
-        """With tracing, the next attempt's span links to this one (the current span)."""
-        current = self._telemetry.current()
-        if current is not None:
-            message_headers[headers.PREVIOUS_ATTEMPT] = current
-
     async def _park_task(self, delivery: Delivery, task: Task, decision: Decision) -> None:
         """Park a task that will not run again on ``{ns}.dead``, with why and its last error."""
-        parked = headers.parked(
-            delivery.headers,
+        parked = _task_message(delivery).parked(
             reason=decision.reason or "aborted",
             last_error=f"{decision.error.type}: {decision.error.message}",
             routing_key=delivery.routing_key,
-            **{headers.AGENT_ID: self.agent_id},
+            agent_id=self.agent_id,
+            now_ms=headers.now_ms(),
         )
-        await self._send_to_dead(delivery, parked, default_type=codec.MSGPACK)
+        await self._amqp.publish(
+            names.dead_exchange(self.ns), delivery.routing_key, parked.body, **parked.properties()
+        )
         log.warning(
             "task %s/%s parked after %d attempt(s): %s: %s",
             task.workflow_id,
@@ -1578,7 +1539,7 @@ _RUN_OUTCOMES = {
 def _queue_wait_s(delivery: Delivery) -> float | None:
     """Seconds since the task became ready (its ``fabric-dispatched-at-ms``), None without the header.
     Clocks of different hosts may disagree: a negative wait reads as 0."""
-    dispatched_ms = headers.get_int(delivery.headers, headers.DISPATCHED_AT_MS, 0)
+    dispatched_ms = _task_message(delivery).dispatched_at_ms
     if dispatched_ms <= 0:
         return None
     return max(0.0, time.time() - dispatched_ms / 1000)
@@ -1594,8 +1555,18 @@ _EVENT_OF = {
 }
 
 
-def _on_exhausted_header(msg_headers: dict[str, Any] | None) -> OnExhausted | None:
-    raw = headers.get_str(msg_headers, headers.ON_EXHAUSTED)
+def _task_message(delivery: Delivery) -> TaskMessage:
+    """The task message a delivery carries."""
+    return TaskMessage.received(
+        delivery.headers,
+        delivery.body,
+        message_id=delivery.message_id,
+        priority=delivery.priority,
+        content_type=delivery.content_type,
+    )
+
+
+def _on_exhausted_header(raw: str) -> OnExhausted | None:
     try:
         return OnExhausted(raw) if raw else None
     except ValueError:
