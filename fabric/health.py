@@ -1,19 +1,24 @@
-"""A small HTTP server for ``/healthz``, ``/readyz`` and ``/metrics`` on router and worker processes.
+"""``/healthz``, ``/readyz`` and ``/metrics`` of a worker process (the router serves them in its HTTP API).
 
-Plain asyncio, no framework: it must keep answering while the process is busy, and cost nothing.
-``/healthz`` says the process (its event loop) is alive; ``/readyz`` runs the process's readiness
-checks (broker connected, consumers active, store writable) and answers 503 with the failing check.
+A tiny ASGI application (Starlette's request and response) served by :class:`~fabric.asgi.AsgiServer`,
+uvicorn inside the worker's own event loop: it keeps answering while the process is busy and costs
+nothing between requests. ``/healthz`` says the process (its event loop) is alive; ``/readyz`` runs the
+process's readiness checks (broker connected, consumers active) and answers 503 with the failing check.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Self
 
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from fabric.asgi import AsgiServer
 from fabric.errors import ConfigError
 
 log = logging.getLogger("fabric.health")
@@ -23,8 +28,6 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 #: Renders the Prometheus text exposition.
 MetricsRenderer = Callable[[], str]
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
 
 class HealthServer:
     """Serves the health endpoints on ``host:port``. Use as ``async with HealthServer(...)``.
@@ -33,6 +36,9 @@ class HealthServer:
         checks: readiness checks by name.
         metrics: renders ``/metrics`` (Prometheus text format).
         port: 0 picks a free port (see :attr:`port` after start).
+
+    Raises:
+        ConfigError: on entry, when the port cannot be listened on.
     """
 
     def __init__(
@@ -43,59 +49,34 @@ class HealthServer:
         checks: dict[str, ReadinessCheck],
         metrics: MetricsRenderer | None = None,
     ) -> None:
-        self._host = host
-        self._port = port
         self._checks = checks
         self._metrics = metrics
-        self._server: asyncio.Server | None = None
+        self._server = AsgiServer(self._asgi, host, port)
 
     @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            return self._port
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._server.port
 
     async def __aenter__(self) -> Self:
-        try:
-            self._server = await asyncio.start_server(self._handle, self._host, self._port)
-        except OSError as exc:
-            raise ConfigError(
-                f"FABRIC_HTTP__PORT: cannot listen on {self._host}:{self._port} ({exc}); "
-                "choose another port, or 0 for any free one"
-            ) from exc
-        log.info("health endpoints on http://%s:%d/healthz", self._host, self.port)
+        await self._server.__aenter__()
+        log.info("health endpoints on http://%s:%d/healthz", self._server.host, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+        await self._server.__aexit__(*exc)
 
     async def readiness(self) -> dict[str, str]:
         """Run every check; map of check name to "ok" or the reason it fails."""
         return await run_checks(self._checks)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
-            status, content_type, body = await self._route(method, path)
-            head = (
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # a websocket is turned away by uvicorn (403); lifespan events are off
+        request = Request(scope, receive)
+        status, content_type, body = await self._route(request.method, request.url.path)
+        # The content type exactly as given (Starlette would add a charset to text/plain).
+        response = Response(body, status, headers={"content-type": content_type})
+        await response(scope, receive, send)
 
     async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):

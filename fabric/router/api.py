@@ -14,15 +14,11 @@ by the broker. Reads come from the state store, in pages with a keyset cursor.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import socket
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
-import uvicorn
 from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -31,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from fabric.errors import ConfigError, ProtocolError, StoreError, TransportError, message_of
+from fabric.asgi import AsgiServer
+from fabric.errors import ProtocolError, StoreError, TransportError, message_of
 from fabric.health import METRICS_CONTENT_TYPE, MetricsRenderer, ReadinessCheck, run_checks
 from fabric.protocol import codec
 from fabric.protocol.messages import (
@@ -962,73 +959,17 @@ def start_line(host: str, port: int, *, dashboard: bool) -> str:
     return f"dashboard on {base}/, {api}" if dashboard else api
 
 
-class ApiServer:
-    """Serves an ASGI application with uvicorn inside the running event loop.
+class ApiServer(AsgiServer):
+    """Serves the router's application (see :class:`~fabric.asgi.AsgiServer`) and logs where.
 
-    The listening socket is bound here, so a port in use is a clear :class:`ConfigError` (uvicorn would
-    exit the process), and uvicorn's signal handlers are never installed (the router owns signals).
     Use as ``async with ApiServer(app, host, port) as server:``; :attr:`port` is the bound port.
     """
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self._app = app
-        self._host = host
-        self._port = port
-        self._socket: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-
-    @property
-    def port(self) -> int:
-        if self._socket is None:
-            return self._port
-        return int(self._socket.getsockname()[1])
+        super().__init__(app, host, port)
+        self._dashboard = serves_dashboard(app)
 
     async def __aenter__(self) -> Self:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections of such a socket, and
-        # without it Nagle and delayed ACKs add 40 ms to every response on a kept-alive connection.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self._host, self._port))
-            sock.listen(512)
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(
-                f"FABRIC_HTTP__PORT: cannot listen on {self._host}:{self._port} ({exc}); "
-                "choose another port, or 0 for any free one"
-            ) from exc
-        sock.setblocking(False)
-        config = uvicorn.Config(
-            self._app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-        config.load()
-        server = uvicorn.Server(config)
-        server.lifespan = config.lifespan_class(config)
-        try:
-            await server.startup(sockets=[sock])
-        except BaseException:
-            sock.close()
-            raise
-        self._socket, self._server = sock, server
-        self._loop_task = asyncio.create_task(server.main_loop())
-        log.info("%s", start_line(self._host, self.port, dashboard=serves_dashboard(self._app)))
+        await super().__aenter__()
+        log.info("%s", start_line(self.host, self.port, dashboard=self._dashboard))
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        server, sock = self._server, self._socket
-        if server is None or sock is None:
-            return
-        server.should_exit = True
-        if self._loop_task is not None:
-            with contextlib.suppress(Exception):
-                await self._loop_task
-        with contextlib.suppress(Exception):
-            await server.shutdown(sockets=[sock])
-        sock.close()
-        self._server = None
