@@ -13,6 +13,11 @@ fails (connection refused, a 5xx, 408 or 429, no answer within ``webhook_timeout
 ``webhook_retries`` times with exponential backoff; any other 4xx is not retried. A broker publish that
 fails is retried the same way. Every failure is logged; none reaches the caller.
 
+Webhooks are POSTed with httpx, one client (and its kept-alive connections) for the publisher's life.
+https is verified against the system's trust store as Python's :mod:`ssl` finds it (``SSL_CERT_FILE``,
+``SSL_CERT_DIR``); redirects are not followed (a 3xx is a failure, not retried); no proxy is taken from
+the environment; a user and password in the URL are sent as Basic auth.
+
 De-duplication: an alert has a ``key`` naming its condition (``task.escalated:<wf>/<task>``,
 ``queue.depth:<queue>``...). While a key is firing, firing it again does nothing; :meth:`resolve` clears
 it and sends one ``resolved`` alert with the same key, kind, severity and labels. The firing set lives in
@@ -27,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import logging
@@ -38,7 +42,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
+
+import httpx
 
 from fabric.errors import NotConnectedError
 from fabric.protocol.messages import Alert, AlertSeverity, AlertStatus
@@ -56,8 +62,11 @@ MAX_FIRING = 100_000
 CLOSE_GRACE_S = 2.0
 #: HTTP statuses worth another try: the receiver is overloaded or timed out, not refusing the alert.
 _RETRYABLE_4XX = frozenset({408, 425, 429})
-#: Longest status line read from a webhook.
-_MAX_STATUS_LINE = 8192
+#: Bytes of a webhook's answer read at most after its status (only the status counts; reading a short
+#: body to its end lets the connection be used again, and the bound keeps a long one from costing more).
+_MAX_ANSWER = 64 * 1024
+#: ... and how long that reading may take (a webhook that answers, then dribbles, delays no one).
+_MAX_ANSWER_S = 1.0
 
 
 class WebhookError(Exception):
@@ -118,7 +127,12 @@ class AlertPublisher:
         self._firing: OrderedDict[str, Alert] = OrderedDict()
         self._started = False
         self._closed = False
-        self._webhook_headers = {k: v.get_secret_value() for k, v in settings.webhook_headers.items()}
+        self._webhook_headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "fabric-alerts",
+            **{k: v.get_secret_value() for k, v in settings.webhook_headers.items()},
+        }
+        self._http: httpx.AsyncClient | None = None
         #: What happened since start: fired, resolved, published (broker), delivered (webhook POSTs that
         #: succeeded), failed (deliveries given up after their retries), dropped (queue full).
         self.stats: dict[str, int] = {
@@ -139,6 +153,8 @@ class AlertPublisher:
         if self._started or self._closed:
             raise NotConnectedError("an AlertPublisher cannot be started twice; create a new one")
         self._started = True
+        if self.settings.webhooks:
+            self._http = webhook_client(self.settings.webhook_timeout_s)
         for destination in self._destinations:
             destination.task = asyncio.create_task(
                 self._deliver_forever(destination), name=f"fabric-alerts {destination.name}"
@@ -166,6 +182,8 @@ class AlertPublisher:
             if left:
                 self.stats["dropped"] += left
                 log.warning("%d alert(s) not delivered to %s before shutdown", left, destination.name)
+        if self._http is not None:
+            await self._http.aclose()
 
     async def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every alert queued so far has been delivered or given up (for tests and shutdown).
@@ -308,16 +326,19 @@ class AlertPublisher:
         log.error("alert %s %s could not be published to the broker; giving up", alert.status, alert.key)
 
     async def _post(self, url: str, alert: Alert, body: bytes) -> None:
+        assert self._http is not None
         shown = _redact(url)
+        timeout_s = self.settings.webhook_timeout_s
         for attempt in range(self.settings.webhook_retries + 1):
             try:
-                async with asyncio.timeout(self.settings.webhook_timeout_s):
-                    await http_post(url, body, self._webhook_headers)
-            except TimeoutError:
-                reason, retryable = f"no answer within {self.settings.webhook_timeout_s:g}s", True
+                await http_post(self._http, url, body, self._webhook_headers, timeout_s=timeout_s)
+            except (TimeoutError, httpx.TimeoutException):
+                reason, retryable = f"no answer within {timeout_s:g}s", True
             except WebhookError as exc:
                 reason, retryable = str(exc), exc.retryable
-            except (OSError, ValueError) as exc:
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                reason, retryable = f"{type(exc).__name__}: {exc}", False
+            except (httpx.HTTPError, OSError, ValueError) as exc:
                 reason, retryable = f"{type(exc).__name__}: {exc}", True
             else:
                 self.stats["delivered"] += 1
@@ -336,58 +357,61 @@ class AlertPublisher:
         await asyncio.sleep(self.settings.webhook_backoff_s * (2**attempt))
 
 
-async def http_post(url: str, body: bytes, headers: Mapping[str, str] | None = None) -> int:
-    """POST ``body`` as JSON to ``url`` (HTTP/1.1, one connection per call) and return the status code.
+def webhook_client(timeout_s: float) -> httpx.AsyncClient:
+    """The HTTP client of a publisher's webhooks (see the module docstring for its policy)."""
+    return httpx.AsyncClient(
+        # Python's default context, not certifi's bundle: the trust store the operator configured.
+        verify=ssl.create_default_context(),
+        timeout=httpx.Timeout(timeout_s),
+        follow_redirects=False,
+        # No proxy or .netrc from the environment: a webhook goes where its URL says, as it always has.
+        trust_env=False,
+    )
 
-    Deliberately small: the status line is all an alert sender needs, so the response body is not read.
-    The caller bounds the time it takes.
+
+def status_failure(status: int) -> WebhookError | None:
+    """None for a 2xx answer; else why it failed, ``retryable`` for 5xx, 408, 425 and 429 (pure).
+
+    Example:
+        >>> status_failure(204) is None, status_failure(503).retryable, status_failure(307).retryable
+        (True, True, False)
+    """
+    if 200 <= status < 300:
+        return None
+    return WebhookError(f"HTTP {status}", retryable=status >= 500 or status in _RETRYABLE_4XX)
+
+
+async def http_post(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float
+) -> int:
+    """POST ``body`` to ``url`` with ``client``; the status code of a 2xx answer.
+
+    The status must come within ``timeout_s`` (connect, send, status line). The answer's body is then
+    read (at most :data:`_MAX_ANSWER` bytes in :data:`_MAX_ANSWER_S`) only so the connection can be used
+    again; a failure there does not change the outcome.
 
     Raises:
-        WebhookError: the answer was not 2xx (``retryable`` for 5xx, 408, 425 and 429) or not HTTP.
-        OSError: the connection failed.
+        WebhookError: the answer was not 2xx (see :func:`status_failure`).
+        TimeoutError: no status within ``timeout_s``.
+        httpx.HTTPError: the connection failed (the URL's user and password go as Basic auth).
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookError(f"not an http(s) URL: {_redact(url)}", retryable=False)
-    secure = parts.scheme == "https"
-    port = parts.port or (443 if secure else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    if parts.port is not None:
-        host += f":{parts.port}"
-    lines = [
-        f"POST {target} HTTP/1.1",
-        f"Host: {host}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        "User-Agent: fabric-alerts",
-    ]
-    if parts.username:
-        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        lines.append(f"Authorization: Basic {base64.b64encode(credentials).decode()}")
-    for name, value in (headers or {}).items():
-        lines.append(f"{name}: {value}")
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-    reader, writer = await asyncio.open_connection(
-        parts.hostname, port, ssl=ssl.create_default_context() if secure else None
-    )
+    request = client.build_request("POST", url, content=body, headers=headers)
+    async with asyncio.timeout(timeout_s):
+        response = await client.send(request, stream=True)
     try:
-        writer.write(request)
-        await writer.drain()
-        status_line = await reader.readline()
+        with contextlib.suppress(httpx.HTTPError, TimeoutError):
+            async with asyncio.timeout(min(timeout_s, _MAX_ANSWER_S)):
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read > _MAX_ANSWER:
+                        break
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    words = status_line[:_MAX_STATUS_LINE].decode("latin-1").split(None, 2)
-    if len(words) < 2 or not words[0].startswith("HTTP/") or not words[1].isdigit():
-        raise WebhookError(f"not an HTTP answer: {status_line[:100]!r}", retryable=True)
-    status = int(words[1])
-    if 200 <= status < 300:
-        return status
-    retryable = status >= 500 or status in _RETRYABLE_4XX
-    raise WebhookError(f"HTTP {status}", retryable=retryable)
+        await response.aclose()
+    failure = status_failure(response.status_code)
+    if failure is not None:
+        raise failure
+    return response.status_code
 
 
 def _redact(url: str) -> str:

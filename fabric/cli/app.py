@@ -70,6 +70,8 @@ def setup_logging(settings: FabricSettings) -> None:
     )
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
+    # httpx logs each webhook POST at INFO with its full URL, whose query may hold a token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def run(coro: Any) -> Any:
