@@ -52,6 +52,7 @@ from fabric.metrics import RouterMetrics, TaskCounter
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import (
     Accepted,
+    Alert,
     AlertSeverity,
     Completed,
     ErrorInfo,
@@ -67,8 +68,7 @@ from fabric.protocol.messages import (
 from fabric.protocol.task_message import TaskMessage
 from fabric.router import watchdog, why
 from fabric.router.admission import Admitted, Refusal, admit
-from fabric.router.api import ApiServer, build_app
-from fabric.router.dashboard import mount_dashboard
+from fabric.router.http import ApiServer, Parts, build_app
 from fabric.router.recall import cancels_answer, recall_after, recall_on_cancel
 from fabric.router.rules import AgentState, ErrorWindow, QueueAges, RuleEngine, Snapshot
 from fabric.settings import FabricSettings
@@ -373,8 +373,9 @@ class Router:
                 await self._amqp.consume(names.heartbeats_queue(self.ns), self._on_heartbeat, prefetch=64),
             ]
             http = self.settings.http
+            parts = Parts(self.settings, intake=self, operator=self, monitoring=self, store=self._store)
             app = build_app(
-                self,
+                parts,
                 checks={
                     "broker": self._check_broker,
                     "consumers": self._check_consumers,
@@ -382,7 +383,6 @@ class Router:
                 },
                 metrics=self.render_metrics,
             )
-            mount_dashboard(app, self)
             self._http = await ApiServer(app, http.host, http.port).__aenter__()
         except BaseException:
             await self._shutdown()
@@ -432,6 +432,18 @@ class Router:
     def alerts(self) -> AlertPublisher:
         """The router's alerts (escalations, and any rule that fires through it)."""
         return self._alerts
+
+    def firing_alerts(self) -> list[Alert]:
+        """The alerts firing now, oldest first."""
+        return self._alerts.firing_alerts
+
+    def counters(self) -> dict[str, int]:
+        """What this router did since it started (a copy of :attr:`stats`)."""
+        return dict(self.stats)
+
+    def totals(self) -> dict[str, int]:
+        """Task and workflow totals since it started, as its metrics count them (a copy)."""
+        return dict(self.metrics.totals)
 
     async def _publish_alert(self, routing_key: str, body: bytes) -> None:
         # Not mandatory: nobody binding a queue to {ns}.alerts is a choice, not a fault.
@@ -869,8 +881,12 @@ class Router:
 
     # -- submissions ------------------------------------------------------------------------------
 
-    async def _on_submission(self, delivery: Delivery) -> None:
+    def count_submission(self) -> None:
+        """Count one submission received, on AMQP or HTTP (the ``submissions`` counter of ``/stats``)."""
         self.stats["submissions"] += 1
+
+    async def _on_submission(self, delivery: Delivery) -> None:
+        self.count_submission()
         self._became_active()
         destination = names.submit_queue(self.ns)
         with self._telemetry.span(

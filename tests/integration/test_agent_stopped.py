@@ -13,7 +13,7 @@ import pytest
 from fabric import Agent, Task
 from fabric.protocol import codec
 from fabric.protocol.messages import AlertStatus, Heartbeat
-from fabric.router.api import build_stats
+from fabric.router.http.views import build_stats
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
 from fabric.store import AgentRecord
@@ -102,7 +102,7 @@ async def test_a_drained_worker_is_stopped_not_lost_and_not_alerted(
     assert not alert_queue.of("agent.lost:clean-1")
     assert not router.alerts.firing("agent.lost:clean-1")
 
-    stats = await build_stats(router)
+    stats = await build_stats(router, router.store)
     assert stats.agents.model_dump() == {"alive": 0, "unhealthy": 0, "lost": 1, "stopped": 1}
     await router.refresh_gauges()
     exposition = router.metrics.render()

@@ -20,7 +20,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from fabric.policy import RetryPolicy
-from fabric.router.dashboard import Rates
+from fabric.router.http.dashboard import Rates
 from fabric.router.service import Router
 from fabric.settings import AlertRuleSettings, AlertSettings, FabricSettings
 from fabric.telemetry import Telemetry

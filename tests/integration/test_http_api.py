@@ -25,7 +25,7 @@ from openapi_spec_validator import validate
 
 from fabric import FabricClient
 from fabric.errors import ConfigError
-from fabric.router.api import REJECTION_STATUS
+from fabric.router.http.api import REJECTION_STATUS
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
 from fabric.topology import spec

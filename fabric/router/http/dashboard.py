@@ -1,5 +1,5 @@
 """The dashboard at ``/``: static pages shipped in the package, fed by the REST API of
-:mod:`fabric.router.api` and by one live stream.
+:mod:`fabric.router.http.api` and by one live stream.
 
 * ``GET /`` and ``GET /workflows/{id}``: the page (``static/index.html``); its script draws the live view
   or the workflow's DAG. No CDN, no build step: vanilla JavaScript and SVG.
@@ -23,16 +23,17 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
 
 from fabric.errors import StoreError, TransportError
 from fabric.protocol.messages import WorkflowStatus
-from fabric.router.api import (
-    API,
+from fabric.router.http.api import API
+from fabric.router.http.models import History, HistorySample
+from fabric.router.http.ports import Parts
+from fabric.router.http.views import (
     agent_views,
     build_stats,
     escalated_tasks,
@@ -40,9 +41,6 @@ from fabric.router.api import (
     workflow_summaries,
 )
 from fabric.store.base import WorkflowQuery
-
-if TYPE_CHECKING:
-    from fabric.router.service import Router
 
 #: Workflows listed in each of the live view's tables.
 LIVE_WORKFLOWS = 15
@@ -57,22 +55,8 @@ _STATIC = {
 }
 
 
-class HistorySample(BaseModel):
-    at: float = Field(description="seconds since the epoch")
-    data: dict[str, Any] = Field(
-        description="interval_s; moved (task and workflow totals that moved during the interval: "
-        "tasks_succeeded, tasks_failed, tasks_retried, tasks_parked, ...); queues (messages by "
-        "capability); agents_alive, agents_lost, in_flight"
-    )
-
-
-class History(BaseModel):
-    interval_s: float = Field(description="the router's sample interval")
-    items: list[HistorySample] = Field(description="oldest first")
-
-
 def _asset(name: str) -> bytes:
-    return (resources.files("fabric.router") / "static" / name).read_bytes()
+    return (resources.files("fabric.router.http") / "static" / name).read_bytes()
 
 
 class Rates:
@@ -101,35 +85,38 @@ class Rates:
         }
 
 
-async def snapshot(router: Router, rates: Rates) -> dict[str, Any]:
+async def snapshot(parts: Parts, rates: Rates) -> dict[str, Any]:
     """One live-view update: what ``/stats``, ``/agents``, ``/workflows``, ``/alerts`` and
     ``/escalated`` answer now, plus rates."""
-    views = await agent_views(router)
-    stats = await build_stats(router, views)
-    running = await workflow_summaries(router, WorkflowQuery(status=WorkflowStatus.RUNNING), LIVE_WORKFLOWS)
-    recent = await workflow_summaries(router, WorkflowQuery(), LIVE_WORKFLOWS)
-    escalated = await escalated_tasks(router, LIVE_ESCALATED)
+    monitoring, store = parts.monitoring, parts.store
+    views = await agent_views(monitoring)
+    stats = await build_stats(monitoring, store, views)
+    running = await workflow_summaries(store, WorkflowQuery(status=WorkflowStatus.RUNNING), LIVE_WORKFLOWS)
+    recent = await workflow_summaries(store, WorkflowQuery(), LIVE_WORKFLOWS)
+    escalated = await escalated_tasks(store, LIVE_ESCALATED)
+    totals = monitoring.totals()
     return {
         "at": time.time(),
         "stats": stats.model_dump(mode="json"),
-        "rates": rates.update(time.time(), router.metrics.totals),
-        "totals": dict(router.metrics.totals),
+        "rates": rates.update(time.time(), totals),
+        "totals": totals,
         "agents": [v.model_dump(mode="json") for v in views],
         "running": [w.model_dump(mode="json") for w in running],
         "recent": [w.model_dump(mode="json") for w in recent],
-        "alerts": [a.model_dump(mode="json") for a in firing_alerts(router).items],
+        "alerts": [a.model_dump(mode="json") for a in firing_alerts(monitoring).items],
         "escalated": [t.model_dump(mode="json") for t in escalated.items],
     }
 
 
-def mount_dashboard(app: FastAPI, router: Router) -> None:
-    """Add the dashboard's pages, assets, live stream and history to the router's application."""
-    settings = router.settings
+def dashboard_routes(parts: Parts) -> APIRouter:
+    """The dashboard's pages, assets, live stream and history."""
+    settings = parts.settings
+    routes = APIRouter()
     page = (
         _asset("index.html")
         .decode()
         .replace("{{jaeger_url}}", html.escape(settings.http.jaeger_url.rstrip("/"), quote=True))
-        .replace("{{namespace}}", html.escape(router.ns))
+        .replace("{{namespace}}", html.escape(settings.namespace))
         .encode()
     )
     assets = {name: _asset(name) for name in _STATIC}
@@ -137,37 +124,37 @@ def mount_dashboard(app: FastAPI, router: Router) -> None:
     def index() -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/", include_in_schema=False)
+    @routes.get("/", include_in_schema=False)
     async def dashboard() -> Response:
         return index()
 
-    @app.get("/workflows/{workflow_id}", include_in_schema=False)
+    @routes.get("/workflows/{workflow_id}", include_in_schema=False)
     async def workflow_page(workflow_id: str) -> Response:
         # The script reads the id from the path and asks /api/v1/workflows/{id} (a 404 is shown there).
         return index()
 
     favicon = _asset("favicon.ico")
 
-    @app.get("/favicon.ico", include_in_schema=False)
+    @routes.get("/favicon.ico", include_in_schema=False)
     async def icon() -> Response:
         return Response(favicon, media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/static/{name}", include_in_schema=False)
+    @routes.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
         body = assets.get(name)
         if body is None:
             return Response(f"no asset {name!r}\n", 404, media_type="text/plain")
         return Response(body, media_type=_STATIC[name], headers={"Cache-Control": "no-cache"})
 
-    @app.get(f"{API}/stream", include_in_schema=False)
+    @routes.get(f"{API}/stream", include_in_schema=False)
     async def stream(request: Request) -> StreamingResponse:
         return StreamingResponse(
-            _events(router, request),
+            _events(parts, request),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.get(
+    @routes.get(
         f"{API}/history",
         response_model=History,
         tags=["stats"],
@@ -180,23 +167,26 @@ def mount_dashboard(app: FastAPI, router: Router) -> None:
         ] = None,
     ) -> Response:
         start = since if since is not None else time.time() - settings.router.history_s
-        samples = await router.store.samples(start)
+        samples = await parts.store.samples(start)
         body = History(
             interval_s=settings.router.sample_interval_s,
             items=[HistorySample(at=s.at, data=s.data) for s in samples],
         )
         return Response(body.model_dump_json(), media_type="application/json")
 
+    return routes
 
-async def _events(router: Router, request: Request) -> AsyncIterator[bytes]:
+
+async def _events(parts: Parts, request: Request) -> AsyncIterator[bytes]:
     """Server-sent events: a ``snapshot`` each interval, an ``error`` event while the store or broker
     fails (the stream goes on), until the client leaves or the router stops."""
-    interval = router.settings.http.stream_interval_s
+    interval = parts.settings.http.stream_interval_s
+    stopping = parts.monitoring.stopping
     rates = Rates()
     yield b"retry: 1000\n\n"
-    while not router.stopping.is_set():
+    while not stopping.is_set():
         try:
-            doc = await snapshot(router, rates)
+            doc = await snapshot(parts, rates)
             event = "snapshot"
         except (StoreError, TransportError) as exc:
             doc = {"error": f"{type(exc).__name__}: {exc}"}
@@ -205,4 +195,4 @@ async def _events(router: Router, request: Request) -> AsyncIterator[bytes]:
         if await request.is_disconnected():
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(router.stopping.wait(), interval)
+            await asyncio.wait_for(stopping.wait(), interval)
