@@ -69,6 +69,8 @@ from fabric.protocol.task_message import TaskMessage
 from fabric.router import watchdog, why
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.http import ApiServer, Parts, build_app
+from fabric.router.locks import KeyedLocks
+from fabric.router.periodic import Periodic
 from fabric.router.recall import cancels_answer, recall_after, recall_on_cancel
 from fabric.router.rules import AgentState, ErrorWindow, QueueAges, RuleEngine, Snapshot
 from fabric.settings import FabricSettings
@@ -150,27 +152,6 @@ class Submitted:
     reply: Accepted | Rejected
     resent: bool = False
     completed: dict[str, Any] | None = None
-
-
-class _KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it (bounded memory)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> Any:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 class _Work:
@@ -277,7 +258,7 @@ class Router:
         self._http: ApiServer | None = None
         #: When this router started (seconds since the epoch).
         self.started_at = time.time()
-        self._locks = _KeyedLocks()
+        self._locks = KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Task notifications (routing key, encoded body) waiting for the one sender, oldest first.
@@ -326,6 +307,7 @@ class Router:
             "dispatched": 0,
             "completed": 0,
         }
+        self._loops = self._periodic_loops()
         self.metrics.counter_from(
             "fabric_alerts",
             "Alerts by what happened to them: fired, resolved, published (to {ns}.alerts), delivered "
@@ -343,6 +325,37 @@ class Router:
             "Submissions and events the router is processing now.",
             lambda: [((), len(self._in_flight))],
         )
+
+    def _periodic_loops(self) -> list[Periodic]:
+        """The router's background loops. Those with ``active`` run only on the active router (a
+        standby would repeat them): the one meaning of active is :meth:`_claim_active`."""
+        every = self.settings.router
+        active = self._claim_active
+        return [
+            # Repair what failed steps left behind.
+            Periodic("periodic recovery", self._recover, every.recovery_interval_s, active=active),
+            # Every router keeps its /metrics fresh; only the active one checks the rules (inside).
+            Periodic("metrics refresh", self._refresh, every.metrics_interval_s, at_once=True),
+            # Run again every long task whose lease lapsed.
+            Periodic("lease check", self._check_leases, every.lease_check_interval_s, active=active),
+            Periodic(
+                "dashboard sample",
+                self.take_sample,
+                every.sample_interval_s,
+                active=active,
+                standby=self._skip_sample,
+                level=logging.DEBUG,
+            ),
+            # A standby only refreshes its copy of the stall marks, so the heartbeats it records keep them.
+            Periodic(
+                "stall watchdog",
+                self.check_stalls,
+                every.stall_check_interval_s,
+                active=active,
+                standby=self._load_stalls,
+                level=logging.WARNING,
+            ),
+        ]
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -387,11 +400,8 @@ class Router:
         except BaseException:
             await self._shutdown()
             raise
-        self._background(self._recovery_loop(), "periodic recovery")
-        self._background(self._gauges_loop(), "metrics refresh")
-        self._background(self._lease_loop(), "lease checks")
-        self._background(self._sample_loop(), "dashboard samples")
-        self._background(self._stall_loop(), "stall watchdog")
+        for loop in self._loops:
+            loop.start()
         self._background(self._note_sender(), "task notifications")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
@@ -401,6 +411,8 @@ class Router:
 
     async def _shutdown(self) -> None:
         self.stopping.set()
+        for loop in self._loops:
+            await loop.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._http is not None:
@@ -476,24 +488,22 @@ class Router:
         """The Prometheus text exposition served at ``/metrics`` (any HTTP server may call it)."""
         return self.metrics.render()
 
-    async def _gauges_loop(self) -> None:
-        """Keep the gauges that come from the broker and the store fresh: queue depths, live agents."""
-        interval = self.settings.router.metrics_interval_s
-        while True:
-            agents: list[AgentRecord] | None = None
-            try:
-                await self.prune_agents()
-            except (StoreError, TransportError) as exc:
-                log.warning("agents not pruned (will try again): %s", exc)
-            try:
-                agents = await self.refresh_gauges()
-            except Exception as exc:
-                log.debug("metrics refresh failed: %s", exc)
-            try:
-                await self.check_alert_rules(agents=agents)
-            except Exception as exc:
-                log.warning("alert rules not checked: %s", exc)
-            await asyncio.sleep(interval)
+    async def _refresh(self) -> None:
+        """One pass of the metrics refresh: forget agents gone long ago, read the gauges that come from
+        the broker and the store (queue depths, live agents), then check the threshold rules."""
+        agents: list[AgentRecord] | None = None
+        try:
+            await self.prune_agents()
+        except (StoreError, TransportError) as exc:
+            log.warning("agents not pruned (will try again): %s", exc)
+        try:
+            agents = await self.refresh_gauges()
+        except Exception as exc:
+            log.debug("metrics refresh failed: %s", exc)
+        try:
+            await self.check_alert_rules(agents=agents)
+        except Exception as exc:
+            log.warning("alert rules not checked: %s", exc)
 
     async def refresh_gauges(self) -> list[AgentRecord]:
         """Read live agents from the store and queue depths from the broker (passive declares, one
@@ -603,19 +613,9 @@ class Router:
         for key, summary in verdict.clear.items():
             self._alerts.resolve(key, summary=summary)
 
-    async def _sample_loop(self) -> None:
-        """While active, store a sample of the dashboard's time series every ``sample_interval_s``."""
-        interval = self.settings.router.sample_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            if not self._active:
-                # A standby saw nothing; the active router samples (one series per namespace).
-                self._sampled = (time.time(), dict(self.metrics.totals))
-                continue
-            try:
-                await self.take_sample()
-            except Exception as exc:
-                log.debug("dashboard sample failed: %s", exc)
+    async def _skip_sample(self) -> None:
+        """A standby saw nothing; the active router samples (one series per namespace)."""
+        self._sampled = (time.time(), dict(self.metrics.totals))
 
     async def take_sample(self) -> Sample:
         """Store one sample: what the task and workflow totals moved since the previous one, and the
@@ -710,28 +710,6 @@ class Router:
             if workflow is not None and workflow.status.terminal and not workflow.notified:
                 await self._announce(workflow)
         return len(pending)
-
-    async def _recovery_loop(self) -> None:
-        """While this router is the active one, repair what failed steps left behind, every interval."""
-        interval = self.settings.router.recovery_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            if self._active:
-                try:
-                    await self._recover()
-                except Exception as exc:
-                    log.error("periodic recovery failed: %s", exc)
-
-    async def _lease_loop(self) -> None:
-        """While this router is the active one, run again every long task whose lease lapsed."""
-        interval = self.settings.router.lease_check_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if await self._claim_active():
-                    await self._check_leases()
-            except Exception as exc:
-                log.error("lease check failed: %s", exc)
 
     async def _sole_router(self) -> bool:
         """True when this router is the only consumer of the events queue (so the active one)."""
@@ -2204,20 +2182,6 @@ class Router:
             self._stalls = {
                 a.agent_id: dict(a.unhealthy) for a in await self._store.list_agents() if a.unhealthy
             }
-
-    async def _stall_loop(self) -> None:
-        """Every interval: the active router looks for stalled agents; a standby only refreshes its
-        copy of the marks, so the heartbeats it records keep them."""
-        interval = self.settings.router.stall_check_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if await self._claim_active():
-                    await self.check_stalls()
-                else:
-                    await self._load_stalls()
-            except (StoreError, TransportError) as exc:
-                log.warning("stall watchdog pass failed (will try again): %s", exc)
 
     async def check_stalls(self, now: float | None = None) -> None:
         """One pass of the stall watchdog (see :mod:`fabric.router.watchdog`): mark agents that heartbeat
