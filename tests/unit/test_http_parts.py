@@ -72,9 +72,10 @@ class FakeOperator:
 class FakeMonitoring:
     ns = "unit"
     active = True
-    started_at = time.time() - 5
 
     def __init__(self) -> None:
+        # Started 5 s before this fake is made (a class attribute would date from collection).
+        self.started_at = time.time() - 5
         self.stopping = asyncio.Event()
         self.published_capabilities = frozenset({"echo"})
 
