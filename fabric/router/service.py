@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 import traceback
@@ -66,13 +65,14 @@ from fabric.protocol.messages import (
     WorkflowStatus,
 )
 from fabric.protocol.task_message import TaskMessage
-from fabric.router import watchdog, why
+from fabric.router import history, watchdog, why
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.http import ApiServer, Parts, build_app
 from fabric.router.locks import KeyedLocks
 from fabric.router.periodic import Periodic
 from fabric.router.recall import cancels_answer, recall_after, recall_on_cancel
 from fabric.router.rules import AgentState, ErrorWindow, QueueAges, RuleEngine, Snapshot
+from fabric.router.workflow import EventVerdict, is_stale
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
 from fabric.store.base import AgentRecord, Sample, TaskRecord, WorkflowRecord
@@ -124,21 +124,6 @@ Respond = Callable[[dict[str, Any], str], Awaitable[None]]
 
 async def _no_reply(doc: dict[str, Any], content_type: str) -> None:
     """The submitter asked for no replies."""
-
-
-class EventVerdict(enum.StrEnum):
-    """What became of one task event applied to its workflow's working set (it decides how the event's
-    delivery is settled)."""
-
-    #: Applied (a stale attempt's outcome goes to the task's history): acked.
-    OK = "ok"
-    #: No such task in the state store: parked, for an operator to see.
-    UNKNOWN = "unknown"
-    #: The task finished, or waits for an operator: nothing changes; acked.
-    LATE = "late"
-    #: A redelivered event of a finished task: acked, and what it may not have done yet (release the
-    #: dependents, announce the workflow) is done now.
-    RECONCILE = "reconcile"
 
 
 @dataclass(frozen=True)
@@ -794,7 +779,7 @@ class Router:
                 await self._finish(work, task, event, TaskStatus.DEAD)
                 log.warning("task %s/%s parked: %s", workflow_id, task_id, error.message)
             else:
-                _remember_failure(task, event)
+                history.remember_failure(task.history, event)
                 task.status, task.dispatched, task.lease_s = TaskStatus.QUEUED, False, None
                 task.error, task.queued_at, task.retry_at = error.model_dump(), now, None
                 work.touch(task)
@@ -802,7 +787,7 @@ class Router:
                 log.warning(
                     "task %s/%s runs again (attempt %d): %s", workflow_id, task_id, attempt + 1, error.message
                 )
-            _mark_lapsed(task, attempt)
+            history.mark_lapsed(task.history, attempt)
             await self._commit(work)
             for escalated in work.escalated:
                 self._alert_escalated(escalated)
@@ -1275,7 +1260,7 @@ class Router:
             )
             return EventVerdict.LATE
         status = event.status
-        if is_stale(event.attempt, task.attempts, _lapsed_attempts(task)):
+        if is_stale(event.attempt, task.attempts, history.lapsed_attempts(task.history)):
             # An attempt older than the current one (overtaken by a retry, or given up when its lease
             # lapsed): its outcome is not this task's. Failures and late results go to the history.
             if status is not EventStatus.STARTED:
@@ -1287,7 +1272,7 @@ class Router:
                     task.task_id,
                     task.attempts,
                 )
-                _remember_stale(task, event)
+                history.remember_late(task.history, event)
                 work.touch(task, notify=False)
             return EventVerdict.OK
         # With tracing, an event carries its attempt's span: dependents and later attempts link to it.
@@ -1352,7 +1337,7 @@ class Router:
         task.agent = event.agent_id
         if event.error is not None:
             task.error = event.error.model_dump()
-            _remember_failure(task, event)
+            history.remember_failure(task.history, event)
         work.touch(task)
 
     async def _finish(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
@@ -1368,7 +1353,7 @@ class Router:
         task.result = event.result if status is TaskStatus.SUCCEEDED else None
         task.error = event.error.model_dump() if event.error is not None else None
         if event.error is not None:
-            _remember_failure(task, event)
+            history.remember_failure(task.history, event)
         work.touch(task)
         counter = _FINAL_COUNTERS.get(status)
         if counter is not None:
@@ -2327,64 +2312,13 @@ class Router:
         await delivery.ack()
 
 
-#: Failed attempts remembered per task (the first ones and the latest ones are kept).
-_MAX_HISTORY = 20
 #: The agent of the history entries an operator's replay, resume or abort adds.
-_OPERATOR = "operator"
+_OPERATOR = history.OPERATOR
 
 
 def _stall_key(agent_id: str, capability: str) -> str:
     """The alert key of an agent's stall on one capability."""
     return f"agent.stalled:{agent_id}/{capability}"
-
-
-def _epoch_start(history: list[dict[str, Any]]) -> int:
-    """The index of the first entry after the last operator entry (0 when there is none)."""
-    for index in range(len(history) - 1, -1, -1):
-        if history[index].get("agent") == _OPERATOR:
-            return index + 1
-    return 0
-
-
-def attempt_epoch(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The entries of ``history`` since an operator last acted on the task (a replay, a resume or an
-    abort): a replayed or resumed task counts its attempts from 1 again, so only these entries speak of
-    the attempts it runs now.
-
-    Example:
-        >>> attempt_epoch([{"attempt": 1, "agent": "w1"}, {"attempt": 1, "agent": "operator"}])
-        []
-    """
-    return history[_epoch_start(history) :]
-
-
-def trim_history(history: list[dict[str, Any]]) -> None:
-    """Keep ``history`` within ``_MAX_HISTORY`` entries: drop one from the middle (the first entries say
-    how it began, the last how it goes), never the operator entry the current epoch counts from.
-
-    Example:
-        >>> history = [{"attempt": 1, "agent": "w"}] * _MAX_HISTORY + [{"attempt": 1, "agent": "operator"}]
-        >>> trim_history(history)
-        >>> len(history), history[-1]["agent"]
-        (20, 'operator')
-    """
-    if len(history) <= _MAX_HISTORY:
-        return
-    middle = _MAX_HISTORY // 2
-    if _epoch_start(history) == middle + 1:
-        middle += 1  # the middle entry starts the current epoch: the one after it goes
-    del history[middle]
-
-
-def _remember_failure(task: TaskRecord, event: TaskEvent) -> None:
-    """Add a failed attempt to the task's history, once per attempt of the current epoch, bounded."""
-    if any(entry.get("attempt") == event.attempt for entry in attempt_epoch(task.history)):
-        return
-    assert event.error is not None
-    task.history.append(
-        {"attempt": event.attempt, "agent": event.agent_id, "error": event.error.model_dump(), "at": event.at}
-    )
-    trim_history(task.history)
 
 
 #: Committed task counters that are the outcome of an attempt (for the error-rate rule).
@@ -2403,52 +2337,11 @@ def _task_param(request: Mapping[str, Any]) -> str:
     return task_id
 
 
-def _mark_lapsed(task: TaskRecord, attempt: int) -> None:
-    """Mark ``attempt`` of the current epoch as given up by the router (its lease lapsed)."""
-    for entry in attempt_epoch(task.history):
-        if entry.get("attempt") == attempt:
-            entry["lapsed"] = True
-
-
 def _record_start(work: _Work, task: TaskRecord, at: float) -> None:
     """``task`` started at ``at``: counted once (a redelivered event carries the same time)."""
     if task.started_at != at:
         work.counts.append(("started", task.capability))
     task.started_at = at
-
-
-def _lapsed_attempts(task: TaskRecord) -> set[int]:
-    """Attempts of the current epoch the router gave up (a replay or resume counts from 1 again)."""
-    return {int(entry["attempt"]) for entry in attempt_epoch(task.history) if entry.get("lapsed")}
-
-
-def _remember_stale(task: TaskRecord, event: TaskEvent) -> None:
-    """Record what a stale attempt reported, once per attempt and status, bounded like failures."""
-    epoch = attempt_epoch(task.history)
-    if any(e.get("attempt") == event.attempt and e.get("late") == str(event.status) for e in epoch):
-        return
-    error = event.error.model_dump() if event.error is not None else None
-    task.history.append(
-        {
-            "attempt": event.attempt,
-            "agent": event.agent_id,
-            "late": str(event.status),
-            "error": error,
-            "at": event.at,
-        }
-    )
-    trim_history(task.history)
-
-
-def is_stale(attempt: int, current: int, lapsed: set[int]) -> bool:
-    """Whether an event of ``attempt`` is stale for a task whose current attempt is ``current``: an
-    earlier attempt, or one the router gave up when its lease lapsed.
-
-    Example:
-        >>> is_stale(1, 2, set()), is_stale(2, 2, {2}), is_stale(2, 2, set())
-        (True, True, False)
-    """
-    return attempt < current or attempt in lapsed
 
 
 def lease_lapsed(renewed_at: float, lease_s: float | None, now: float) -> bool:

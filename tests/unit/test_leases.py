@@ -15,15 +15,9 @@ from fabric import Agent, Task, load_settings
 from fabric.errors import ConfigError
 from fabric.protocol.messages import EventStatus, TaskEvent, TaskStatus
 from fabric.router import service
-from fabric.router.service import (
-    Router,
-    _lapsed_attempts,
-    _Work,
-    attempt_epoch,
-    is_stale,
-    lease_lapsed,
-    trim_history,
-)
+from fabric.router.history import attempt_epoch, lapsed_attempts, trim_history
+from fabric.router.service import Router, _Work, lease_lapsed
+from fabric.router.workflow import is_stale
 from fabric.store import TaskRecord, WorkflowRecord
 from fabric.store.memory import MemoryStore
 from fabric.worker.runtime import Worker, _Running
@@ -65,11 +59,11 @@ def test_lapsed_attempts_count_from_the_last_replay() -> None:
         {"attempt": 1, "agent": "w1", "error": lost, "at": 1.0, "lapsed": True},
         {"attempt": 2, "agent": "w2", "error": {"type": "ValueError", "message": "x"}, "at": 2.0},
     ]
-    assert _lapsed_attempts(task) == {1}
+    assert lapsed_attempts(task.history) == {1}
     task.history.append({"attempt": 2, "agent": "operator", "error": {"type": "Replayed", "message": ""}})
-    assert _lapsed_attempts(task) == set(), "after a replay, attempt 1 is a new attempt"
+    assert lapsed_attempts(task.history) == set(), "after a replay, attempt 1 is a new attempt"
     task.history.append({"attempt": 1, "agent": "w3", "error": lost, "at": 3.0, "lapsed": True})
-    assert _lapsed_attempts(task) == {1}
+    assert lapsed_attempts(task.history) == {1}
 
 
 _LOST = {"type": "WorkerLost", "message": "lease"}
@@ -86,11 +80,11 @@ def test_an_operator_entry_starts_a_new_attempt_epoch(kind: str) -> None:
     task = TaskRecord(workflow_id="wf", task_id="a", capability="demo.echo")
     task.history = [{"attempt": 1, "agent": "w1", "error": _LOST, "at": 1.0, "lapsed": True}, _operator(kind)]
     assert attempt_epoch(task.history) == []
-    assert _lapsed_attempts(task) == set()
-    assert not is_stale(1, 1, _lapsed_attempts(task))
+    assert lapsed_attempts(task.history) == set()
+    assert not is_stale(1, 1, lapsed_attempts(task.history))
     task.history.append({"attempt": 1, "agent": "w2", "error": _LOST, "at": 3.0, "lapsed": True})
     assert attempt_epoch(task.history) == task.history[-1:]
-    assert _lapsed_attempts(task) == {1}
+    assert lapsed_attempts(task.history) == {1}
 
 
 @pytest.mark.parametrize(
