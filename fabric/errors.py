@@ -9,7 +9,8 @@ boundary per dependency, always with ``raise ... from exc``::
      ├── SubmissionRejected                  the router refused a submission (reason code + detail)
      ├── TopologyMismatch                    a queue/exchange exists with other arguments than expected
      ├── TransportError                      the broker connection or a publish failed
-     │    └── PublishError                   a publish was nacked or returned unroutable
+     │    └── PublishError                   a publish was nacked, returned or not confirmed in time
+     │         └── Unroutable                a mandatory publish was returned: no queue is bound for it
      ├── StoreError                          the state store failed
      ├── NotConnectedError                   a lifecycle object was used before it was started
      ├── WorkflowNotFound                    no workflow with that id
@@ -92,6 +93,20 @@ class PublishError(TransportError):
         super().__init__(message)
         self.exchange = exchange
         self.routing_key = routing_key
+
+
+class Unroutable(PublishError):
+    """A mandatory publish came back (basic.return): no queue is bound to ``exchange`` for ``routing_key``.
+
+    The broker dropped nothing silently: the message was not taken. A caller that declared the queue
+    itself can declare it again (someone deleted it) and publish once more.
+
+    Example:
+        >>> try:
+        ...     await amqp.publish(exchange, capability, body)
+        ... except Unroutable:
+        ...     await amqp.declare(spec.capability(ns, capability))
+    """
 
 
 class StoreError(FabricError):

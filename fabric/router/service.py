@@ -41,10 +41,10 @@ from fabric.alerts import AlertPublisher
 from fabric.errors import (
     NotConnectedError,
     ProtocolError,
-    PublishError,
     StoreError,
     TopologyMismatch,
     TransportError,
+    Unroutable,
     message_of,
 )
 from fabric.metrics import RouterMetrics, TaskCounter
@@ -1141,9 +1141,7 @@ class Router:
         exchange = names.tasks_exchange(self.ns)
         try:
             await self._amqp.publish(exchange, task.capability, message.body, **message.properties())
-        except PublishError as exc:
-            if "unroutable" not in str(exc):
-                raise
+        except Unroutable:
             # Someone deleted the capability queue since we declared it: declare it again and retry once.
             log.warning(
                 "task %s/%s was unroutable; declaring %s again",
