@@ -38,7 +38,7 @@ class UnderTest:
     opened: list[Transport] = field(default_factory=list)
 
 
-@pytest.fixture(params=["amqp"])
+@pytest.fixture(params=["amqp", "memory"])
 async def under_test(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[UnderTest]:
     if request.param == "amqp":
         from fabric.transport.amqp import AmqpConnection
@@ -542,3 +542,40 @@ async def test_a_closed_transport_refuses_use(under_test: UnderTest) -> None:
     with pytest.raises(Exception, match="not connected") as caught:
         await transport.publish(DEFAULT_EXCHANGE, "x", b"x")
     assert type(caught.value).__name__ == "NotConnectedError"
+
+
+async def test_closing_a_connection_gives_its_unacked_deliveries_back_as_redelivered(
+    under_test: UnderTest, transport: Transport, namespace: str
+) -> None:
+    await transport.declare(spec.build(namespace, CAPS))
+    queue = names.capability_queue(namespace, "echo")
+    held = Inbox(manual=True)
+    holder = await under_test.connect()
+    await holder.consume(queue, held, prefetch=10)
+    await transport.publish(names.tasks_exchange(namespace), "echo", b"held", message_id="h")
+    await held.wait(1)
+    await _ready(transport, queue, 0, consumers=1)
+    await holder.close()
+    # Settling on the closed connection is no error: the broker has the message back already.
+    await held.deliveries[0].ack()
+    inbox = Inbox()
+    await transport.consume(queue, inbox, prefetch=10)
+    [again] = await inbox.wait(1)
+    assert (again.body, again.message_id, again.redelivered) == (b"held", "h", True)
+
+
+async def test_channel_wide_prefetch_counts_one_limit_for_one_queue(
+    transport: Transport, namespace: str
+) -> None:
+    await transport.declare(spec.build(namespace, CAPS))
+    queue = names.capability_queue(namespace, "echo")
+    for n in range(3):
+        await transport.publish(names.tasks_exchange(namespace), "echo", str(n).encode())
+    inbox = Inbox(manual=True)
+    [consumer] = await transport.consume_many({queue: inbox}, prefetch=1, channel_wide=True)
+    await inbox.wait(1)
+    await _ready(transport, queue, 2, consumers=1)
+    await inbox.deliveries[0].ack()
+    await inbox.wait(2)
+    await _ready(transport, queue, 1)
+    assert consumer.queue_name == queue
