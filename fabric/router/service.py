@@ -29,7 +29,7 @@ import logging
 import time
 import traceback
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -65,17 +65,19 @@ from fabric.protocol.messages import (
     WorkflowStatus,
 )
 from fabric.protocol.task_message import TaskMessage
-from fabric.router import history, watchdog, why
+from fabric.router import history, why
 from fabric.router.admission import Admitted, Refusal, admit
+from fabric.router.agents import Agents, Census
 from fabric.router.http import ApiServer, Parts, build_app
 from fabric.router.locks import KeyedLocks
+from fabric.router.monitoring import MAX_WATCHED_CAPABILITIES, Monitoring
 from fabric.router.periodic import Periodic
 from fabric.router.recall import cancels_answer, recall_after, recall_on_cancel
-from fabric.router.rules import AgentState, ErrorWindow, QueueAges, RuleEngine, Snapshot
+from fabric.router.rules import ErrorWindow, QueueAges
 from fabric.router.workflow import EventVerdict, is_stale
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
-from fabric.store.base import AgentRecord, Sample, TaskRecord, WorkflowRecord
+from fabric.store.base import Sample, TaskRecord, WorkflowRecord
 from fabric.store.timed import timed
 from fabric.telemetry import MAX_LINKS, Telemetry, messaging_attributes
 from fabric.topology import names, spec
@@ -113,9 +115,6 @@ _FINAL_COUNTERS: dict[TaskStatus, TaskCounter] = {
     TaskStatus.FAILED: "failed",
     TaskStatus.DEAD: "parked",
 }
-
-#: Capability queues whose depth the router reads at most (the first ones by name).
-MAX_WATCHED_CAPABILITIES = 500
 
 
 #: Sends one reply document (``accepted``, ``rejected``, ``completed``) in a content type.
@@ -253,21 +252,14 @@ class Router:
         self._notify_flags: OrderedDict[str, tuple[bool, float]] = OrderedDict()
         self._event_queue: dict[str, list[tuple[Delivery, TaskEvent]]] = {}
         self._active = False
-        self._agent_first_seen: dict[str, float] = {}
         #: When each leased attempt was last renewed (its started event, then heartbeats listing it).
         self._lease_renewed: dict[tuple[str, str, int], float] = {}
         #: When this router became the active one: a lease it has not seen renewed yet counts from here.
         self._active_since = 0.0
-        #: Stall watchdog: agent id -> capability -> mark (kept in each agent record's ``unhealthy``).
-        self._stalls: dict[str, dict[str, dict[str, Any]]] = {}
-        #: Stall watchdog: capability -> since when every check found tasks ready in its queue.
-        self._ready_since: dict[str, float] = {}
         self._started = False
         self._closed = asyncio.Event()
         #: Set when the router begins to shut down (the dashboard's live streams end then).
         self.stopping = asyncio.Event()
-        #: Totals of the previous sample (the next one stores what moved since).
-        self._sampled: tuple[float, dict[str, int]] = (time.time(), dict(self.metrics.totals))
         self._alerts = AlertPublisher(
             settings.alerts,
             self.ns,
@@ -275,14 +267,10 @@ class Router:
             source="router",
             publish_timeout_s=settings.router.publish_timeout_s,
         )
-        rules = settings.alerts.rules
-        self._rules = RuleEngine(rules)
         #: Attempt outcomes per capability over the error-rate window (threshold alerts).
-        self._error_window = ErrorWindow(rules.error_rate_window_s)
+        self._error_window = ErrorWindow(settings.alerts.rules.error_rate_window_s)
         #: Tasks dispatched and not started yet, for the queue-age rule.
         self._queue_ages = QueueAges()
-        #: Tasks ready per capability queue, as the last metrics refresh read them.
-        self._queue_depths: dict[str, int] = {}
         #: Counters of what this router did since start (exposed through RPC ``ping``).
         self.stats: dict[str, int] = {
             "submissions": 0,
@@ -292,6 +280,31 @@ class Router:
             "dispatched": 0,
             "completed": 0,
         }
+        self._agents = Agents(
+            self._store,
+            self._amqp,
+            self._alerts,
+            namespace=self.ns,
+            retention_s=settings.router.agent_retention_s,
+            stall_after_s=settings.router.stall_after_s,
+        )
+        #: Gauges, threshold rules and samples; what the HTTP layer reads of this router.
+        self.monitoring = Monitoring(
+            settings,
+            store=self._store,
+            amqp=self._amqp,
+            metrics=self.metrics,
+            agents=self._agents,
+            alerts=self._alerts,
+            capabilities=self._capabilities,
+            stats=self.stats,
+            started_at=self.started_at,
+            stopping=self.stopping,
+            is_active=lambda: self._active,
+            claim_active=self._claim_active,
+            error_window=self._error_window,
+            queue_ages=self._queue_ages,
+        )
         self._loops = self._periodic_loops()
         self.metrics.counter_from(
             "fabric_alerts",
@@ -320,24 +333,24 @@ class Router:
             # Repair what failed steps left behind.
             Periodic("periodic recovery", self._recover, every.recovery_interval_s, active=active),
             # Every router keeps its /metrics fresh; only the active one checks the rules (inside).
-            Periodic("metrics refresh", self._refresh, every.metrics_interval_s, at_once=True),
+            Periodic("metrics refresh", self.monitoring.refresh, every.metrics_interval_s, at_once=True),
             # Run again every long task whose lease lapsed.
             Periodic("lease check", self._check_leases, every.lease_check_interval_s, active=active),
             Periodic(
                 "dashboard sample",
-                self.take_sample,
+                self.monitoring.take_sample,
                 every.sample_interval_s,
                 active=active,
-                standby=self._skip_sample,
+                standby=self.monitoring.skip_sample,
                 level=logging.DEBUG,
             ),
             # A standby only refreshes its copy of the stall marks, so the heartbeats it records keep them.
             Periodic(
                 "stall watchdog",
-                self.check_stalls,
+                self._agents.check_stalls,
                 every.stall_check_interval_s,
                 active=active,
-                standby=self._load_stalls,
+                standby=self._agents.load_stalls,
                 level=logging.WARNING,
             ),
         ]
@@ -354,7 +367,7 @@ class Router:
             await self._amqp.connect()
             await self._amqp.declare(spec.core(self.ns))
             await self._alerts.__aenter__()
-            await self._load_stalls()
+            await self._agents.load_stalls()
             # The capabilities of stored workflows and agents seen: a queue a previous router filled and
             # nobody serves any more is watched (stats, the no_agent alert) before anything is published.
             self._capabilities.update((await self._store.known_capabilities())[:MAX_WATCHED_CAPABILITIES])
@@ -371,7 +384,9 @@ class Router:
                 await self._amqp.consume(names.heartbeats_queue(self.ns), self._on_heartbeat, prefetch=64),
             ]
             http = self.settings.http
-            parts = Parts(self.settings, intake=self, operator=self, monitoring=self, store=self._store)
+            parts = Parts(
+                self.settings, intake=self, operator=self, monitoring=self.monitoring, store=self._store
+            )
             app = build_app(
                 parts,
                 checks={
@@ -421,26 +436,9 @@ class Router:
         return self._store
 
     @property
-    def published_capabilities(self) -> frozenset[str]:
-        """Capabilities this router has published tasks to since it started."""
-        return frozenset(self._capabilities)
-
-    @property
     def alerts(self) -> AlertPublisher:
         """The router's alerts (escalations, and any rule that fires through it)."""
         return self._alerts
-
-    def firing_alerts(self) -> list[Alert]:
-        """The alerts firing now, oldest first."""
-        return self._alerts.firing_alerts
-
-    def counters(self) -> dict[str, int]:
-        """What this router did since it started (a copy of :attr:`stats`)."""
-        return dict(self.stats)
-
-    def totals(self) -> dict[str, int]:
-        """Task and workflow totals since it started, as its metrics count them (a copy)."""
-        return dict(self.metrics.totals)
 
     async def _publish_alert(self, routing_key: str, body: bytes) -> None:
         # Not mandatory: nobody binding a queue to {ns}.alerts is a choice, not a fault.
@@ -473,76 +471,6 @@ class Router:
         """The Prometheus text exposition served at ``/metrics`` (any HTTP server may call it)."""
         return self.metrics.render()
 
-    async def _refresh(self) -> None:
-        """One pass of the metrics refresh: forget agents gone long ago, read the gauges that come from
-        the broker and the store (queue depths, live agents), then check the threshold rules."""
-        agents: list[AgentRecord] | None = None
-        try:
-            await self.prune_agents()
-        except (StoreError, TransportError) as exc:
-            log.warning("agents not pruned (will try again): %s", exc)
-        try:
-            agents = await self.refresh_gauges()
-        except Exception as exc:
-            log.debug("metrics refresh failed: %s", exc)
-        try:
-            await self.check_alert_rules(agents=agents)
-        except Exception as exc:
-            log.warning("alert rules not checked: %s", exc)
-
-    async def refresh_gauges(self) -> list[AgentRecord]:
-        """Read live agents from the store and queue depths from the broker (passive declares, one
-        channel), into the gauges ``/metrics`` shows; returns the agents read (the alert rules use them)."""
-        now = time.time()
-        counts = dict.fromkeys(watchdog.AgentStatus, 0)
-        alive_by: dict[str, int] = {}
-        open_by: dict[str, int] = {}
-        capabilities = set(self._capabilities)
-        records = await self._store.list_agents()
-        for agent in records:
-            capabilities.update(agent.capabilities)
-            state = watchdog.agent_state(agent, now)
-            counts[state] += 1
-            if not state.live:
-                continue
-            for capability in agent.capabilities:
-                alive_by[capability] = alive_by.get(capability, 0) + 1
-                if agent.breakers.get(capability, "closed") != "closed":
-                    open_by[capability] = open_by.get(capability, 0) + 1
-        self.metrics.set_agents(
-            alive=counts[watchdog.AgentStatus.ALIVE],
-            lost=counts[watchdog.AgentStatus.LOST],
-            unhealthy=counts[watchdog.AgentStatus.UNHEALTHY],
-            stopped=counts[watchdog.AgentStatus.STOPPED],
-            alive_by_capability=alive_by,
-            open_by_capability=open_by,
-        )
-        if not self._amqp.connected:
-            return records
-        queues = {
-            names.submit_queue(self.ns): "",
-            names.events_queue(self.ns): "",
-            names.dead_queue(self.ns): "",
-            **{names.delay_queue(self.ns, tier): "" for tier in names.DELAY_TIERS_MS},
-        }
-        for capability in sorted(capabilities)[:MAX_WATCHED_CAPABILITIES]:
-            queues[names.capability_queue(self.ns, capability)] = capability
-        infos = await self._amqp.queue_infos(queues)
-        self._queue_depths = {
-            queues[queue]: info.messages
-            for queue, info in infos.items()
-            if info is not None and queues[queue]
-        }
-        self.metrics.set_queues(
-            {
-                queue: None if info is None else (queues[queue], info.messages, info.consumers)
-                for queue, info in infos.items()
-            }
-        )
-        return records
-
-    # -- threshold alerts -------------------------------------------------------------------------
-
     async def _claim_active(self) -> bool:
         """True when this router is the active one. A router that is the only consumer of
         ``{ns}.router.events`` is the active one even before its first delivery: a router restarted
@@ -552,81 +480,22 @@ class Router:
             self._became_active()
         return self._active
 
-    async def check_alert_rules(
-        self, now: float | None = None, *, agents: list[AgentRecord] | None = None
-    ) -> None:
-        """Evaluate the threshold rules (:mod:`fabric.router.rules`) on what the last metrics refresh
-        read (``agents``: the records it read; without them they are read again), and fire or resolve
-        their alerts. Only the active router does: a standby would repeat them.
-        """
-        if not await self._claim_active():
-            return
-        now = time.time() if now is None else now
-        states = []
-        for a in await self._store.list_agents() if agents is None else agents:
-            state = watchdog.agent_state(a, now)
-            states.append(
-                AgentState(
-                    agent_id=a.agent_id,
-                    capabilities=tuple(a.capabilities),
-                    lost=state is watchdog.AgentStatus.LOST,
-                    stopped=state is watchdog.AgentStatus.STOPPED,
-                    draining=a.health == "draining",
-                    last_seen=a.last_seen,
-                    breakers=dict(a.breakers),
-                )
-            )
-        verdict = self._rules.check(
-            Snapshot(
-                now=now,
-                queue_depths=dict(self._queue_depths),
-                agents=states,
-                attempts=self._error_window.totals(now),
-                queue_ages=self._queue_ages.oldest(now),
-            )
-        )
-        for condition in verdict.fire:
-            self._alerts.fire(
-                condition.key,
-                kind=condition.kind,
-                severity=condition.severity,
-                summary=condition.summary,
-                detail=condition.detail,
-                labels=condition.labels,
-                data=condition.data,
-            )
-        for key, summary in verdict.clear.items():
-            self._alerts.resolve(key, summary=summary)
+    async def refresh_gauges(self) -> Census:
+        """Read the agents and the queue depths into the gauges ``/metrics`` shows (see
+        :meth:`Monitoring.refresh_gauges`)."""
+        return await self.monitoring.refresh_gauges()
 
-    async def _skip_sample(self) -> None:
-        """A standby saw nothing; the active router samples (one series per namespace)."""
-        self._sampled = (time.time(), dict(self.metrics.totals))
+    async def check_alert_rules(self, now: float | None = None) -> None:
+        """Evaluate the threshold rules now (see :meth:`Monitoring.check_alert_rules`)."""
+        await self.monitoring.check_alert_rules(now)
 
     async def take_sample(self) -> Sample:
-        """Store one sample: what the task and workflow totals moved since the previous one, and the
-        queue depths and agents now; samples older than ``history_s`` are dropped."""
-        now = time.time()
-        since, before = self._sampled
-        totals = dict(self.metrics.totals)
-        views = await self.agents()
-        # An unhealthy agent still heartbeats: it is alive (and may hold tasks), only stalled somewhere.
-        alive = [v for v in views if watchdog.AgentStatus(v["state"]).live]
-        capabilities = sorted({c for v in views for c in v["capabilities"]} | self._capabilities)
-        depths = await self.queue_depths(capabilities[:MAX_WATCHED_CAPABILITIES])
-        sample = Sample(
-            at=now,
-            data={
-                "interval_s": round(now - since, 3),
-                "moved": {k: v - before.get(k, 0) for k, v in totals.items()},
-                "queues": {c: d["messages"] for c, d in depths.items()},
-                "agents_alive": len(alive),
-                "agents_lost": sum(1 for v in views if v["state"] == watchdog.AgentStatus.LOST),
-                "in_flight": sum(int(v["in_flight"]) for v in alive),
-            },
-        )
-        await self._store.add_sample(sample, keep_since=now - self.settings.router.history_s)
-        self._sampled = (now, totals)
-        return sample
+        """Store one sample of the dashboard's time series (see :meth:`Monitoring.take_sample`)."""
+        return await self.monitoring.take_sample()
+
+    async def check_stalls(self, now: float | None = None) -> None:
+        """One pass of the stall watchdog (see :meth:`Agents.check_stalls`)."""
+        await self._agents.check_stalls(now)
 
     # -- recovery ---------------------------------------------------------------------------------
 
@@ -1903,7 +1772,7 @@ class Router:
             selected = [t for t in tasks.values() if not t.status.terminal]
         now = time.time()
         # Stopped and lost agents are left out; alive but unhealthy ones serve (the watchdog's mark is named).
-        who = why.serving(a for a in await self._store.list_agents() if watchdog.is_live(a, now))
+        who = why.serving((await self._agents.census(now)).live())
         depths: dict[str, int] = {}
         answers = []
         for task in selected:
@@ -1959,22 +1828,6 @@ class Router:
                 answer.update(reason=str(task.status), detail=f"{task.status}: waits for an operator")
             answers.append(answer)
         return answers
-
-    @staticmethod
-    def _agent_view(agent: AgentRecord, now: float | None = None) -> dict[str, Any]:
-        """An agent with its state (:func:`fabric.router.watchdog.agent_state`): ``alive``;
-        ``unhealthy`` when the stall watchdog found it not consuming a capability whose queue has work
-        (``reason`` says which and why); ``lost`` after three missed heartbeats; ``stopped`` when its
-        last heartbeat said it stopped cleanly."""
-        now = time.time() if now is None else now
-        silent_s = now - agent.last_seen
-        view = agent.to_dict()
-        state = watchdog.agent_state(agent, now)
-        view["state"] = str(state)
-        if state is watchdog.AgentStatus.UNHEALTHY:
-            view["reason"] = "; ".join(mark["reason"] for mark in agent.unhealthy.values())
-        view["silent_s"] = round(silent_s, 1)
-        return view
 
     async def status_document(self, workflow: WorkflowRecord) -> dict[str, Any]:
         tasks = await self._store.get_tasks(workflow.workflow_id)
@@ -2065,35 +1918,30 @@ class Router:
             raise KeyError(f"no workflow {workflow_id!r}")
         return workflow
 
+    # The read side of :class:`Monitoring`, so a Router serves where a Monitoring part is asked for.
+
+    @property
+    def published_capabilities(self) -> Set[str]:
+        return self.monitoring.published_capabilities
+
+    def counters(self) -> dict[str, int]:
+        return self.monitoring.counters()
+
+    def totals(self) -> dict[str, int]:
+        return self.monitoring.totals()
+
+    def firing_alerts(self) -> list[Alert]:
+        return self.monitoring.firing_alerts()
+
     async def agents(self) -> list[dict[str, Any]]:
-        """Every agent seen, with its state (``alive``, ``unhealthy``, ``lost``, ``stopped``), by id.
-        Agents stopped or lost for longer than ``router.agent_retention_s`` are pruned from the list."""
-        now = time.time()
-        return [self._agent_view(a, now) for a in await self._store.list_agents()]
+        """Every agent seen, with its state (``alive``, ``unhealthy``, ``lost``, ``stopped``), by id."""
+        return await self.monitoring.agents()
 
     async def queue_depths(self, capabilities: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Messages and consumers of each capability's queue, as the broker counts them (passive declares
-        on one channel, the first MAX_WATCHED_CAPABILITIES by name); capabilities without a queue are
-        left out."""
-        queues = {
-            names.capability_queue(self.ns, c): c
-            for c in sorted(set(capabilities))[:MAX_WATCHED_CAPABILITIES]
-        }
-        if not queues:
-            return {}
-        infos = await self._amqp.queue_infos(queues)
-        return {
-            queues[queue]: {"queue": info.name, "messages": info.messages, "consumers": info.consumers}
-            for queue, info in infos.items()
-            if info is not None
-        }
+        return await self.monitoring.queue_depths(capabilities)
 
     async def dead_queue_depth(self) -> dict[str, Any] | None:
-        """Messages in the parking queue ``{ns}.dead`` (tasks and anything else parked), or None."""
-        info = await self._amqp.queue_info(names.dead_queue(self.ns))
-        if info is None:
-            return None
-        return {"queue": info.name, "messages": info.messages, "consumers": info.consumers}
+        return await self.monitoring.dead_queue_depth()
 
     # -- heartbeats -------------------------------------------------------------------------------
 
@@ -2106,137 +1954,9 @@ class Router:
             log.warning("malformed heartbeat dropped: %s", exc)
             await delivery.ack()
             return
-        record = AgentRecord(
-            agent_id=beat.agent_id,
-            agent=beat.agent,
-            host=beat.host,
-            pid=beat.pid,
-            capabilities=beat.capabilities,
-            concurrency=beat.concurrency,
-            in_flight=beat.in_flight,
-            processed=beat.processed,
-            failed=beat.failed,
-            health=beat.health,
-            breakers=beat.breakers,
-            interval_s=beat.interval_s,
-            free_since=beat.free_since,
-            consumers={cap: state.model_dump() for cap, state in beat.consumers.items()},
-            unhealthy=dict(self._stalls.get(beat.agent_id, {})),
-            last_seen=beat.at,
-        )
-        now = time.time()
-        self._renew_leases([(w, t, a) for w, t, a in beat.leases], now)
-        first_seen = self._agent_first_seen.setdefault(beat.agent_id, beat.at)
-        if len(self._agent_first_seen) > 10_000:
-            self._agent_first_seen.clear()  # bounded; first_seen then restarts from the next beat
-        record.first_seen = first_seen
-        with contextlib.suppress(StoreError):
-            await self._store.put_agent(record)
-        if beat.health == "stopped":
-            log.info("agent %s stopped (processed %d, failed %d)", beat.agent_id, beat.processed, beat.failed)
-            self._agent_first_seen.pop(beat.agent_id, None)
+        self._renew_leases([(w, t, a) for w, t, a in beat.leases], time.time())
+        await self._agents.record(beat)
         await delivery.ack()
-
-    async def prune_agents(self, now: float | None = None) -> list[str]:
-        """Remove the agents stopped or lost for longer than ``router.agent_retention_s`` from the
-        registry (:func:`fabric.router.watchdog.expired`); returns their ids."""
-        now = time.time() if now is None else now
-        retention_s = self.settings.router.agent_retention_s
-        gone = watchdog.expired(await self._store.list_agents(), now=now, retention_s=retention_s)
-        if not gone:
-            return []
-        removed = await self._store.prune_agents([a.agent_id for a in gone], seen_before=now - retention_s)
-        for agent_id in removed:
-            self._agent_first_seen.pop(agent_id, None)
-        if removed:
-            log.info(
-                "forgot %d agent(s) stopped or lost for more than %gs: %s",
-                len(removed),
-                retention_s,
-                ", ".join(removed),
-            )
-        return removed
-
-    # -- stall watchdog ---------------------------------------------------------------------------
-
-    async def _load_stalls(self) -> None:
-        """Take the stall marks from the store (kept there by the active router)."""
-        with contextlib.suppress(StoreError):
-            self._stalls = {
-                a.agent_id: dict(a.unhealthy) for a in await self._store.list_agents() if a.unhealthy
-            }
-
-    async def check_stalls(self, now: float | None = None) -> None:
-        """One pass of the stall watchdog (see :mod:`fabric.router.watchdog`): mark agents that heartbeat
-        but do not consume although their queue has work ``unhealthy`` and alert; clear and resolve
-        the ones that consume again."""
-        stall_after_s = self.settings.router.stall_after_s
-        agents = {a.agent_id: a for a in await self._store.list_agents()}
-        now = time.time() if now is None else now
-        # Only queues an agent could be stalled on are inspected: a live agent with room and its
-        # breaker closed serves the capability.
-        capabilities = sorted(
-            {
-                capability
-                for agent in agents.values()
-                if agent.free_since is not None and watchdog.is_live(agent, now)
-                for capability in agent.capabilities
-                if agent.breakers.get(capability, "closed") == "closed"
-            }
-        )
-        infos = await self._amqp.queue_infos(names.capability_queue(self.ns, c) for c in capabilities)
-        queues: dict[str, watchdog.QueueWork] = {}
-        for capability in capabilities:
-            info = infos.get(names.capability_queue(self.ns, capability))
-            if info is None or info.messages == 0:
-                continue
-            since = self._ready_since.setdefault(capability, now)
-            queues[capability] = watchdog.QueueWork(info.messages, since)
-        self._ready_since = {c: t for c, t in self._ready_since.items() if c in queues}
-
-        changed: set[str] = set()
-        for agent_id, marks in list(self._stalls.items()):
-            agent = agents.get(agent_id)
-            ended = (
-                watchdog.cleared(agent, marks, now=now)
-                if agent is not None
-                else [watchdog.Cleared(agent_id, c, "the agent is gone from the registry") for c in marks]
-            )
-            for end in ended:
-                marks.pop(end.capability, None)
-                changed.add(agent_id)
-                log.warning("agent %s is healthy again on %s: %s", agent_id, end.capability, end.why)
-                self._alerts.resolve(
-                    _stall_key(agent_id, end.capability), summary=f"agent {agent_id}: {end.why}"
-                )
-            if not marks:
-                del self._stalls[agent_id]
-        for stall in watchdog.find_stalls(agents.values(), queues, now=now, stall_after_s=stall_after_s):
-            marks = self._stalls.setdefault(stall.agent_id, {})
-            if stall.capability not in marks:
-                marks[stall.capability] = stall.mark(now)
-                changed.add(stall.agent_id)
-                log.warning("agent %s is unhealthy: %s", stall.agent_id, stall.reason)
-        # Every mark is firing: after a router restart (the marks come back from the store, the alert
-        # publisher's memory does not) a stall still marked fires once more, and can be resolved.
-        for agent_id, marks in self._stalls.items():
-            for capability, mark in marks.items():
-                self._alerts.fire(
-                    _stall_key(agent_id, capability),
-                    kind="agent.stalled",
-                    severity=AlertSeverity.WARNING,
-                    summary=f"agent {agent_id}: {mark.get('reason', 'not consuming')}",
-                    detail="The agent heartbeats but takes no task of this capability although its "
-                    "queue has work and it has free slots. Check its broker connection and its log, or "
-                    "restart it; the alert resolves when it takes a task again.",
-                    labels={"agent_id": agent_id, "capability": capability},
-                    data={k: v for k, v in mark.items() if k != "reason"},
-                )
-        for agent_id in changed:
-            agent = agents.get(agent_id)
-            if agent is not None:
-                agent.unhealthy = dict(self._stalls.get(agent_id, {}))
-                await self._store.put_agent(agent)
 
     # -- failure handling of the router itself ----------------------------------------------------
 
@@ -2312,11 +2032,6 @@ class Router:
 
 #: The agent of the history entries an operator's replay, resume or abort adds.
 _OPERATOR = history.OPERATOR
-
-
-def _stall_key(agent_id: str, capability: str) -> str:
-    """The alert key of an agent's stall on one capability."""
-    return f"agent.stalled:{agent_id}/{capability}"
 
 
 #: Committed task counters that are the outcome of an attempt (for the error-rate rule).
