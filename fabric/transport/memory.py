@@ -191,11 +191,18 @@ class MemoryBroker:
         #: Messages published (confirmed or not), for tests that count traffic.
         self.published = 0
 
-    def connection(self, *, name: str = "fabric") -> MemoryConnection:
+    def connection(self, *, name: str = "fabric", publish_timeout_s: float = 30.0) -> MemoryConnection:
         """A new, not yet connected, connection (a :class:`fabric.transport.base.Transport`)."""
         from fabric.transport.memory_connection import MemoryConnection
 
-        return MemoryConnection(self, name=name)
+        return MemoryConnection(self, name=name, publish_timeout_s=publish_timeout_s)
+
+    def cut(self, connection: MemoryConnection, *, down_s: float = 0.05) -> None:
+        """A network fault on ``connection``: it is lost at once (its unacked deliveries go back to their
+        queues, redelivered; ``on_lost`` runs) and restored after ``down_s`` with its consumers (then
+        ``on_restored`` runs), as aio-pika's robust connection reconnects."""
+        connection.lose()
+        asyncio.get_running_loop().call_later(down_s, connection.restore)
 
     # -- topology -----------------------------------------------------------------------------------
 
@@ -350,7 +357,9 @@ def topic_matches(pattern: list[str], words: list[str]) -> bool:
     return (head in ("*", words[0])) and topic_matches(rest, words[1:])
 
 
-def _headers(binding: Binding, message: Message) -> bool:
+def headers_match(binding: Binding, message: Message) -> bool:
+    """Headers-exchange matching: every (``x-match: all``) or some (``any``) non-``x-`` argument of the
+    binding is a header of the message with the same value."""
     arguments = dict(binding.arguments)
     wanted = {k: v for k, v in arguments.items() if not k.startswith("x-")}
     found = [k in message.headers and message.headers[k] == v for k, v in wanted.items()]
@@ -363,5 +372,5 @@ _MATCHERS: dict[ExchangeType, Callable[[Binding, Message], bool]] = {
     ExchangeType.DIRECT: _direct,
     ExchangeType.FANOUT: _fanout,
     ExchangeType.TOPIC: _topic,
-    ExchangeType.HEADERS: _headers,
+    ExchangeType.HEADERS: headers_match,
 }

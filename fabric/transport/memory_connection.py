@@ -27,9 +27,14 @@ class MemoryConnection:
     """A connection to a :class:`~fabric.transport.memory.MemoryBroker` (a
     :class:`fabric.transport.base.Transport`)."""
 
-    def __init__(self, broker: MemoryBroker, *, name: str = "fabric") -> None:
+    def __init__(
+        self, broker: MemoryBroker, *, name: str = "fabric", publish_timeout_s: float = 30.0
+    ) -> None:
         self.broker = broker
         self.name = name
+        self._publish_timeout_s = publish_timeout_s
+        #: Set while the connection is up (publishes during an outage wait for it, as over AMQP).
+        self._up = asyncio.Event()
         self.on_confirm: Callable[[str, float], None] | None = None
         self.on_lost: list[Callable[[], None]] = []
         self.on_restored: list[Callable[[], None]] = []
@@ -54,26 +59,54 @@ class MemoryConnection:
         if self._state != "new":
             raise NotConnectedError("this MemoryConnection is already connected; create a new one")
         self._state = "open"
+        self._up.set()
+
+    def lose(self) -> None:
+        """A network fault (see :meth:`MemoryBroker.cut`): unacked deliveries go back to their queues,
+        redelivered; consumers stop getting messages; ``on_lost`` callbacks run."""
+        if self._state != "open":
+            return
+        self._state = "lost"
+        self._up.clear()
+        self._give_back()
+        for callback in self.on_lost:
+            callback()
+
+    def restore(self) -> None:
+        """Back after :meth:`lose`, with its consumers subscribed again; ``on_restored`` callbacks run."""
+        if self._state != "lost":
+            return
+        self._state = "open"
+        self._up.set()
+        for consumer in self._consumers:
+            if consumer.active:
+                self.broker.pump(self.broker.queues.get(consumer.queue_name) or consumer.queue)
+        for callback in self.on_restored:
+            callback()
+
+    def _give_back(self) -> None:
+        # As RabbitMQ does when a channel closes: unacked deliveries go back, marked redelivered.
+        for delivery in sorted(self._unacked, key=lambda d: d.seq):
+            delivery.outcome(requeue=True, dead=False)
+        self._unacked.clear()
 
     async def close(self) -> None:
         if self._state == "closed":
             return
         self._state = "closed"
+        self._up.set()
         for consumer in self._consumers:
             await consumer.close()
         for handler in list(self._handlers):
             handler.cancel()
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=5)
-        # As RabbitMQ does when a channel closes: unacked deliveries go back, marked redelivered.
-        for delivery in sorted(self._unacked, key=lambda d: d._entry.seq):
-            delivery.outcome(requeue=True, dead=False)
-        self._unacked.clear()
+        self._give_back()
         for queue in [q for q in self.broker.queues.values() if q.owner is self]:
             self.broker.delete_queue(queue.name)
 
     def _require(self) -> MemoryBroker:
-        if self._state != "open":
+        if self._state not in ("open", "lost"):
             raise NotConnectedError("MemoryConnection is not connected: use 'async with broker.connection()'")
         return self.broker
 
@@ -129,6 +162,16 @@ class MemoryConnection:
         expiration_s: float | None = None,
     ) -> None:
         broker = self._require()
+        if self._state == "lost":
+            # Reconnecting: wait for the connection rather than fail a publish that would go through
+            # a moment later.
+            try:
+                await asyncio.wait_for(self._up.wait(), self._publish_timeout_s)
+            except TimeoutError:
+                raise TransportError(
+                    f"the broker connection did not come back within {self._publish_timeout_s:g}s"
+                ) from None
+            self._require()
         message = Message(
             body=bytes(body),
             routing_key=routing_key,
@@ -159,6 +202,9 @@ class MemoryConnection:
     async def publish_unconfirmed(
         self, exchange: str, routing_key: str, body: bytes, *, content_type: str = "application/msgpack"
     ) -> bool:
+        self._require()
+        if self._state != "open":
+            return False
         try:
             await self.publish(
                 exchange, routing_key, body, content_type=content_type, persistent=False, mandatory=False

@@ -25,6 +25,8 @@ class MemoryDelivery:
         self, entry: Entry, queue: Queue, connection: MemoryConnection, credit: Credit | None
     ) -> None:
         self._entry = entry
+        #: Arrival number in its queue (a requeue puts it back at its place).
+        self.seq = entry.seq
         self._message = entry.message
         self._queue = queue
         self._connection = connection
@@ -132,7 +134,12 @@ class MemoryConsumer:
 
     @property
     def closed(self) -> bool:
+        """True while its connection is not up (lost, or closed): the queue skips this consumer."""
         return not self._connection.connected
+
+    @property
+    def queue(self) -> Queue:
+        return self._queue
 
     @property
     def healthy(self) -> bool:

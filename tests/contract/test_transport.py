@@ -11,9 +11,11 @@ and the admin operations (passive declares, counts, deletes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -31,41 +33,58 @@ WAIT_S = 20.0
 
 @dataclass
 class UnderTest:
-    """One broker under test: ``connect()`` opens another connection to the same broker."""
+    """One broker under test: ``connect()`` opens another connection to the same broker;
+    ``connect(faulty=True)`` one that ``cut()`` can break like a network fault."""
 
     name: str
-    connect: Callable[[], Awaitable[Transport]]
+    connect: Callable[..., Awaitable[Transport]]
+    cut: Callable[[Transport], Awaitable[None]]
     opened: list[Transport] = field(default_factory=list)
 
 
 @pytest.fixture(params=["amqp", "memory"])
 async def under_test(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[UnderTest]:
+    exits = contextlib.AsyncExitStack()
     if request.param == "amqp":
         from fabric.transport.amqp import AmqpConnection
+        from tests.proxy import TcpProxy
 
         url = request.getfixturevalue("amqp_url")
+        parsed = urlsplit(url)
+        proxy = await exits.enter_async_context(TcpProxy(parsed.hostname or "127.0.0.1", parsed.port or 5672))
+        through = parsed._replace(netloc=f"{parsed.username}:{parsed.password}@127.0.0.1:{proxy.port}")
 
-        async def connect() -> Transport:
-            amqp = AmqpConnection(url, name=request.node.nodeid[:200], publish_timeout_s=10)
+        async def connect(*, faulty: bool = False) -> Transport:
+            target = through.geturl() if faulty else url
+            amqp = AmqpConnection(target, name=request.node.nodeid[:200], publish_timeout_s=10)
             await amqp.connect()
             chosen.opened.append(amqp)
             return amqp
 
+        async def cut(transport: Transport) -> None:
+            await proxy.cut()
+
     else:
         from fabric.testing import MemoryBroker
+        from fabric.transport.memory_connection import MemoryConnection
 
         broker = MemoryBroker()
 
-        async def connect() -> Transport:
-            connection = broker.connection(name=request.node.nodeid[:200])
+        async def connect(*, faulty: bool = False) -> Transport:
+            connection = broker.connection(name=request.node.nodeid[:200], publish_timeout_s=10)
             await connection.connect()
             chosen.opened.append(connection)
             return connection
 
-    chosen = UnderTest(request.param, connect)
+        async def cut(transport: Transport) -> None:
+            assert isinstance(transport, MemoryConnection)
+            broker.cut(transport)
+
+    chosen = UnderTest(request.param, connect, cut)
     try:
         yield chosen
     finally:
+        await exits.aclose()
         cleaner = next((t for t in chosen.opened if t.connected), None)
         if cleaner is not None:
             await cleaner.delete(spec.build(namespace, CAPS) + _extra(namespace))
@@ -87,6 +106,7 @@ def _extra(ns: str) -> Topology:
             QueueSpec(f"{ns}.x.work", (("x-dead-letter-exchange", f"{ns}.x.dlx"),)),
             QueueSpec(f"{ns}.x.dlq"),
             QueueSpec(f"{ns}.x.plain"),
+            QueueSpec(f"{ns}.x.short", (("x-max-length", 2),)),
         ),
         bindings=(BindingSpec(f"{ns}.x.dlq", f"{ns}.x.dlx"),),
     )
@@ -579,3 +599,86 @@ async def test_channel_wide_prefetch_counts_one_limit_for_one_queue(
     await inbox.wait(2)
     await _ready(transport, queue, 1)
     assert consumer.queue_name == queue
+
+
+async def test_publishing_to_a_missing_exchange_is_a_transport_error_not_unroutable(
+    transport: Transport, namespace: str
+) -> None:
+    with pytest.raises(TransportError) as caught:
+        await transport.publish(f"{namespace}.no-such-exchange", "k", b"x")
+    assert not isinstance(caught.value, Unroutable)
+    assert "NOT_FOUND" in str(caught.value)
+    # The connection stays usable.
+    await transport.declare(_extra(namespace))
+    await transport.publish(DEFAULT_EXCHANGE, f"{namespace}.x.plain", b"after")
+    await _ready(transport, f"{namespace}.x.plain", 1)
+
+
+async def test_binding_a_missing_queue_is_a_transport_error(transport: Transport, namespace: str) -> None:
+    await transport.declare(spec.core(namespace))
+    missing = Topology(
+        bindings=(BindingSpec(f"{namespace}.x.nothing", names.events_exchange(namespace), "#"),)
+    )
+    with pytest.raises(TransportError):
+        await transport.declare(missing)
+
+
+async def test_a_queue_with_max_length_drops_from_the_head(transport: Transport, namespace: str) -> None:
+    await transport.declare(_extra(namespace))
+    for n in range(3):
+        await transport.publish(DEFAULT_EXCHANGE, f"{namespace}.x.short", str(n).encode())
+    await _ready(transport, f"{namespace}.x.short", 2)
+    inbox = Inbox()
+    await transport.consume(f"{namespace}.x.short", inbox, prefetch=10)
+    await inbox.wait(2)
+    assert inbox.bodies == [b"1", b"2"]
+
+
+async def test_a_consumer_whose_queue_was_deleted_resubscribes_once_it_is_declared_again(
+    transport: Transport, namespace: str
+) -> None:
+    topology = spec.build(namespace, CAPS)
+    await transport.declare(topology)
+    queue = names.capability_queue(namespace, "echo")
+    inbox = Inbox()
+    consumer = await transport.consume(queue, inbox, prefetch=10)
+    await eventually(lambda: consumer.healthy, timeout=WAIT_S, what="the consumer to be healthy")
+    await transport.delete_queue(queue, if_unused=False, if_empty=False)
+    # The broker cancels the consumer: still active (nobody cancelled it here), but no longer healthy.
+    await eventually(lambda: not consumer.healthy, timeout=WAIT_S, what="the broker to cancel the consumer")
+    assert consumer.active
+    await transport.forget(spec.capability(namespace, "echo"))
+    await transport.declare(spec.capability(namespace, "echo"))
+    await consumer.resubscribe()
+    await eventually(lambda: consumer.healthy, timeout=WAIT_S, what="the consumer to be back")
+    await transport.publish(names.tasks_exchange(namespace), "echo", b"back")
+    await inbox.wait(1)
+    assert inbox.bodies == [b"back"]
+
+
+async def test_a_lost_connection_comes_back_with_its_consumers_and_gives_unacked_messages_back(
+    under_test: UnderTest, transport: Transport, namespace: str
+) -> None:
+    await transport.declare(spec.build(namespace, CAPS))
+    queue = names.capability_queue(namespace, "echo")
+    faulty = await under_test.connect(faulty=True)
+    lost, restored = asyncio.Event(), asyncio.Event()
+    faulty.on_lost.append(lost.set)
+    faulty.on_restored.append(restored.set)
+    inbox = Inbox(manual=True)
+    consumer = await faulty.consume(queue, inbox, prefetch=10)
+    await transport.publish(names.tasks_exchange(namespace), "echo", b"held", message_id="h")
+    [held] = await inbox.wait(1)
+    await under_test.cut(faulty)
+    await asyncio.wait_for(lost.wait(), WAIT_S)
+    # Settling on the lost connection is no error: the broker has the message back already.
+    await held.ack()
+    await asyncio.wait_for(restored.wait(), 60)
+    await eventually(lambda: faulty.connected and consumer.healthy, timeout=60, what="the consumer back")
+    again = (await inbox.wait(2))[1]
+    assert (again.body, again.message_id, again.redelivered) == (b"held", "h", True)
+    await again.ack()
+    # Publishing works again on the restored connection, and its consumer receives.
+    await faulty.publish(names.tasks_exchange(namespace), "echo", b"after")
+    await inbox.wait(3)
+    assert inbox.bodies[2] == b"after"
