@@ -36,37 +36,27 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from fabric.errors import (
-    Abort,
     FabricError,
     HandlerSignal,
     NotConnectedError,
     ProtocolError,
-    Retry,
     TransportError,
 )
 from fabric.health import HealthServer, serve_health
-from fabric.metrics import WorkerCounter, WorkerMetrics
+from fabric.metrics import WorkerMetrics
 from fabric.policy import (
-    REASON_NO_OTHER_AGENT,
-    REASON_WORKER_LOST,
-    Action,
-    Decision,
-    Failure,
     FailurePolicy,
     RetryPolicy,
-    give_up,
 )
 from fabric.policy import score as scoring
 from fabric.policy.breaker import BreakerState, CircuitBreaker
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import (
     ConsumerState,
-    ErrorInfo,
     EventStatus,
     Heartbeat,
     HeartbeatHealth,
     OnExhausted,
-    TaskEvent,
 )
 from fabric.protocol.task_message import TaskMessage
 from fabric.settings import FabricSettings
@@ -74,14 +64,14 @@ from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attr
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 from fabric.worker import background
+from fabric.worker import outcome as outcome_
 from fabric.worker.agent import Agent, Handler, Task
 from fabric.worker.cancels import CancelSync
+from fabric.worker.outcome import Outcome
+from fabric.worker.settlement import NACK_PAUSE_S, Settlement, requeue_later, settling, task_message
 
 log = logging.getLogger("fabric.worker")
 
-#: Pause before a task whose events could not be published goes back to the queue, so a broker that
-#: keeps refusing publishes does not turn the task into a hot redelivery loop.
-NACK_PAUSE_S = 1.0
 #: How long a stopping worker waits for the broker to confirm its final (``stopped``) heartbeat.
 FINAL_BEAT_TIMEOUT_S = 2.0
 
@@ -151,6 +141,15 @@ class Worker:
             under_lease=lambda: sum(1 for running in self._attempts.values() if running.leased),
         )
         self._amqp.on_confirm = self.metrics.observe_publish
+        #: Publishes events and copies of task messages, and settles deliveries in the contract's order.
+        self._settle = Settlement(
+            self._amqp,
+            self.ns,
+            self.agent_id,
+            telemetry=self._telemetry,
+            metrics=self.metrics,
+            capabilities=agent.capabilities,
+        )
         self._slots = asyncio.Semaphore(self.concurrency)
         # Deliveries waiting for a free slot; drain() cancels these waits and the tasks go back unstarted.
         self._slot_waits: set[asyncio.Task[bool]] = set()
@@ -336,9 +335,9 @@ class Worker:
 
     # -- circuit breakers -------------------------------------------------------------------------
 
-    def _count_for_breaker(self, capability: str, outcome: _Outcome) -> None:
+    def _count_for_breaker(self, capability: str, outcome: Outcome) -> None:
         """Feed an attempt's outcome to its capability's breaker; when it opens, stop consuming."""
-        if not _counts_for_health(outcome):
+        if not outcome.counts_for_health:
             return  # the input's fault or an operator's decision, not this agent's health
         breaker = self._breakers[capability]
         before = breaker.state
@@ -358,9 +357,9 @@ class Worker:
         if after is BreakerState.OPEN:
             self._keep_breaker(capability)
 
-    def _count_for_score(self, capability: str, outcome: _Outcome, duration_s: float) -> None:
+    def _count_for_score(self, capability: str, outcome: Outcome, duration_s: float) -> None:
         """Feed an attempt's outcome and duration to the capability's recent record (the score)."""
-        if not _counts_for_health(outcome):
+        if not outcome.counts_for_health:
             return
         self._recent[capability].add(
             time.time(), ok=outcome.status is EventStatus.SUCCEEDED, duration_s=duration_s
@@ -414,7 +413,7 @@ class Worker:
             if not breaker.try_probe():
                 # A task taken before the breaker opened ended meanwhile and closed (or reopened) it:
                 # this one is no probe. Back it goes, fresh (a nack would make it a lost attempt).
-                await self._return_unstarted(probe)
+                await self._settle.return_unstarted(probe)
                 continue
             log.info("circuit breaker of %s half-open: running one probe task", capability)
             try:
@@ -448,7 +447,7 @@ class Worker:
             # A bug in the runtime, not in the handler: park the message rather than loop on it.
             log.critical("worker failed on task message %s; parking it", delivery.message_id, exc_info=True)
             if not delivery.settled:
-                await self._park(delivery, "worker_error", f"{type(exc).__name__}: {exc}")
+                await self._settle.park(delivery, "worker_error", f"{type(exc).__name__}: {exc}")
         finally:
             self._running.discard(current)
             self._note_load()
@@ -473,17 +472,17 @@ class Worker:
             raise
 
     async def _process_delivery(self, handler: Handler, delivery: Delivery) -> None:
-        message = _task_message(delivery)
+        message = task_message(delivery)
         workflow_id, task_id = message.workflow_id, message.task_id
         if not workflow_id or not task_id:
-            await self._park(
+            await self._settle.park(
                 delivery, "malformed_task", "missing fabric-workflow-id or fabric-task-id header"
             )
             return
         try:
             task_input, upstream = message.payload()
         except ProtocolError as exc:
-            await self._park(delivery, "malformed_task", str(exc))
+            await self._settle.park(delivery, "malformed_task", str(exc))
             return
         timeout_s = message.timeout_s or handler.timeout_s or (self.settings.worker.default_timeout_s)
         task = Task(
@@ -564,7 +563,7 @@ class Worker:
         if slot is None:
             # Draining: a task not started yet is another worker's to run (one copy of it is enough).
             log.info("draining: returning task %s/%s to its queue unstarted", task.workflow_id, task.task_id)
-            await self._return_unstarted(delivery)
+            await self._settle.return_unstarted(delivery)
             for copy in running.deliveries[1:]:
                 await copy.ack()
             return
@@ -572,7 +571,7 @@ class Worker:
             slot.release()  # cancelled while it waited for the slot
             await self._drop_cancelled(task, running.deliveries)
             return
-        with self._attempt_span(task, _task_message(delivery)) as span:
+        with self._attempt_span(task, task_message(delivery)) as span:
             await self._attempt(handler, running, slot, span)
 
     def _attempt_span(
@@ -618,16 +617,17 @@ class Worker:
             try:
                 delay = self.settings.worker.started_after_s
                 if delay > 0:
-                    announcer = _DeferredStart(self._event(task, EventStatus.STARTED), delay)
+                    announcer = _DeferredStart(self._settle.event(task, EventStatus.STARTED), delay)
                 else:
-                    await self._event(task, EventStatus.STARTED)
+                    await self._settle.event(task, EventStatus.STARTED)
                 self.metrics.started(task.capability, _queue_wait_s(delivery))
                 began = time.perf_counter()
                 began_at = time.time()
                 outcome = await self._run(handler, task, slot)
                 # The started event, if it went, is confirmed before the outcome (same channel, in order).
                 started_at = began_at if announcer is not None and not await announcer.settle() else None
-                self.metrics.ran(task.capability, _RUN_OUTCOMES[outcome.status], time.perf_counter() - began)
+                label = outcome_.RUN_LABELS[outcome.status]
+                self.metrics.ran(task.capability, label, time.perf_counter() - began)
                 timer.cancel()
                 await _finish_handover(running)
                 if running.leased and not self._lease_held(running):
@@ -644,31 +644,13 @@ class Worker:
                 if outcome.error is not None:
                     self._telemetry.failed(span, outcome.error.type, outcome.error.message)
                 if self._is_cancelled(task):
-                    outcome = _Outcome(EventStatus.CANCELLED, error=_CANCELLED)
+                    outcome = outcome_.cancelled()
                 self._count_for_breaker(handler.capability, outcome)
                 self._count_for_score(handler.capability, outcome, time.perf_counter() - began)
                 # The retry or the parked copy is confirmed before the event, and both before the ack:
                 # a crash in between repeats a step, it never loses the task.
-                if outcome.status is EventStatus.RETRYING and outcome.decision is not None:
-                    await self._retry_later(delivery, task, outcome.decision)
-                elif outcome.status is EventStatus.REASSIGNED:
-                    await self._reassign(delivery, task)
-                elif outcome.status is EventStatus.DEAD and outcome.decision is not None:
-                    await self._park_task(delivery, task, outcome.decision)
-                elif outcome.status is EventStatus.ESCALATED:
-                    # No copy is kept in the broker: the router holds the task's input and upstream
-                    # results, and publishes it afresh when an operator resumes it.
-                    self._log_escalation(task, outcome.decision)
-                await self._event(
-                    task,
-                    outcome.status,
-                    result=outcome.result,
-                    error=outcome.error,
-                    retry_in_s=_retry_in_s(outcome.decision),
-                    reason=outcome.decision.reason if outcome.decision is not None else None,
-                    started_at=started_at,
-                )
-                self._count_outcome(task.capability, outcome.status)
+                await self._settle.carry_out(delivery, task, outcome, started_at=started_at)
+                self._settle.count(task.capability, outcome)
             except TransportError as exc:
                 if running.leased:
                     # The message is acked: the lease, no longer renewed, lapses and the router runs
@@ -686,9 +668,7 @@ class Worker:
                     "could not report task %s/%s (%s); leaving it to redelivery", workflow_id, task_id, exc
                 )
                 slot.release()
-                await asyncio.sleep(NACK_PAUSE_S)
-                for copy in running.deliveries:
-                    await copy.nack(requeue=True)
+                await requeue_later(running.deliveries)
                 return
             self._reported[(workflow_id, task_id, task.attempt)] = None
             while len(self._reported) > _MAX_REPORTED:
@@ -702,21 +682,6 @@ class Worker:
             if running.handover is not None:
                 running.handover.cancel()
             slot.release()
-
-    def _count_outcome(self, capability: str, status: EventStatus) -> None:
-        """Move the counters for an attempt's reported outcome."""
-        if status is EventStatus.SUCCEEDED:
-            self.metrics.count("succeeded", capability)
-            return
-        if status is EventStatus.CANCELLED:
-            return
-        self.metrics.count("failed", capability)
-        if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
-            self.metrics.count("retried", capability)
-        elif status is EventStatus.DEAD:
-            self.metrics.count("parked", capability)
-        elif status is EventStatus.ESCALATED:
-            self.metrics.count("escalated", capability)
 
     def _begin_handover(self, running: _Running) -> None:
         running.handover = asyncio.create_task(
@@ -736,7 +701,7 @@ class Worker:
             running.handing_over = True
             renewed_at = time.monotonic()
             try:
-                await self._event(task, EventStatus.STARTED, lease_s=worker.lease_ttl_s)
+                await self._settle.event(task, EventStatus.STARTED, lease_s=worker.lease_ttl_s)
                 break
             except TransportError as exc:
                 running.handing_over = False
@@ -807,43 +772,49 @@ class Worker:
             return None
         return slot
 
-    async def _run(self, handler: Handler, task: Task, slot: _Slot) -> _Outcome:
+    async def _run(self, handler: Handler, task: Task, slot: _Slot) -> Outcome:
         """Run the handler once; return what to report (and, for a failure, the policy's decision)."""
+        facts = self._facts(task)
         deadline = asyncio.timeout(task.timeout_s)
         try:
             async with deadline:
                 result = await self._call(handler, task, slot)
         except TimeoutError as exc:
-            if deadline.expired():
+            # Else the handler's own TimeoutError (a call it made timed out), not the task's limit.
+            timed_out = deadline.expired()
+            if timed_out:
                 task.cancelled.set()
-                error = ErrorInfo(
-                    type="TimeoutError", message=f"task exceeded its timeout of {task.timeout_s:g}s"
-                )
-            else:  # the handler's own TimeoutError (a call it made timed out), not the task's limit
-                error = ErrorInfo(type=type(exc).__name__, message=str(exc))
-            log.info("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, error.type, error.message)
-            return self._failed(task, error, None)
+            limit = task.timeout_s if timed_out else None
+            outcome = outcome_.of_error(exc, facts, self._policy, timeout_s=limit)
+            self._log_failure(task, outcome)
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
             if current is not None and current.cancelling() > 0:
                 task.cancelled.set()
                 raise  # the worker itself is being cancelled (drain deadline)
             if self._is_cancelled(task):
-                return _Outcome(EventStatus.CANCELLED, error=_CANCELLED)
+                return outcome_.cancelled()
             # The handler raised CancelledError of its own accord: a handler failure like any other.
             log.info("task %s/%s failed: handler raised CancelledError", task.workflow_id, task.task_id)
-            message = str(exc) or "the handler raised CancelledError"
-            return self._failed(task, ErrorInfo(type="CancelledError", message=message), None)
+            outcome = outcome_.of_error(exc, facts, self._policy)
         except HandlerSignal as signal:
-            return self._failed(task, ErrorInfo(type=type(signal).__name__, message=str(signal)), signal)
+            outcome = outcome_.of_error(signal, facts, self._policy)
         except Exception as exc:
-            log.info("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, type(exc).__name__, exc)
-            return self._failed(task, ErrorInfo(type=type(exc).__name__, message=str(exc)), None)
-        problem = _unserializable(result)
-        if problem is not None:
-            return self._failed(task, ErrorInfo(type="ResultNotSerializable", message=problem), None)
-        self.processed += 1
-        return _Outcome(EventStatus.SUCCEEDED, result=result)
+            outcome = outcome_.of_error(exc, facts, self._policy)
+            self._log_failure(task, outcome)
+        else:
+            outcome = outcome_.of_result(result, facts, self._policy)
+        if outcome.status is EventStatus.SUCCEEDED:
+            self.processed += 1
+        else:
+            self.failed += 1
+        return outcome
+
+    @staticmethod
+    def _log_failure(task: Task, outcome: Outcome) -> None:
+        error = outcome.error
+        assert error is not None
+        log.info("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, error.type, error.message)
 
     async def _call(self, handler: Handler, task: Task, slot: _Slot) -> Any:
         """Call the handler: async ones on the event loop, sync ones on a daemon thread of their own."""
@@ -878,35 +849,14 @@ class Worker:
     def _thread_returned(self) -> None:
         self.overdue_threads -= 1
 
-    def _failed(self, task: Task, error: ErrorInfo, signal: HandlerSignal | None) -> _Outcome:
-        self.failed += 1
-        decision = self._policy.decide(
-            Failure(
-                error=error,
-                attempt=task.attempt,
-                max_attempts=task.max_attempts,
-                capability=task.capability,
-                signal=type(signal).__name__ if signal is not None else None,
-                requested_delay_s=signal.delay_s if isinstance(signal, Retry) else None,
-                requested_reason=signal.reason if isinstance(signal, Abort) else None,
-                on_exhausted=self._on_exhausted(task),
-            )
-        )
-        return _Outcome(_EVENT_OF[decision.action], error=decision.error, decision=decision)
-
-    def _on_exhausted(self, task: Task) -> OnExhausted:
-        """The task's ``fabric-on-exhausted`` header, else this worker's settings for its capability."""
-        return task.on_exhausted or self.settings.policy.on_exhausted_for(task.capability)
-
-    def _log_escalation(self, task: Task, decision: Decision | None) -> None:
-        error = decision.error if decision is not None else None
-        log.warning(
-            "task %s/%s escalated to an operator after attempt %d (%s): %s",
-            task.workflow_id,
-            task.task_id,
-            task.attempt,
-            decision.reason if decision is not None else "?",
-            f"{error.type}: {error.message}" if error is not None else "",
+    def _facts(self, task: Task) -> outcome_.Attempt:
+        """What the failure policy needs of ``task``; what happens once it is out of attempts is the
+        task's ``fabric-on-exhausted`` header, else this worker's settings for its capability."""
+        return outcome_.Attempt(
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            capability=task.capability,
+            on_exhausted=task.on_exhausted or self.settings.policy.on_exhausted_for(task.capability),
         )
 
     def _is_cancelled(self, task: Task) -> bool:
@@ -915,21 +865,14 @@ class Worker:
     async def _drop_cancelled(self, task: Task, deliveries: list[Delivery]) -> None:
         """A copy of a cancelled task: report it ``cancelled`` (so the router knows the copy is gone)
         and ack it, unrun. Nothing is counted, handed on or parked."""
-        try:
-            await self._event(task, EventStatus.CANCELLED, error=_CANCELLED)
-        except TransportError:
-            await asyncio.sleep(NACK_PAUSE_S)
-            for delivery in deliveries:
-                await delivery.nack(requeue=True)
-            return
-        log.info(
-            "dropped a copy of cancelled task %s/%s (attempt %d)",
-            task.workflow_id,
-            task.task_id,
-            task.attempt,
-        )
-        for delivery in deliveries:
-            await delivery.ack()
+        async with settling(deliveries):
+            await self._settle.event(task, EventStatus.CANCELLED, error=outcome_.CANCELLED_ERROR)
+            log.info(
+                "dropped a copy of cancelled task %s/%s (attempt %d)",
+                task.workflow_id,
+                task.task_id,
+                task.attempt,
+            )
 
     def _stop_cancelled(self, workflow_id: str, task_ids: list[str] | None) -> None:
         """Stop the running handlers of a cancel just learnt."""
@@ -950,229 +893,33 @@ class Worker:
         handler (``Reassign``) is then parked as ``no_other_agent``; one that merely failed here before
         is run here after all (a retry on the same agent beats no retry). Returns True when handled.
         """
-        message = _task_message(delivery)
+        message = task_message(delivery)
         bounces = message.bounces
         if bounces >= MAX_BOUNCES and not message.must_avoid:
             return False
-        try:
+        async with settling([delivery]):
             if bounces >= MAX_BOUNCES:
-                avoided = ", ".join(message.avoid)
-                error = ErrorInfo(
-                    type="NoOtherAgent",
-                    message=f"no agent but {avoided} took the task in {bounces} hand-overs",
-                )
-                decision = give_up(error, REASON_NO_OTHER_AGENT, self._on_exhausted(task))
-                if decision.action is Action.ESCALATE:
-                    self._log_escalation(task, decision)
-                else:
-                    await self._park_task(delivery, task, decision)
-                await self._event(task, _EVENT_OF[decision.action], error=error, reason=decision.reason)
-                self.metrics.count(
-                    "escalated" if decision.action is Action.ESCALATE else "parked", task.capability
-                )
+                outcome = outcome_.no_other_agent(message.avoid, bounces, self._facts(task).on_exhausted)
+                await self._settle.carry_out(delivery, task, outcome)
+                self._settle.count(task.capability, outcome)
             else:
-                await self._republish(task.capability, message.handed_on())
-        except TransportError:
-            await asyncio.sleep(NACK_PAUSE_S)
-            await delivery.nack(requeue=True)
-            return True
-        await delivery.ack()
+                await self._settle.republish(task.capability, message.handed_on())
         return True
-
-    async def _republish(self, capability: str, message: TaskMessage) -> None:
-        """Publish a copy of the task message to ``{ns}.tasks`` (a fresh message, not a redelivery)."""
-        await self._amqp.publish(
-            names.tasks_exchange(self.ns), capability, message.body, **message.properties()
-        )
-
-    async def _reassign(self, delivery: Delivery, task: Task) -> None:
-        """The handler raised ``Reassign``: the next attempt must run on another agent, at once."""
-        moved = _task_message(delivery).reassigned(
-            self.agent_id, now_ms=headers.now_ms(), previous_attempt=self._telemetry.current()
-        )
-        await self._republish(task.capability, moved)
 
     async def _lost_attempt(self, delivery: Delivery, task: Task, span: Span) -> None:
         """A redelivered task message: a consumer got this attempt before and never settled it, because
         its worker died (or lost the broker connection) while running it. That counts as an attempt,
         so a task that kills its worker every time is parked as ``worker_lost`` instead of looping."""
-        error = ErrorInfo(
-            type="WorkerLost",
-            message=f"attempt {task.attempt} was lost: its worker died or lost the broker connection "
-            "while running it",
-        )
-        self._telemetry.failed(span, error.type, error.message)
-        decision = self._policy.decide(
-            Failure(
-                error=error,
-                attempt=task.attempt,
-                max_attempts=task.max_attempts,
-                capability=task.capability,
-                on_exhausted=self._on_exhausted(task),
-            )
-        )
+        outcome = outcome_.lost(self._facts(task), self._policy)
+        assert outcome.error is not None
+        self._telemetry.failed(span, outcome.error.type, outcome.error.message)
         try:
-            if decision.action is Action.RETRY:
-                # Who lost the attempt is unknown (not this agent, which just received it): avoid nobody new.
-                await self._retry_later(delivery, task, decision, avoid_self=False)
-            else:
-                decision = give_up(error, REASON_WORKER_LOST, self._on_exhausted(task))
-                if decision.action is Action.ESCALATE:
-                    self._log_escalation(task, decision)
-                else:
-                    await self._park_task(delivery, task, decision)
-            status = _EVENT_OF[decision.action]
-            await self._event(
-                task,
-                status,
-                error=error,
-                retry_in_s=_retry_in_s(decision),
-                reason=decision.reason,
-            )
-            # Not this worker's failure (another one lost the attempt): retried, parked or escalated.
-            self.metrics.count(_LOST_COUNTER.get(status, "parked"), task.capability)
+            await self._settle.carry_out(delivery, task, outcome)
         except TransportError as exc:
             log.warning("could not handle lost attempt of %s/%s (%s)", task.workflow_id, task.task_id, exc)
-            await asyncio.sleep(NACK_PAUSE_S)
-            await delivery.nack(requeue=True)
+            await requeue_later([delivery])
             return
-        await delivery.ack()
-
-    async def _return_unstarted(self, delivery: Delivery) -> None:
-        """Give a task this worker will not start back to its queue as a fresh message.
-
-        A nack would mark it redelivered, and a redelivered task counts as a lost attempt.
-        """
-        try:
-            await self._republish(delivery.routing_key, _task_message(delivery))
-        except TransportError:
-            await delivery.nack(requeue=True)
-            return
-        await delivery.ack()
-
-    async def _retry_later(
-        self, delivery: Delivery, task: Task, decision: Decision, *, avoid_self: bool = True
-    ) -> None:
-        """Send the task message through ``{ns}.retry`` to wait in its delay tier, attempt + 1.
-
-        The wait happens in the broker: ``{ns}.delay.<tier>`` dead-letters the message back to
-        ``{ns}.tasks`` with its capability routing key when it expires.
-        """
-        delay_ms = decision.delay_ms or 0
-        retry = _task_message(delivery).retried(
-            tier=decision.tier,
-            delay_ms=delay_ms,
-            last_error=f"{decision.error.type}: {decision.error.message}",
-            # The next attempt goes to another agent whenever one takes it (reassignment).
-            avoid=self.agent_id if avoid_self else None,
-            now_ms=headers.now_ms(),
-            previous_attempt=self._telemetry.current(),
-        )
-        await self._amqp.publish(
-            names.retry_exchange(self.ns), task.capability, retry.body, **retry.properties()
-        )
-        log.info(
-            "task %s/%s attempt %d failed (%s); retry %d in %s",
-            task.workflow_id,
-            task.task_id,
-            task.attempt,
-            decision.error.type,
-            task.attempt + 1,
-            decision.tier,
-        )
-
-    async def _park_task(self, delivery: Delivery, task: Task, decision: Decision) -> None:
-        """Park a task that will not run again on ``{ns}.dead``, with why and its last error."""
-        parked = _task_message(delivery).parked(
-            reason=decision.reason or "aborted",
-            last_error=f"{decision.error.type}: {decision.error.message}",
-            routing_key=delivery.routing_key,
-            agent_id=self.agent_id,
-            now_ms=headers.now_ms(),
-        )
-        await self._amqp.publish(
-            names.dead_exchange(self.ns), delivery.routing_key, parked.body, **parked.properties()
-        )
-        log.warning(
-            "task %s/%s parked after %d attempt(s): %s: %s",
-            task.workflow_id,
-            task.task_id,
-            task.attempt,
-            decision.reason,
-            decision.error.type,
-        )
-
-    async def _event(
-        self,
-        task: Task,
-        status: EventStatus,
-        *,
-        result: Any = None,
-        error: ErrorInfo | None = None,
-        retry_in_s: float | None = None,
-        reason: str | None = None,
-        lease_s: float | None = None,
-        started_at: float | None = None,
-    ) -> None:
-        now = time.time()
-        event = TaskEvent(
-            started_at=started_at,
-            reason=reason if status in (EventStatus.ESCALATED, EventStatus.DEAD) else None,
-            retry_at=None if retry_in_s is None else now + retry_in_s,
-            lease_s=lease_s,
-            workflow_id=task.workflow_id,
-            task_id=task.task_id,
-            attempt=task.attempt,
-            agent_id=self.agent_id,
-            status=status,
-            result=result,
-            error=error,
-            at=now,
-        )
-        trace_headers: dict[str, Any] = {}
-        self._telemetry.inject(trace_headers)  # the router releases dependents under this attempt's span
-        await self._amqp.publish(
-            names.events_exchange(self.ns),
-            names.event_routing_key(str(status)),
-            codec.encode(event.model_dump(mode="python", exclude_none=True)),
-            message_id=f"{task.workflow_id}/{task.task_id}/{task.attempt}/{status}",
-            headers=trace_headers or None,
-        )
-
-    async def _send_to_dead(
-        self,
-        delivery: Delivery,
-        parked_headers: dict[str, Any],
-        *,
-        default_type: str = "application/octet-stream",
-    ) -> None:
-        """Publish the delivery's own body to ``{ns}.dead`` with the given headers (confirmed).
-
-        ``default_type`` labels a body that came without a content type (msgpack for a task that ran).
-        """
-        await self._amqp.publish(
-            names.dead_exchange(self.ns),
-            delivery.routing_key,
-            delivery.body,
-            headers=parked_headers,
-            content_type=delivery.content_type or default_type,
-            message_id=delivery.message_id,
-        )
-
-    async def _park(self, delivery: Delivery, reason: str, detail: str) -> None:
-        parked = headers.parked(
-            delivery.headers, reason=reason, last_error=detail, routing_key=delivery.routing_key
-        )
-        try:
-            await self._send_to_dead(delivery, parked)
-        except TransportError:
-            await asyncio.sleep(NACK_PAUSE_S)  # no hot loop while the broker refuses publishes
-            await delivery.nack(requeue=True)
-            return
-        log.error("parked task message %s: %s: %s", delivery.message_id, reason, detail)
-        # A task message reaches a capability queue with its capability as the routing key.
-        if delivery.routing_key in self._breakers:
-            self.metrics.count("parked", delivery.routing_key)
+        self._settle.count(task.capability, outcome)
         await delivery.ack()
 
     # -- watchdog ---------------------------------------------------------------------------------
@@ -1419,21 +1166,6 @@ class _HandlerThread:
             callback()
 
 
-def _unserializable(result: Any) -> str | None:
-    """Why ``result`` cannot travel to the router intact, or None when it can.
-
-    Encoding alone is not enough: a map with a tuple key encodes (as an array key) but does not decode.
-    """
-    try:
-        codec.decode(codec.encode(result))
-    except ProtocolError as exc:
-        return (
-            f"the handler's result ({type(result).__name__}) cannot be sent as msgpack: {exc}; return "
-            "None, bool, numbers, str, bytes, lists and dicts with str or int keys"
-        )
-    return None
-
-
 #: An attempt's identity: (workflow id, task id, attempt).
 _AttemptKey = tuple[str, str, int]
 
@@ -1499,71 +1231,23 @@ async def _finish_handover(running: _Running) -> None:
     await asyncio.gather(handover, return_exceptions=True)
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """What one run of a handler comes to: the event to report, and the policy's decision on a failure."""
-
-    status: EventStatus
-    result: Any = None
-    error: ErrorInfo | None = None
-    decision: Decision | None = None
-
-
 #: Weight of the newest load sample in the smoothed load (an exponential moving average).
 _LOAD_SMOOTHING = 0.3
 #: Seconds between looks at an empty queue while a circuit breaker is half-open (basic.get polls).
 _PROBE_POLL_S = 0.25
 #: Hand-overs of a task this agent must avoid before it is parked as ``no_other_agent``.
 MAX_BOUNCES = 20
-#: Error types that say nothing about the agent's health (its input's fault, or a decision).
-_NOT_AGENT_FAULTS = frozenset({"Abort", "Escalate", "ResultNotSerializable", "Cancelled"})
 #: Reported attempts a worker remembers, to ack copies of them delivered again.
 _MAX_REPORTED = 10_000
-#: The error recorded on a task an operator cancelled.
-_CANCELLED = ErrorInfo(type="Cancelled", message="cancelled by an operator")
-
-
-#: The ``outcome`` label of the task duration histogram, by reported status.
-_RUN_OUTCOMES = {
-    EventStatus.SUCCEEDED: "succeeded",
-    EventStatus.CANCELLED: "cancelled",
-    EventStatus.FAILED: "failed",
-    EventStatus.RETRYING: "failed",
-    EventStatus.REASSIGNED: "failed",
-    EventStatus.DEAD: "failed",
-    EventStatus.ESCALATED: "failed",
-    EventStatus.STARTED: "failed",
-}
 
 
 def _queue_wait_s(delivery: Delivery) -> float | None:
     """Seconds since the task became ready (its ``fabric-dispatched-at-ms``), None without the header.
     Clocks of different hosts may disagree: a negative wait reads as 0."""
-    dispatched_ms = _task_message(delivery).dispatched_at_ms
+    dispatched_ms = task_message(delivery).dispatched_at_ms
     if dispatched_ms <= 0:
         return None
     return max(0.0, time.time() - dispatched_ms / 1000)
-
-
-#: The event a worker reports for each decision of the failure policy.
-_EVENT_OF = {
-    Action.RETRY: EventStatus.RETRYING,
-    Action.REASSIGN: EventStatus.REASSIGNED,
-    Action.FAIL: EventStatus.FAILED,
-    Action.ESCALATE: EventStatus.ESCALATED,
-    Action.ABORT: EventStatus.DEAD,
-}
-
-
-def _task_message(delivery: Delivery) -> TaskMessage:
-    """The task message a delivery carries."""
-    return TaskMessage.received(
-        delivery.headers,
-        delivery.body,
-        message_id=delivery.message_id,
-        priority=delivery.priority,
-        content_type=delivery.content_type,
-    )
 
 
 def _on_exhausted_header(raw: str) -> OnExhausted | None:
@@ -1572,24 +1256,3 @@ def _on_exhausted_header(raw: str) -> OnExhausted | None:
     except ValueError:
         log.warning("ignoring unknown %s header %r", headers.ON_EXHAUSTED, raw)
         return None
-
-
-#: The worker counter moved by the fate of an attempt another worker lost.
-_LOST_COUNTER: dict[EventStatus, WorkerCounter] = {
-    EventStatus.RETRYING: "retried",
-    EventStatus.ESCALATED: "escalated",
-    EventStatus.DEAD: "parked",
-}
-
-
-def _counts_for_health(outcome: _Outcome) -> bool:
-    """False for outcomes that say nothing about the agent's health (cancelled, the input's fault)."""
-    return outcome.status is not EventStatus.CANCELLED and not (
-        outcome.error is not None and outcome.error.type in _NOT_AGENT_FAULTS
-    )
-
-
-def _retry_in_s(decision: Decision | None) -> float | None:
-    if decision is None or decision.action is not Action.RETRY or decision.delay_ms is None:
-        return None
-    return decision.delay_ms / 1000
