@@ -96,6 +96,8 @@ class Queue:
         self.deleted = False
         self._turn = 0
         self._timer: asyncio.TimerHandle | None = None
+        #: When the next ready message expires (the timer's time), if any may.
+        self._due: float | None = None
 
     @property
     def max_priority(self) -> int:
@@ -112,35 +114,39 @@ class Queue:
         while limit is not None and len(self.ready) > int(limit):
             # RabbitMQ's default overflow (drop-head): the oldest message makes room.
             self.broker.dead_letter(self, heapq.heappop(self.ready).message, "maxlen")
-        self._arm()
+        if expires_at is not None and (self._due is None or expires_at < self._due):
+            self._arm(expires_at)
 
     def take(self) -> Entry | None:
-        self.expire()
+        if self._due is not None and self._due <= asyncio.get_running_loop().time():
+            self.expire()
         return heapq.heappop(self.ready) if self.ready else None
 
     def _expiry(self, message: Message) -> float | None:
         ttls = [int(t) for t in (self.arguments.get("x-message-ttl"), message.expiration_ms) if t is not None]
         return asyncio.get_running_loop().time() + min(ttls) / 1000 if ttls else None
 
-    def _arm(self) -> None:
-        expiries = [entry.expires_at for entry in self.ready if entry.expires_at is not None]
-        if not expiries or self.deleted:
-            return
-        loop = asyncio.get_running_loop()
+    def _arm(self, due: float | None) -> None:
+        """Run :meth:`expire` at ``due`` (None: no message can expire)."""
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = loop.call_at(min(expiries), self.expire)
+            self._timer = None
+        self._due = due
+        if due is not None and not self.deleted:
+            self._timer = asyncio.get_running_loop().call_at(due, self.expire)
 
     def expire(self) -> None:
-        """Dead-letter the ready messages whose time is up."""
+        """Dead-letter the ready messages whose time is up, and wait for the next one."""
         now = asyncio.get_running_loop().time()
         expired = [e for e in self.ready if e.expires_at is not None and e.expires_at <= now]
         if expired:
-            self.ready = [e for e in self.ready if e not in expired]
+            gone = {id(e) for e in expired}
+            self.ready = [e for e in self.ready if id(e) not in gone]
             heapq.heapify(self.ready)
             for entry in sorted(expired):
                 self.broker.dead_letter(self, entry.message, "expired")
-        self._arm()
+        expiries = [e.expires_at for e in self.ready if e.expires_at is not None]
+        self._arm(min(expiries) if expiries else None)
 
     def subscribed(self) -> list[MemoryConsumer]:
         return [c for c in self.consumers if c.active and not c.closed]

@@ -7,14 +7,17 @@ to one MemoryBroker instead (the same Transport Protocol), and a memory store.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import pytest
 
-from fabric import Agent, FabricClient, Task, load_settings
+from fabric import Abort, Agent, FabricClient, Retry, Task, load_settings
 from fabric.router.service import Router
+from fabric.settings import FabricSettings
 from fabric.testing import MemoryBroker
+from fabric.topology import names
 from fabric.worker.runtime import Worker
 
 
@@ -31,14 +34,21 @@ def broker(monkeypatch: pytest.MonkeyPatch) -> MemoryBroker:
     return memory
 
 
-async def test_a_router_and_a_worker_run_a_dag_over_the_memory_broker(broker: MemoryBroker) -> None:
-    settings = load_settings(
+@pytest.fixture
+def settings() -> FabricSettings:
+    """A namespace of its own, a memory store, and a broker URL nothing answers at (nothing dials it)."""
+    return load_settings(
         namespace=f"mem-{uuid.uuid4().hex[:8]}",
         amqp_url="amqp://nobody@memory.invalid:1/",
         store={"url": "memory://"},
         worker={"heartbeat_interval_s": 0.5, "drain_timeout_s": 5},
         http={"port": 0},
     )
+
+
+async def test_a_router_and_a_worker_run_a_dag_over_the_memory_broker(
+    broker: MemoryBroker, settings: FabricSettings
+) -> None:
     agent = Agent("memory-agent")
 
     @agent.handler("mem.double")
@@ -57,3 +67,45 @@ async def test_a_router_and_a_worker_run_a_dag_over_the_memory_broker(broker: Me
     assert done.status == "succeeded"
     assert {tid: t.result for tid, t in done.tasks.items()} == {"a": 2, "b": 20, "c": 222}
     assert broker.published > 0
+
+
+async def test_a_retry_goes_through_a_delay_queue_and_an_abort_parks_the_task(
+    broker: MemoryBroker, settings: FabricSettings
+) -> None:
+    agent = Agent("memory-agent")
+    calls: list[str] = []
+
+    @agent.handler("mem.flaky")
+    async def flaky(task: Task) -> Any:
+        calls.append(task.task_id)
+        if task.attempt == 1:
+            # The worker sends it to the shortest delay tier: x-message-ttl, then dead-lettered back.
+            raise Retry("not yet", delay_s=0.5)
+        return "ok"
+
+    @agent.handler("mem.doomed")
+    async def doomed(task: Task) -> Any:
+        raise Abort("cannot be done")
+
+    graph = {
+        "tasks": [
+            {"id": "r", "capability": "mem.flaky"},
+            {"id": "d", "capability": "mem.doomed"},
+        ]
+    }
+    async with Router(settings), Worker(agent, settings), FabricClient(settings) as client:
+        started = asyncio.get_running_loop().time()
+        done = await client.run(graph, timeout_s=30)
+        took = asyncio.get_running_loop().time() - started
+    async with broker.connection(name="inspect") as transport:
+        dead = await transport.queue_info(names.dead_queue(settings.namespace))
+    assert done.status == "failed"
+    retried = done.tasks["r"]
+    assert (retried.status, retried.result, retried.attempts) == ("succeeded", "ok", 2)
+    # Held back in the shortest tier's delay queue: the message expires after 80-100% of the tier
+    # (the policy's jitter), then is dead-lettered back to its capability queue.
+    assert took >= min(names.DELAY_TIERS_MS.values()) / 1000 * 0.75
+    assert calls == ["r", "r"]
+    assert done.tasks["d"].status == "dead"
+    assert dead is not None
+    assert dead.messages == 1
