@@ -19,19 +19,24 @@ worker's heartbeats renew the lease; one not renewed within ``lease_s`` lapses, 
 attempt as lost (``WorkerLost``) and publishes the next one, or parks the task ``worker_lost`` at its
 limit. Events of an attempt the router gave up, or of any attempt older than the current one, are
 recorded in the task's history and change nothing else.
+
+Every state change is decided by the pure workflow core (:mod:`fabric.router.workflow`): the router
+loads the records a decision reads, calls the core, and carries out the changeset it returns in the
+order above (:meth:`Router._commit`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -47,7 +52,7 @@ from fabric.errors import (
     Unroutable,
     message_of,
 )
-from fabric.metrics import RouterMetrics, TaskCounter
+from fabric.metrics import RouterMetrics
 from fabric.protocol import codec, headers
 from fabric.protocol.messages import (
     Accepted,
@@ -55,26 +60,25 @@ from fabric.protocol.messages import (
     AlertSeverity,
     Completed,
     ErrorInfo,
-    EventStatus,
     Heartbeat,
     Rejected,
     RejectReason,
     TaskEvent,
     TaskOutcome,
     TaskStatus,
-    WorkflowStatus,
 )
 from fabric.protocol.task_message import TaskMessage
-from fabric.router import history, why
+from fabric.router import why
+from fabric.router import workflow as core
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.agents import Agents, Census
 from fabric.router.http import ApiServer, Parts, build_app
 from fabric.router.locks import KeyedLocks
 from fabric.router.monitoring import MAX_WATCHED_CAPABILITIES, Monitoring
 from fabric.router.periodic import Periodic
-from fabric.router.recall import cancels_answer, recall_after, recall_on_cancel
+from fabric.router.recall import cancels_answer
 from fabric.router.rules import ErrorWindow, QueueAges
-from fabric.router.workflow import EventVerdict, is_stale
+from fabric.router.workflow import EventVerdict
 from fabric.settings import FabricSettings
 from fabric.store import StateStore, open_store
 from fabric.store.base import Sample, TaskRecord, WorkflowRecord
@@ -84,6 +88,8 @@ from fabric.topology import names, spec
 from fabric.transport.amqp import DEFAULT_EXCHANGE, AmqpConnection, Consumer, Delivery
 
 log = logging.getLogger("fabric.router")
+
+_T = TypeVar("_T")
 
 #: Pause before a message whose processing failed on a store or broker error is requeued, so an
 #: outage does not turn into a hot redelivery loop.
@@ -107,15 +113,6 @@ _LEASE_CHECK_BATCH = 10_000
 #: Most resubmitting clients a workflow remembers to send its completed document to.
 _MAX_SUBSCRIBERS = 16
 
-_FAILED_STATES = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.UPSTREAM_FAILED})
-
-#: The task counter a final state moves (upstream_failed and cancelled tasks never ran to an end).
-_FINAL_COUNTERS: dict[TaskStatus, TaskCounter] = {
-    TaskStatus.SUCCEEDED: "succeeded",
-    TaskStatus.FAILED: "failed",
-    TaskStatus.DEAD: "parked",
-}
-
 
 #: Sends one reply document (``accepted``, ``rejected``, ``completed``) in a content type.
 Respond = Callable[[dict[str, Any], str], Awaitable[None]]
@@ -136,67 +133,6 @@ class Submitted:
     reply: Accepted | Rejected
     resent: bool = False
     completed: dict[str, Any] | None = None
-
-
-class _Work:
-    """The records one batch of changes touches: loaded from the store once, saved together."""
-
-    def __init__(self, store: StateStore, workflow_id: str) -> None:
-        self.store = store
-        self.workflow_id = workflow_id
-        self.tasks: dict[str, TaskRecord] = {}
-        self.changed: dict[str, TaskRecord] = {}
-        #: Task notifications to send after the commit, as they were at each change.
-        self.notes: list[dict[str, Any]] = []
-        self.released: list[TaskRecord] = []
-        self.workflow: WorkflowRecord | None = None
-        self.workflow_changed = False
-        #: True when this batch finished the workflow.
-        self.workflow_finished = False
-        #: Task counters to move once the batch is committed: (counter, capability).
-        self.counts: list[tuple[TaskCounter, str]] = []
-        #: Tasks this batch escalated: each fires an alert once the batch is committed.
-        self.escalated: list[TaskRecord] = []
-        #: Cancelled tasks whose cancel is broadcast again once the batch is committed.
-        self.recalled: list[str] = []
-        self._all_loaded = False
-
-    async def load(self, task_ids: Iterable[str]) -> list[TaskRecord]:
-        """The records of ``task_ids`` (unknown ids left out), reading only those not loaded yet."""
-        ids = list(task_ids)
-        missing = [i for i in ids if i not in self.tasks]
-        if missing and not self._all_loaded:
-            self.tasks.update(await self.store.get_tasks(self.workflow_id, missing))
-        return [self.tasks[i] for i in ids if i in self.tasks]
-
-    async def load_all(self) -> dict[str, TaskRecord]:
-        if not self._all_loaded:
-            stored = await self.store.get_tasks(self.workflow_id)
-            stored.update(self.tasks)  # what this batch changed wins over the stored versions
-            self.tasks = stored
-            self._all_loaded = True
-        return self.tasks
-
-    async def get_workflow(self) -> WorkflowRecord:
-        if self.workflow is None:
-            self.workflow = await self.store.get_workflow(self.workflow_id)
-            if self.workflow is None:
-                raise StoreError(f"workflow {self.workflow_id} has tasks but no workflow record")
-        return self.workflow
-
-    def touch(self, task: TaskRecord, *, notify: bool = True) -> None:
-        self.changed[task.task_id] = task
-        if notify:
-            self.notes.append(
-                {
-                    "workflow_id": task.workflow_id,
-                    "task_id": task.task_id,
-                    "status": str(task.status),
-                    "attempts": task.attempts,
-                    "agent": task.agent,
-                    "error": task.error,
-                }
-            )
 
 
 class Router:
@@ -558,7 +494,9 @@ class Router:
                 return await self._reconcile(workflow_id, announce=announce, locked=True)
         tasks = await self._store.get_tasks(workflow_id)
         pending = [t for t in tasks.values() if t.status is TaskStatus.QUEUED and not t.dispatched]
-        await self._dispatch(pending, known=tasks)
+        ended = await self._commit(core.Changeset(workflow_id, tasks, released=pending))
+        if ended is not None:
+            await self._announce(ended)
         if announce:
             workflow = await self._store.get_workflow(workflow_id)
             if workflow is not None and workflow.status.terminal and not workflow.notified:
@@ -611,78 +549,31 @@ class Router:
     async def _lapse(self, workflow_id: str, task_id: str, attempt: int, now: float) -> int:
         """The lease of ``attempt`` lapsed: count it lost; publish the next attempt or park the task."""
         async with self._locks.hold(workflow_id):
-            work = _Work(self._store, workflow_id)
-            found = await work.load([task_id])
-            if not found:
-                return 0
-            task = found[0]
-            if task.status is not TaskStatus.RUNNING or task.lease_s is None or task.attempts != attempt:
+            changes, lapsed = await self._decide(
+                workflow_id, lambda changes: core.lapse(changes, task_id, attempt, now), [task_id]
+            )
+            if not lapsed:
                 return 0  # an event overtook the check
             self._lease_renewed.pop((workflow_id, task_id, attempt), None)
-            error = ErrorInfo(
-                type="WorkerLost",
-                message=f"attempt {attempt} on {task.agent} stopped renewing its lease for "
-                f"{task.lease_s:g}s: its worker died, stalled or lost the broker",
-            )
-            exhausted = attempt >= task.max_attempts
-            escalate = exhausted and task.on_exhausted == "escalate"
-            event = TaskEvent(
-                workflow_id=workflow_id,
-                task_id=task_id,
-                attempt=attempt,
-                agent_id=task.agent or "unknown",
-                status=EventStatus.ESCALATED
-                if escalate
-                else (EventStatus.DEAD if exhausted else EventStatus.RETRYING),
-                error=error,
-                at=now,
-                reason="worker_lost" if exhausted else None,
-            )
-            if escalate:
-                # Out of attempts and the task asks for an operator, as when a worker dies under it.
-                self._escalate(work, task, event)
-                log.warning("task %s/%s escalated: %s", workflow_id, task_id, error.message)
-            elif exhausted:
-                # Parked like a task whose worker died under an unacked message: `fabric dead` sees it.
-                await self._park_task(work, task, "worker_lost", error)
-                await self._finish(work, task, event, TaskStatus.DEAD)
-                log.warning("task %s/%s parked: %s", workflow_id, task_id, error.message)
-            else:
-                history.remember_failure(task.history, event)
-                task.status, task.dispatched, task.lease_s = TaskStatus.QUEUED, False, None
-                task.error, task.queued_at, task.retry_at = error.model_dump(), now, None
-                work.touch(task)
-                work.released.append(task)
-                log.warning(
-                    "task %s/%s runs again (attempt %d): %s", workflow_id, task_id, attempt + 1, error.message
-                )
-            history.mark_lapsed(task.history, attempt)
-            await self._commit(work)
-            for escalated in work.escalated:
-                self._alert_escalated(escalated)
-            if work.workflow is not None and work.workflow.status.terminal and work.workflow_changed:
-                await self._announce(work.workflow, work)
+            ended = await self._commit(changes)
+            if ended is not None:
+                await self._announce(ended)
             return 1
 
-    async def _park_task(
-        self,
-        work: _Work,
-        task: TaskRecord,
-        reason: str,
-        error: ErrorInfo,
-        *,
-        attempt: int | None = None,
-        agent: str | None = None,
-    ) -> None:
-        """Publish ``task``'s message, as ``attempt`` (by default its last one) got it, to ``{ns}.dead``
-        (confirmed), marked parked by ``agent`` (by default the task's last agent)."""
-        attempt = task.attempts if attempt is None else attempt
-        upstream = {t.task_id: t.result for t in await work.load(task.depends_on)}
-        parked = self._task_message(task, upstream, attempt).parked(
-            reason=reason,
-            last_error=f"{error.type}: {error.message}",
+    async def _park_task(self, park: core.Park, known: Mapping[str, TaskRecord]) -> None:
+        """Publish the task message of ``park.attempt`` to ``{ns}.dead`` (confirmed), marked parked by
+        ``park.agent``."""
+        task = park.task
+        upstream_tasks = {d: known[d] for d in task.depends_on if d in known}
+        missing = [d for d in task.depends_on if d not in known]
+        if missing:
+            upstream_tasks.update(await self._store.get_tasks(task.workflow_id, missing))
+        upstream = {d: upstream_tasks[d].result for d in task.depends_on if d in upstream_tasks}
+        parked = self._task_message(task, upstream, park.attempt).parked(
+            reason=park.reason,
+            last_error=f"{park.error.type}: {park.error.message}",
             routing_key=task.capability,
-            agent_id=(task.agent or "") if agent is None else agent,
+            agent_id=park.agent,
             now_ms=headers.now_ms(),
         )
         await self._amqp.publish(
@@ -820,10 +711,15 @@ class Router:
             self.metrics.workflow_submitted()
             for task in admitted.tasks:
                 self.metrics.count_task("submitted", task.capability)
-            await self._dispatch(admitted.ready, workflow=workflow)
+            ended = await self._commit(
+                core.Changeset(workflow.workflow_id, workflow=workflow, released=list(admitted.ready))
+            )
             self.stats["accepted"] += 1
             accepted = Accepted(workflow_id=workflow.workflow_id, tasks=workflow.task_count)
             await respond(accepted.model_dump(mode="json"), workflow.content_type)
+            if ended is not None:
+                # Every ready task failed undeliverable: the completed document follows the reply.
+                await self._announce(ended)
         return Submitted(accepted)
 
     async def _resubmitted(
@@ -870,22 +766,23 @@ class Router:
         self,
         tasks: Iterable[TaskRecord],
         *,
-        known: dict[str, TaskRecord] | None = None,
+        known: Mapping[str, TaskRecord] | None = None,
         workflow: WorkflowRecord | None = None,
-    ) -> None:
+    ) -> tuple[list[tuple[TaskRecord, str]], BaseException | None]:
         """Publish ready tasks (confirmed, pipelined), then flag them dispatched.
 
         With tracing, each publish span hangs under the attempt that released its task (or, for a task
         ready at submission, the workflow's root) and the message carries the spans of the task's other
         dependencies and of its previous attempt, for its attempt span to link to.
 
-        A task whose capability queue cannot be declared (it exists with other arguments) fails with
-        that reason instead of blocking its workflow; other publish failures raise, so the message that
-        caused this is redelivered (or recovery retries), and nothing already confirmed is published twice.
+        Returns the tasks that cannot be delivered, each with why (its capability queue exists with
+        other arguments: :meth:`_commit` fails them instead of blocking their workflow), and the first
+        other publish failure, which the caller raises once those are failed, so the message that caused
+        this is redelivered (or recovery retries); nothing already confirmed is published twice.
         """
         tasks = list(tasks)
         if not tasks:
-            return
+            return [], None
         undeliverable: dict[str, TopologyMismatch] = {}
         for capability in dict.fromkeys(t.capability for t in tasks):
             try:
@@ -931,31 +828,11 @@ class Router:
             self._queue_ages.ready(task.capability, task.key, at=now)
         await self._store.mark_dispatched([t.key for t in confirmed])
         self.stats["dispatched"] += len(confirmed)
-        for task in tasks:
-            if task.capability in undeliverable:
-                await self._fail_by_router(task, "TopologyMismatch", str(undeliverable[task.capability]))
         failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            raise failures[0]
-
-    async def _fail_by_router(self, task: TaskRecord, error_type: str, message: str) -> None:
-        """End ``task`` as failed for a reason found by the router itself (no worker ever ran it)."""
-        log.error("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, error_type, message)
-        event = TaskEvent(
-            workflow_id=task.workflow_id,
-            task_id=task.task_id,
-            attempt=max(task.attempts, 1),
-            agent_id="router",
-            status=EventStatus.FAILED,
-            error=ErrorInfo(type=error_type, message=message),
-            at=time.time(),
+        return (
+            [(t, str(undeliverable[t.capability])) for t in tasks if t.capability in undeliverable],
+            failures[0] if failures else None,
         )
-        work = _Work(self._store, task.workflow_id)
-        work.tasks[task.task_id] = task
-        await self._finish(work, task, event, TaskStatus.FAILED)
-        await self._commit(work)
-        if work.workflow is not None and work.workflow.status.terminal:
-            await self._announce(work.workflow, work)
 
     async def _publish_task(
         self,
@@ -1046,9 +923,12 @@ class Router:
     async def _apply_batch(self, workflow_id: str, batch: list[tuple[Delivery, TaskEvent]]) -> None:
         """Record a batch of events; settle every delivery in it exactly once."""
         try:
-            work = _Work(self._store, workflow_id)
-            verdicts = [await self._apply_event(work, event, delivery) for delivery, event in batch]
-            await self._commit(work)
+            changes, verdicts = await self._decide(
+                workflow_id,
+                functools.partial(self._apply_events, batch, time.time()),
+                loader=functools.partial(self._load_for_events, workflow_id, [e for _, e in batch]),
+            )
+            ended = await self._commit(changes)
         except (StoreError, TransportError) as exc:
             log.warning(
                 "could not record %d events of %s (%s); requeueing them", len(batch), workflow_id, exc
@@ -1067,8 +947,6 @@ class Router:
             log.critical("router failed on event %s; parking it", delivery.message_id, exc_info=True)
             await self._park(delivery, "router_error", "".join(traceback.format_exc(limit=3)))
             return
-        for task in work.escalated:
-            self._alert_escalated(task)
         reconcile = False
         for (delivery, event), verdict in zip(batch, verdicts, strict=True):
             if verdict is EventVerdict.UNKNOWN:
@@ -1084,234 +962,157 @@ class Router:
                 await delivery.ack()
         if reconcile:
             await self._reconcile(workflow_id, locked=True)
-        if work.workflow is not None and work.workflow.status.terminal and work.workflow_changed:
-            await self._announce(work.workflow, work)
+        if ended is not None:
+            await self._announce(ended)
 
-    async def _apply_event(self, work: _Work, event: TaskEvent, delivery: Delivery) -> EventVerdict:
-        """Apply one event to the working set; returns what became of it."""
-        found = await work.load([event.task_id])
-        if not found:
-            return EventVerdict.UNKNOWN
-        task = found[0]
-        # Any event says the task left its queue; a retry is ready again when its delay ends (below).
-        self._queue_ages.left(task.key)
-        recall = recall_after(task.status, event.status)
-        if recall is not None:
-            # A copy of a cancelled task reached a worker: nothing is counted; a worker that ran it
-            # (it did not know) is told again, and so are workers that start later (the flag).
-            if recall.recall != task.recall:
-                task.recall = recall.recall
-                work.touch(task, notify=False)
-            if recall.broadcast:
-                log.info(
-                    "%s event for cancelled task %s/%s: broadcasting its cancel again",
-                    event.status,
-                    task.workflow_id,
-                    task.task_id,
-                )
-                work.recalled.append(task.task_id)
-        if task.status.terminal:
-            # A redelivered event for a finished task: the router may have died (or a publish failed)
-            # between recording it and releasing dependents or announcing: finish that.
-            log.debug("late %s event for finished task %s/%s", event.status, task.workflow_id, task.task_id)
-            return EventVerdict.RECONCILE if delivery.redelivered else EventVerdict.LATE
-        if task.status is TaskStatus.ESCALATED:
-            # Only an operator moves an escalated task on (resume, abort, cancel). An event for it now
-            # is a duplicate (a worker died between reporting and acking, and the task ran again).
-            log.info(
-                "ignoring %s event of escalated task %s/%s (attempt %d)",
-                event.status,
-                task.workflow_id,
-                task.task_id,
-                event.attempt,
+    def _apply_events(
+        self, batch: list[tuple[Delivery, TaskEvent]], now: float, changes: core.Changeset
+    ) -> list[EventVerdict]:
+        """The core's verdicts on a batch of events (with tracing, each event carries its attempt's span)."""
+        return [
+            core.apply_event(
+                changes,
+                event,
+                redelivered=delivery.redelivered,
+                span=self._telemetry.traceparent(delivery.headers),
+                now=now,
             )
-            return EventVerdict.LATE
-        status = event.status
-        if is_stale(event.attempt, task.attempts, history.lapsed_attempts(task.history)):
-            # An attempt older than the current one (overtaken by a retry, or given up when its lease
-            # lapsed): its outcome is not this task's. Failures and late results go to the history.
-            if status is not EventStatus.STARTED:
-                log.info(
-                    "ignoring %s of stale attempt %d of %s/%s (current %d)",
-                    status,
-                    event.attempt,
-                    task.workflow_id,
-                    task.task_id,
-                    task.attempts,
+            for delivery, event in batch
+        ]
+
+    async def _load_for_events(self, workflow_id: str, events: list[TaskEvent]) -> core.Changeset:
+        """The records applying ``events`` reads: their tasks, and what :func:`core.needs` says (the
+        workflow, the dependents of a task that may succeed, or every task)."""
+        ids = list(dict.fromkeys(e.task_id for e in events))
+        tasks = await self._store.get_tasks(workflow_id, ids)
+        needs = core.needs(events, tasks)
+        record = await self._workflow_record(workflow_id) if needs.workflow else None
+        if needs.everything or (record is not None and core.may_finish(events, record)):
+            return core.Changeset(
+                workflow_id, await self._store.get_tasks(workflow_id), record, complete=True
+            )
+        absent = set(ids) - tasks.keys()
+        more = [i for i in needs.ids if i not in tasks and i not in absent]
+        if more:
+            found = await self._store.get_tasks(workflow_id, more)
+            absent.update(i for i in more if i not in found)
+            tasks.update(found)
+        return core.Changeset(workflow_id, tasks, record, absent=absent)
+
+    async def _load(
+        self, workflow_id: str, ids: Iterable[str] = (), *, everything: bool = False
+    ) -> core.Changeset:
+        """A changeset of the workflow's records: ``ids`` only (and the workflow record when
+        ``everything`` is False), or every task and the workflow record."""
+        if everything:
+            tasks = await self._store.get_tasks(workflow_id)
+            return core.Changeset(workflow_id, tasks, await self._workflow_record(workflow_id), complete=True)
+        wanted = list(dict.fromkeys(ids))
+        tasks = await self._store.get_tasks(workflow_id, wanted) if wanted else {}
+        return core.Changeset(workflow_id, tasks, absent=set(wanted) - tasks.keys())
+
+    async def _workflow_record(self, workflow_id: str) -> WorkflowRecord:
+        workflow = await self._store.get_workflow(workflow_id)
+        if workflow is None:
+            raise StoreError(f"workflow {workflow_id} has tasks but no workflow record")
+        return workflow
+
+    async def _decide(
+        self,
+        workflow_id: str,
+        decide: Callable[[core.Changeset], _T],
+        ids: Iterable[str] = (),
+        *,
+        loader: Callable[[], Awaitable[core.Changeset]] | None = None,
+    ) -> tuple[core.Changeset, _T]:
+        """Load what a decision reads (``ids``, or what ``loader`` loads), decide; a decision that needs
+        more (:class:`core.Incomplete`) is taken again on every record of the workflow, freshly read."""
+        changes = await (loader() if loader is not None else self._load(workflow_id, ids))
+        try:
+            return changes, decide(changes)
+        except core.Incomplete:
+            changes = await self._load(workflow_id, everything=True)
+            return changes, decide(changes)
+
+    async def _commit(self, changes: core.Changeset) -> core.Changeset | None:
+        """Carry out a decision in the durability order: park the copies it parks and remember the
+        leases it renewed, save its records in one atomic batch, then move its counters, broadcast the
+        cancels it recalls and publish the tasks it released (both confirmed), send its task
+        notifications (best effort) and fire or resolve its alerts.
+
+        A released task the broker cannot take (its capability queue exists with other arguments) ends
+        ``failed`` in a changeset of its own, committed in turn: a loop, never a recursion. Returns the
+        last committed changeset that ended its workflow, for the caller to announce once it has settled
+        what must come first (the event acks, the ``accepted`` reply), or None.
+        """
+        ended: core.Changeset | None = None
+        failure: BaseException | None = None
+        pending = deque([changes])
+        while pending:
+            current = pending.popleft()
+            for park in current.parked:
+                await self._park_task(park, current.tasks)
+            if current.renewed:
+                self._renew_leases(current.renewed, time.time())
+            if current.dirty:
+                workflows = (
+                    [current.workflow] if current.workflow is not None and current.workflow_changed else []
                 )
-                history.remember_late(task.history, event)
-                work.touch(task, notify=False)
-            return EventVerdict.OK
-        # With tracing, an event carries its attempt's span: dependents and later attempts link to it.
-        span = self._telemetry.traceparent(delivery.headers)
-        if span is not None and event.attempt >= task.attempts:
-            task.span = span
-        if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
-            self._queue_ages.ready(task.capability, task.key, at=event.retry_at or event.at)
-        if event.started_at is not None and status is not EventStatus.STARTED:
-            # An attempt that ended before its worker's started_after_s: it started, unannounced.
-            _record_start(work, task, event.started_at)
-        if status is EventStatus.STARTED:
-            # A lease announced for the attempt already running is not a new start.
-            leasing = task.status is TaskStatus.RUNNING and event.attempt == task.attempts
-            if not (leasing and event.lease_s is not None):
-                _record_start(work, task, event.at)
-            if event.lease_s is not None:
-                task.lease_s = event.lease_s
-                self._renew_leases([(task.workflow_id, task.task_id, event.attempt)], time.time())
-            elif event.attempt > task.attempts:
-                task.lease_s = None
-            self._transition(work, task, event, TaskStatus.RUNNING)
-        elif status is EventStatus.SUCCEEDED:
-            released_before = len(work.released)
-            await self._finish(work, task, event, TaskStatus.SUCCEEDED)
-            # The attempt that succeeded released them: their publish spans hang under it.
-            for dependent in work.released[released_before:]:
-                dependent.release = span
-        elif status is EventStatus.FAILED:
-            await self._finish(work, task, event, TaskStatus.FAILED)
-        elif status is EventStatus.DEAD:
-            await self._finish(work, task, event, TaskStatus.DEAD)
-        elif status is EventStatus.CANCELLED:
-            await self._finish(work, task, event, TaskStatus.CANCELLED)
-        elif status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
-            if not any(e.get("attempt") == event.attempt and e.get("at") == event.at for e in task.history):
-                work.counts.append(("retried", task.capability))
-            self._transition(work, task, event, TaskStatus.RETRYING)
-        elif status is EventStatus.ESCALATED:
-            self._escalate(work, task, event)
-        return EventVerdict.OK
-
-    def _escalate(self, work: _Work, task: TaskRecord, event: TaskEvent) -> None:
-        """``task`` waits for an operator; its alert fires once the change is committed."""
-        self._transition(work, task, event, TaskStatus.ESCALATED)
-        work.counts.append(("escalated", task.capability))
-        task.escalation = {
-            "reason": event.reason or "requested",
-            "attempt": event.attempt,
-            "agent": event.agent_id,
-            "error": event.error.model_dump() if event.error is not None else None,
-            "at": event.at,
-        }
-        work.escalated.append(task)
-
-    def _transition(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
-        task.retry_at = event.retry_at if status is TaskStatus.RETRYING else None
-        if status is not TaskStatus.RUNNING:
-            task.lease_s = None
-        task.status = status
-        task.attempts = max(task.attempts, event.attempt)
-        task.agent = event.agent_id
-        if event.error is not None:
-            task.error = event.error.model_dump()
-            history.remember_failure(task.history, event)
-        work.touch(task)
-
-    async def _finish(self, work: _Work, task: TaskRecord, event: TaskEvent, status: TaskStatus) -> None:
-        """Record the one terminal state of ``task``, release or fail its dependents,
-        and finish the workflow when nothing remains."""
-        workflow = await work.get_workflow()
-        now = time.time()
-        task.status = status
-        task.lease_s = None
-        task.attempts = max(task.attempts, event.attempt)
-        task.agent = event.agent_id
-        task.finished_at = event.at
-        task.result = event.result if status is TaskStatus.SUCCEEDED else None
-        task.error = event.error.model_dump() if event.error is not None else None
-        if event.error is not None:
-            history.remember_failure(task.history, event)
-        work.touch(task)
-        counter = _FINAL_COUNTERS.get(status)
-        if counter is not None:
-            work.counts.append((counter, task.capability))
-        ended = 1
-        if status is TaskStatus.SUCCEEDED:
-            for dependent in await work.load(task.dependents):
-                if dependent.status.terminal:
-                    continue  # already ended (upstream_failed through another dependency)
-                dependent.pending_deps -= 1
-                if dependent.pending_deps <= 0 and dependent.status is TaskStatus.WAITING:
-                    dependent.status = TaskStatus.QUEUED
-                    dependent.queued_at = now
-                    dependent.dispatched = False
-                    work.released.append(dependent)
-                work.touch(dependent, notify=dependent.status is TaskStatus.QUEUED)
-        else:
-            cascade = TaskStatus.CANCELLED if status is TaskStatus.CANCELLED else TaskStatus.UPSTREAM_FAILED
-            ended += await self._cascade(work, task, cascade, now)
-        workflow.remaining = max(0, workflow.remaining - ended)
-        work.workflow_changed = True
-        if workflow.remaining == 0:
-            workflow.finished_at = now
-            work.workflow_finished = True
-            statuses = {t.status for t in (await work.load_all()).values()}
-            if statuses & _FAILED_STATES:
-                workflow.status = WorkflowStatus.FAILED
-            elif TaskStatus.CANCELLED in statuses:
-                workflow.status = WorkflowStatus.CANCELLED
-            else:
-                workflow.status = WorkflowStatus.SUCCEEDED
-
-    async def _cascade(self, work: _Work, failed: TaskRecord, status: TaskStatus, now: float) -> int:
-        """Every task downstream of ``failed`` that has not finished ends with ``status`` (never runs).
-        Returns how many tasks it ended."""
-        ended = 0
-        seen = {failed.task_id}
-        frontier = deque([failed.dependents])
-        while frontier:
-            ids = [i for i in frontier.popleft() if i not in seen]
-            seen.update(ids)
-            for dependent in await work.load(ids):
-                if not dependent.status.terminal:
-                    dependent.status = status
-                    dependent.finished_at = now
-                    dependent.error = {
-                        "type": "UpstreamFailed",
-                        "message": f"dependency {failed.task_id!r} ended {failed.status}",
-                    }
-                    work.touch(dependent)
-                    ended += 1
-                frontier.append(dependent.dependents)
+                await self._store.save(workflows=workflows, tasks=list(current.changed.values()))
+                self._count(current)
+            for key, capability, ready_at in current.queue_ages:
+                if ready_at is None:
+                    self._queue_ages.left(key)
+                else:
+                    self._queue_ages.ready(capability, key, at=ready_at)
+            if current.recalled:
+                await self._broadcast_cancel(current.workflow_id, sorted(set(current.recalled)))
+            undeliverable, error = await self._dispatch(
+                current.released, known=current.tasks, workflow=current.workflow
+            )
+            for task, message in undeliverable:
+                log.error("task %s/%s failed: TopologyMismatch: %s", task.workflow_id, task.task_id, message)
+                failed = await self._load(task.workflow_id, everything=True)
+                error_info = ErrorInfo(type="TopologyMismatch", message=message)
+                core.fail(failed, failed.tasks.get(task.task_id, task), error_info, time.time())
+                pending.append(failed)
+            if error is not None:
+                failure = failure or error
+                continue  # its events are redelivered (or recovery publishes): their effects come then
+            await self._send_notes(current)
+            for task in current.escalated:
+                self._alert_escalated(task)
+            for resolved in current.resolved:
+                self._alerts.resolve(
+                    _escalation_key(current.workflow_id, resolved.task_id), summary=resolved.summary
+                )
+            if current.announce:
+                ended = current
+        if failure is not None:
+            raise failure
         return ended
 
-    async def _commit(self, work: _Work) -> None:
-        """Save a working set in one atomic batch, then broadcast the cancels it recalls and publish the
-        tasks it released (both confirmed), and send its task notifications (best effort)."""
-        if not work.changed and not work.workflow_changed and not work.recalled:
-            return
-        if work.changed or work.workflow_changed:
-            workflows = [work.workflow] if work.workflow is not None and work.workflow_changed else []
-            await self._store.save(workflows=workflows, tasks=list(work.changed.values()))
-            self._count(work)
-        if work.recalled:
-            await self._broadcast_cancel(work.workflow_id, sorted(set(work.recalled)))
-            work.recalled.clear()
-        await self._dispatch(work.released, known=work.tasks, workflow=work.workflow)
-        await self._send_notes(work)
-
-    def _count(self, work: _Work) -> None:
-        """Move the counters of a committed batch (once: a batch that failed to commit counts nothing,
-        and its redelivered events count then)."""
+    def _count(self, changes: core.Changeset) -> None:
+        """Move the counters of a committed changeset (once: a batch that failed to commit counts
+        nothing, and its redelivered events count then)."""
         now = time.time()
-        for counter, capability in work.counts:
+        for counter, capability in changes.counts:
             self.metrics.count_task(counter, capability)
             if counter in _ATTEMPT_OUTCOMES:
                 self._error_window.observe(capability, failed=counter != "succeeded", now=now)
-        work.counts.clear()
-        workflow = work.workflow
-        if work.workflow_finished and workflow is not None and workflow.finished_at is not None:
+        changes.counts.clear()
+        workflow = changes.workflow
+        if changes.finished and workflow is not None and workflow.finished_at is not None:
             self.metrics.workflow_finished(str(workflow.status), workflow.finished_at - workflow.created_at)
-            work.workflow_finished = False
+            changes.finished = False
 
     # -- announcements ----------------------------------------------------------------------------
 
     async def _completion_document(
-        self, workflow: WorkflowRecord, work: _Work | None = None
+        self, workflow: WorkflowRecord, tasks: Mapping[str, TaskRecord] | None = None
     ) -> dict[str, Any]:
-        tasks = (
-            await work.load_all() if work is not None else await self._store.get_tasks(workflow.workflow_id)
-        )
+        if tasks is None:
+            tasks = await self._store.get_tasks(workflow.workflow_id)
         document = Completed(
             workflow_id=workflow.workflow_id,
             status=workflow.status,
@@ -1328,12 +1129,18 @@ class Router:
         )
         return document.model_dump(mode="python")
 
-    async def _announce(self, workflow: WorkflowRecord, work: _Work | None = None) -> None:
-        """Send the ``completed`` document to the submitter and to ``{ns}.notify``, then remember that.
+    async def _announce(self, ended: WorkflowRecord | core.Changeset) -> None:
+        """Send the ``completed`` document of a finished workflow (a stored record, or the committed
+        changeset that ended it) to the submitter and to ``{ns}.notify``, then remember that.
 
         At least once: a crash after sending and before remembering sends it again on restart.
         """
-        document = await self._completion_document(workflow, work)
+        if isinstance(ended, core.Changeset):
+            workflow = ended.the_workflow()
+            tasks = ended.tasks if ended.complete else None  # complete: closing a workflow reads every task
+        else:
+            workflow, tasks = ended, None
+        document = await self._completion_document(workflow, tasks)
         body = codec.encode(document, workflow.content_type)
         await asyncio.gather(
             self._reply_raw(workflow.reply_to, workflow.correlation_id, body, workflow.content_type),
@@ -1354,31 +1161,31 @@ class Router:
         self.stats["completed"] += 1
         log.debug("workflow %s %s", workflow.workflow_id, workflow.status)
 
-    async def _send_notes(self, work: _Work) -> None:
+    async def _send_notes(self, changes: core.Changeset) -> None:
         """Send a committed batch's task notifications, if its workflow gets them (``task_notifications``)."""
-        if not work.notes:
+        if not changes.notes:
             return
         mode = self.settings.router.task_notifications
-        if mode == "off" or (mode == "requested" and not await self._notify_wanted(work)):
+        if mode == "off" or (mode == "requested" and not await self._notify_wanted(changes)):
             return
-        for note in work.notes:
+        for note in changes.notes:
             self._notify_task(note)
 
-    async def _notify_wanted(self, work: _Work) -> bool:
+    async def _notify_wanted(self, changes: core.Changeset) -> bool:
         """The workflow's ``notify_tasks`` flag: from the batch, from memory, else from the store.
 
         A remembered False is read again after a second, so a resend asking for notifications that
         another router admitted is seen soon.
         """
-        if work.workflow is not None:
-            return self._remember_notify_flag(work.workflow)
-        wanted, seen_at = self._notify_flags.get(work.workflow_id, (False, -_NOTIFY_FLAG_TTL_S))
+        if changes.workflow is not None:
+            return self._remember_notify_flag(changes.workflow)
+        wanted, seen_at = self._notify_flags.get(changes.workflow_id, (False, -_NOTIFY_FLAG_TTL_S))
         if wanted or time.monotonic() - seen_at < _NOTIFY_FLAG_TTL_S:
             return wanted
         try:
-            workflow = await self._store.get_workflow(work.workflow_id)
+            workflow = await self._store.get_workflow(changes.workflow_id)
         except StoreError as exc:
-            log.debug("task notifications of %s not sent: %s", work.workflow_id, exc)
+            log.debug("task notifications of %s not sent: %s", changes.workflow_id, exc)
             return False
         return workflow is not None and self._remember_notify_flag(workflow)
 
@@ -1509,47 +1316,11 @@ class Router:
         (it will announce its new completion). The replay is kept in the task's history.
         """
         async with self._locks.hold(workflow.workflow_id):
-            workflow = await self._store.get_workflow(workflow.workflow_id) or workflow
-            tasks = await self._store.get_tasks(workflow.workflow_id)
-            task = tasks.get(task_id)
-            if task is None:
-                raise KeyError(f"workflow {workflow.workflow_id} has no task {task_id!r}")
-            if task.status not in (TaskStatus.DEAD, TaskStatus.FAILED):
-                raise ValueError(
-                    f"task {task_id} is {task.status}; only dead or failed tasks can be replayed"
-                )
-            now = time.time()
-            task.history.append(
-                {
-                    "attempt": task.attempts,
-                    "agent": _OPERATOR,
-                    "error": {"type": "Replayed", "message": f"replayed after {task.attempts} attempt(s)"},
-                    "at": now,
-                }
-            )
-            task.status, task.attempts, task.dispatched = TaskStatus.QUEUED, 0, False
-            task.error = task.result = task.agent = task.finished_at = None
-            task.queued_at = now
-            changed = {task.task_id: task}
-            revived = True
-            while revived:  # until no downstream task can be revived any more
-                revived = False
-                for other in tasks.values():
-                    if other.status is not TaskStatus.UPSTREAM_FAILED:
-                        continue
-                    deps = [tasks[d] for d in other.depends_on if d in tasks]
-                    if any(d.status in _FAILED_STATES for d in deps):
-                        continue
-                    other.status, other.error, other.finished_at = TaskStatus.WAITING, None, None
-                    other.pending_deps = sum(1 for d in deps if d.status is not TaskStatus.SUCCEEDED)
-                    changed[other.task_id] = other
-                    revived = True
-            workflow.status, workflow.finished_at, workflow.notified = WorkflowStatus.RUNNING, None, False
-            workflow.remaining = sum(1 for t in tasks.values() if not t.status.terminal)
-            await self._store.save(workflows=[workflow], tasks=list(changed.values()))
-            await self._dispatch([task], known=tasks)
-        log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(changed))
-        return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": sorted(changed)}
+            changes = await self._load(workflow.workflow_id, everything=True)
+            revived = core.replay(changes, task_id, time.time())
+            await self._commit(changes)
+        log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(revived))
+        return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": revived}
 
     # -- escalation -------------------------------------------------------------------------------
 
@@ -1584,18 +1355,6 @@ class Router:
             },
         )
 
-    async def _escalated_task(self, workflow_id: str, task_id: str, work: _Work, verb: str) -> TaskRecord:
-        found = await work.load([task_id])
-        if not found:
-            raise KeyError(f"workflow {workflow_id} has no task {task_id!r}")
-        task = found[0]
-        if task.status is not TaskStatus.ESCALATED:
-            raise ValueError(
-                f"task {workflow_id}/{task_id} is {task.status}, not escalated; only an escalated task can "
-                f"be {verb} (see `fabric why {workflow_id}`)"
-            )
-        return task
-
     async def _resume(
         self, workflow: WorkflowRecord, task_id: str, request: Mapping[str, Any]
     ) -> dict[str, Any]:
@@ -1608,34 +1367,9 @@ class Router:
                 f"({self.settings.router.max_body_bytes} bytes)"
             )
         async with self._locks.hold(workflow.workflow_id):
-            work = _Work(self._store, workflow.workflow_id)
-            task = await self._escalated_task(workflow.workflow_id, task_id, work, "resumed")
-            now = time.time()
-            entry: dict[str, Any] = {
-                "attempt": task.attempts,
-                "agent": _OPERATOR,
-                "error": {
-                    "type": "Resumed",
-                    "message": f"resumed by an operator after {task.attempts} attempt(s)"
-                    + (" with a new input" if new_input else ""),
-                },
-                "at": now,
-            }
-            if new_input:
-                entry["input"] = request["input"]
-                task.input = request["input"]
-            task.history.append(entry)
-            task.status, task.attempts, task.dispatched = TaskStatus.QUEUED, 0, False
-            task.error = task.agent = task.escalation = task.retry_at = task.started_at = None
-            task.queued_at = now
-            work.touch(task)
-            await self._store.save(tasks=[task])
-            await self._send_notes(work)
-            await self._dispatch([task])
-        self._alerts.resolve(
-            _escalation_key(workflow.workflow_id, task_id),
-            summary=f"task {workflow.workflow_id}/{task_id} resumed by an operator",
-        )
+            changes = await self._load(workflow.workflow_id, [task_id])
+            core.resume(changes, task_id, time.time(), request["input"] if new_input else core.KEEP_INPUT)
+            await self._commit(changes)
         log.warning(
             "resumed escalated task %s/%s%s", workflow.workflow_id, task_id, " with a new input" * new_input
         )
@@ -1652,37 +1386,17 @@ class Router:
         ``upstream_failed`` and the workflow ends ``failed`` when nothing else remains."""
         reason = (reason or "aborted by an operator")[:1000]
         async with self._locks.hold(workflow.workflow_id):
-            work = _Work(self._store, workflow.workflow_id)
-            task = await self._escalated_task(workflow.workflow_id, task_id, work, "aborted")
-            error = ErrorInfo(type="Aborted", message=reason)
-            # The parked copy first: a failure here leaves the task escalated, to be aborted again.
-            await self._park_task(work, task, reason, error, attempt=max(task.attempts, 1), agent="operator")
-            now = time.time()
-            event = TaskEvent(
-                workflow_id=task.workflow_id,
-                task_id=task.task_id,
-                attempt=max(task.attempts, 1),
-                agent_id="operator",
-                status=EventStatus.DEAD,
-                error=error,
-                reason=reason,
-                at=now,
-            )
-            await self._finish(work, task, event, TaskStatus.DEAD)
-            task.escalation = None
-            task.history.append(
-                {"attempt": task.attempts, "agent": _OPERATOR, "error": error.model_dump(), "at": now}
-            )
-            await self._commit(work)
-            current = await work.get_workflow()
-            if current.status.terminal:
-                await self._announce(current, work)
-        self._alerts.resolve(
-            _escalation_key(workflow.workflow_id, task_id),
-            summary=f"task {workflow.workflow_id}/{task_id} aborted by an operator: {reason}",
-        )
+            changes = await self._load(workflow.workflow_id, everything=True)
+            core.abort(changes, task_id, reason, time.time())
+            # The parked copy first: a failure there leaves the task escalated, to be aborted again.
+            ended = await self._commit(changes)
+            if ended is not None:
+                await self._announce(ended)
         log.warning("aborted escalated task %s/%s: %s", workflow.workflow_id, task_id, reason)
-        skipped = sorted(t.task_id for t in work.changed.values() if t.status is TaskStatus.UPSTREAM_FAILED)
+        skipped = sorted(
+            t.task_id for t in changes.changed.values() if t.status is TaskStatus.UPSTREAM_FAILED
+        )
+        current = changes.the_workflow()
         return {
             "workflow_id": workflow.workflow_id,
             "task_id": task_id,
@@ -1698,53 +1412,14 @@ class Router:
         workers are told on ``{ns}.control`` to stop the running ones and skip queued ones.
         """
         async with self._locks.hold(workflow.workflow_id):
-            work = _Work(self._store, workflow.workflow_id)
-            tasks = await work.load_all()
-            current = await work.get_workflow()
-            if task_id is not None:
-                if task_id not in tasks:
-                    raise KeyError(f"workflow {workflow.workflow_id} has no task {task_id!r}")
-                targets, frontier = {task_id}, [task_id]
-                while frontier:
-                    for dependent in tasks[frontier.pop()].dependents:
-                        if dependent not in targets:
-                            targets.add(dependent)
-                            frontier.append(dependent)
-            else:
-                targets = set(tasks)
-            now = time.time()
-            cancelled = []
-            for tid in sorted(targets):
-                task = tasks[tid]
-                if task.status.terminal:
-                    continue
-                if task.status is TaskStatus.ESCALATED:
-                    self._alerts.resolve(
-                        _escalation_key(workflow.workflow_id, tid),
-                        summary=f"task {workflow.workflow_id}/{tid} cancelled by an operator",
-                    )
-                task.recall = recall_on_cancel(task.status)
-                task.status, task.finished_at, task.lease_s = TaskStatus.CANCELLED, now, None
-                task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
-                task.escalation = None
-                self._queue_ages.left(task.key)
-                work.touch(task)
-                cancelled.append(tid)
+            changes = await self._load(workflow.workflow_id, everything=True)
+            cancelled = core.cancel(changes, task_id, time.time())
             if cancelled:
-                current.remaining = max(0, current.remaining - len(cancelled))
-                work.workflow_changed = True
-                if current.remaining == 0:
-                    current.finished_at = now
-                    work.workflow_finished = True
-                    statuses = {t.status for t in tasks.values()}
-                    current.status = (
-                        WorkflowStatus.FAILED if statuses & _FAILED_STATES else WorkflowStatus.CANCELLED
-                    )
-                await self._commit(work)
-                await self._broadcast_cancel(workflow.workflow_id, cancelled)
-                if current.status.terminal:
-                    await self._announce(current, work)
+                ended = await self._commit(changes)
+                if ended is not None:
+                    await self._announce(ended)
         log.warning("cancelled %d task(s) of workflow %s", len(cancelled), workflow.workflow_id)
+        current = changes.the_workflow()
         return {"workflow_id": workflow.workflow_id, "cancelled": cancelled, "status": str(current.status)}
 
     async def _broadcast_cancel(self, workflow_id: str, task_ids: list[str]) -> None:
@@ -2030,10 +1705,6 @@ class Router:
         await delivery.ack()
 
 
-#: The agent of the history entries an operator's replay, resume or abort adds.
-_OPERATOR = history.OPERATOR
-
-
 #: Committed task counters that are the outcome of an attempt (for the error-rate rule).
 _ATTEMPT_OUTCOMES = frozenset({"succeeded", "retried", "failed", "parked", "escalated"})
 
@@ -2048,13 +1719,6 @@ def _task_param(request: Mapping[str, Any]) -> str:
     if not isinstance(task_id, str) or not task_id:
         raise ValueError("this request needs a task_id")
     return task_id
-
-
-def _record_start(work: _Work, task: TaskRecord, at: float) -> None:
-    """``task`` started at ``at``: counted once (a redelivered event carries the same time)."""
-    if task.started_at != at:
-        work.counts.append(("started", task.capability))
-    task.started_at = at
 
 
 def lease_lapsed(renewed_at: float, lease_s: float | None, now: float) -> bool:

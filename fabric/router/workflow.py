@@ -126,10 +126,9 @@ class Changeset:
     renewed: list[tuple[str, str, int]] = field(default_factory=list)
     #: Effect: copies to park before the save.
     parked: list[Park] = field(default_factory=list)
-    #: Effect (queue ages): tasks that left their capability queue.
-    left: list[tuple[str, str]] = field(default_factory=list)
-    #: Effect (queue ages): tasks ready in their queue again: (capability, key, since).
-    ready: list[tuple[str, tuple[str, str], float]] = field(default_factory=list)
+    #: Effect (queue ages), in order: (key, capability, since) for a task ready in its capability queue
+    #: again since then, (key, capability, None) for one that left it.
+    queue_ages: list[tuple[tuple[str, str], str, float | None]] = field(default_factory=list)
 
     def get(self, ids: Iterable[str]) -> list[TaskRecord]:
         """The records of ``ids`` (unknown ids left out); :class:`Incomplete` if one was not loaded."""
@@ -231,7 +230,7 @@ def apply_event(
         return EventVerdict.UNKNOWN
     task = found[0]
     # Any event says the task left its queue; a retry is ready again when its delay ends (below).
-    changes.left.append(task.key)
+    changes.queue_ages.append((task.key, task.capability, None))
     recall = recall_after(task.status, event.status)
     if recall is not None:
         # A copy of a cancelled task reached a worker: nothing is counted; a worker that ran it
@@ -283,7 +282,7 @@ def apply_event(
     if span is not None and event.attempt >= task.attempts:
         task.span = span
     if status in (EventStatus.RETRYING, EventStatus.REASSIGNED):
-        changes.ready.append((task.capability, task.key, event.retry_at or event.at))
+        changes.queue_ages.append((task.key, task.capability, event.retry_at or event.at))
     if event.started_at is not None and status is not EventStatus.STARTED:
         # An attempt that ended before its worker's started_after_s: it started, unannounced.
         _record_start(changes, task, event.started_at)
@@ -567,7 +566,7 @@ def cancel(changes: Changeset, task_id: str | None, now: float) -> list[str]:
         task.status, task.finished_at, task.lease_s = TaskStatus.CANCELLED, now, None
         task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
         task.escalation = None
-        changes.left.append(task.key)
+        changes.queue_ages.append((task.key, task.capability, None))
         changes.touch(task)
         cancelled.append(tid)
     if cancelled:

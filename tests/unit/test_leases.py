@@ -16,8 +16,8 @@ from fabric.errors import ConfigError
 from fabric.protocol.messages import EventStatus, TaskEvent, TaskStatus
 from fabric.router import service
 from fabric.router.history import attempt_epoch, lapsed_attempts, trim_history
-from fabric.router.service import Router, _Work, lease_lapsed
-from fabric.router.workflow import is_stale
+from fabric.router.service import Router, lease_lapsed
+from fabric.router.workflow import Changeset, apply_event, is_stale
 from fabric.store import TaskRecord, WorkflowRecord
 from fabric.store.memory import MemoryStore
 from fabric.worker.runtime import Worker, _Running
@@ -132,13 +132,6 @@ async def test_a_resumed_task_lapsed_before_takes_the_events_of_its_new_attempt_
     assert (verdict, task.status, task.result) == ("ok", TaskStatus.SUCCEEDED, "done")
 
 
-class _Delivery:
-    """What the router reads of an event's delivery."""
-
-    redelivered = False
-    headers: dict[str, Any] = {}
-
-
 @pytest.fixture
 async def router() -> AsyncIterator[Router]:
     store = MemoryStore()
@@ -152,7 +145,11 @@ async def _stored(router: Router, task: TaskRecord) -> None:
 
 
 async def _apply(router: Router, status: EventStatus, attempt: int, **fields: Any) -> tuple[str, TaskRecord]:
-    work = _Work(router.store, "wf")
+    """Apply one event with the workflow core to the stored records, and save what it changed (the
+    shell's part, on the in-memory store)."""
+    changes = Changeset(
+        "wf", await router.store.get_tasks("wf"), await router.store.get_workflow("wf"), complete=True
+    )
     event = TaskEvent(
         workflow_id="wf",
         task_id="a",
@@ -162,9 +159,10 @@ async def _apply(router: Router, status: EventStatus, attempt: int, **fields: An
         at=1.0,
         **fields,
     )
-    verdict = await router._apply_event(work, event, _Delivery())  # type: ignore[arg-type]
+    verdict = apply_event(changes, event, redelivered=False, span=None, now=time.time())
     await router.store.save(
-        workflows=[work.workflow] if work.workflow else [], tasks=list(work.changed.values())
+        workflows=[changes.workflow] if changes.workflow and changes.workflow_changed else [],
+        tasks=list(changes.changed.values()),
     )
     return verdict, (await router.store.get_tasks("wf"))["a"]
 

@@ -173,7 +173,7 @@ def test_a_retry_is_counted_once_and_ready_again_when_due() -> None:
     _apply(changes, _event(EventStatus.RETRYING, 1, retry_at=9.0))
     _apply(changes, _event(EventStatus.RETRYING, 1, retry_at=9.0))  # redelivered
     assert changes.counts == [("retried", "c")]
-    assert changes.ready == [("c", ("wf", "a"), 9.0)] * 2
+    assert changes.queue_ages == [(("wf", "a"), "c", None), (("wf", "a"), "c", 9.0)] * 2, "in order"
     assert (task.retry_at, len(task.history)) == (9.0, 1)
 
 
