@@ -23,21 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import logging
 import os
 import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Self
 
 from fabric.errors import (
     FabricError,
-    HandlerSignal,
     NotConnectedError,
     ProtocolError,
     TransportError,
@@ -66,9 +61,19 @@ from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 from fabric.worker import background
 from fabric.worker import outcome as outcome_
 from fabric.worker.agent import Agent, Handler, Task
+from fabric.worker.attempts import AttemptKey, AttemptsBook, Running
 from fabric.worker.cancels import CancelSync
+from fabric.worker.execution import Execution, Slot
+from fabric.worker.lease import Leases, finish_handover
 from fabric.worker.outcome import Outcome
-from fabric.worker.settlement import NACK_PAUSE_S, Settlement, requeue_later, settling, task_message
+from fabric.worker.settlement import (
+    NACK_PAUSE_S,
+    DeferredStart,
+    Settlement,
+    requeue_later,
+    settling,
+    task_message,
+)
 
 log = logging.getLogger("fabric.worker")
 
@@ -138,7 +143,7 @@ class Worker:
             concurrency=self.concurrency,
             overdue_threads=lambda: self.overdue_threads,
             breakers=lambda: {cap: str(b.state) for cap, b in self._breakers.items()},
-            under_lease=lambda: sum(1 for running in self._attempts.values() if running.leased),
+            under_lease=lambda: len(self._book.leased()),
         )
         self._amqp.on_confirm = self.metrics.observe_publish
         #: Publishes events and copies of task messages, and settles deliveries in the contract's order.
@@ -150,36 +155,31 @@ class Worker:
             metrics=self.metrics,
             capabilities=agent.capabilities,
         )
-        self._slots = asyncio.Semaphore(self.concurrency)
-        # Deliveries waiting for a free slot; drain() cancels these waits and the tasks go back unstarted.
-        self._slot_waits: set[asyncio.Task[bool]] = set()
+        #: Runs the handlers: concurrency slots, time limits, threads.
+        self._execution = Execution(
+            self.concurrency,
+            self._policy,
+            draining=lambda: self._draining,
+            is_cancelled=self._is_cancelled,
+        )
+        #: Attempts held here from their delivery until they are settled, and those reported (bounded).
+        self._book = AttemptsBook()
+        self._leases = Leases(settings.worker, self._settle, self._execution, self.metrics)
         self._consumers: list[Consumer] = []
         self._running: set[asyncio.Task[Any]] = set()
-        #: Sync handlers still running on their threads after their task ended (timed out, cancelled).
-        self.overdue_threads = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._host = socket.gethostname()
         self._watchdog_task: asyncio.Task[None] | None = None
         #: Workflows and tasks an operator cancelled: running ones are stopped, copies dropped unrun.
-        self._cancels = CancelSync(self._amqp, self.ns, on_cancel=self._stop_cancelled)
-        #: Tasks running now, with the asyncio future of an async handler (to cancel it).
-        self._current: dict[tuple[str, str], tuple[Task, asyncio.Future[Any] | None]] = {}
-        #: Attempts held here from their delivery until they are settled, by (workflow, task, attempt).
-        self._attempts: dict[_AttemptKey, _Running] = {}
-        #: Attempts this worker ran and reported (bounded): a copy delivered again is only acked.
-        self._reported: OrderedDict[_AttemptKey, None] = OrderedDict()
+        self._cancels = CancelSync(self._amqp, self.ns, on_cancel=self._execution.stop)
         self._health: HealthServer | None = None
         self._draining = False
         self._started = False
         self._stopped = asyncio.Event()
         #: True when the worker stopped because it could not consume any more (the CLI exits non-zero).
         self.failed_fatally = False
-        self.processed = 0
-        self.failed = 0
         #: Copies of attempts held or reported here that arrived again and were not run again.
         self.adopted = 0
-        #: Attempts handed over to a lease (their message acked while they ran on).
-        self.leased = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -258,8 +258,7 @@ class Worker:
         for consumer in self._consumers:
             await consumer.cancel()
         # Tasks received but not started (waiting for a slot) go back to their queues now, unstarted.
-        for wait in list(self._slot_waits):
-            wait.cancel()
+        self._execution.stop_waiting()
         pending: set[asyncio.Task[Any]] = set()
         if self._running:
             _, pending = await asyncio.wait(self._running, timeout=timeout)
@@ -314,6 +313,26 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return len(self._running)
+
+    @property
+    def overdue_threads(self) -> int:
+        """Sync handlers still running on their threads after their task ended (timed out, cancelled)."""
+        return self._execution.overdue_threads
+
+    @property
+    def processed(self) -> int:
+        """Runs that succeeded."""
+        return self._execution.processed
+
+    @property
+    def failed(self) -> int:
+        """Runs that failed (cancelled ones are not counted)."""
+        return self._execution.failed
+
+    @property
+    def leased(self) -> int:
+        """Attempts handed over to a lease (their message acked while they ran on)."""
+        return self._leases.leased
 
     @property
     def http_port(self) -> int | None:
@@ -514,8 +533,8 @@ class Worker:
             with self._attempt_span(task, message, lost=True) as span:
                 await self._lost_attempt(delivery, task, span)
             return
-        running = _Running(task, [delivery])
-        self._attempts[key] = running
+        running = Running(task, [delivery])
+        self._book.hold(running)
         try:
             await self._start(handler, running)
         except BaseException:
@@ -524,9 +543,9 @@ class Worker:
                     await copy.nack(requeue=True)
             raise
         finally:
-            del self._attempts[key]
+            self._book.release(running)
 
-    async def _adopt(self, key: _AttemptKey, delivery: Delivery) -> bool:
+    async def _adopt(self, key: AttemptKey, delivery: Delivery) -> bool:
         """Another copy of an attempt this worker holds or has reported: never run it a second time.
 
         The broker closed the consumer channel under a running task (``consumer_timeout``, a dropped
@@ -534,7 +553,7 @@ class Worker:
         settled with it (acked at once when the attempt runs under a lease); a redelivered copy of an
         attempt already reported is acked. Returns True when handled.
         """
-        running = self._attempts.get(key)
+        running = self._book.held(key)
         if running is not None:
             self.adopted += 1
             self.metrics.count("adopted", running.task.capability)
@@ -547,8 +566,7 @@ class Worker:
             else:
                 running.deliveries.append(delivery)
             return True
-        # Only a redelivered copy: a replayed task (``fabric dead replay``) starts again from attempt 1.
-        if delivery.redelivered and key in self._reported:
+        if self._book.was_reported(key, redelivered=delivery.redelivered):
             self.adopted += 1
             self.metrics.count("adopted", delivery.routing_key)
             log.info("task %s/%s attempt %d was delivered again after it was reported: acking", *key)
@@ -556,10 +574,10 @@ class Worker:
             return True
         return False
 
-    async def _start(self, handler: Handler, running: _Running) -> None:
+    async def _start(self, handler: Handler, running: Running) -> None:
         task = running.task
         delivery = running.deliveries[0]
-        slot = await self._take_slot()
+        slot = await self._execution.take_slot()
         if slot is None:
             # Draining: a task not started yet is another worker's to run (one copy of it is enough).
             log.info("draining: returning task %s/%s to its queue unstarted", task.workflow_id, task.task_id)
@@ -605,32 +623,32 @@ class Worker:
             links=links,
         )
 
-    async def _attempt(self, handler: Handler, running: _Running, slot: _Slot, span: Span) -> None:
+    async def _attempt(self, handler: Handler, running: Running, slot: Slot, span: Span) -> None:
         task, delivery = running.task, running.deliveries[0]
         workflow_id, task_id = task.workflow_id, task.task_id
         # A timer, not a task per attempt: most attempts end long before it fires.
         timer = asyncio.get_running_loop().call_later(
-            self.settings.worker.lease_after_s, self._begin_handover, running
+            self.settings.worker.lease_after_s, self._leases.begin, running
         )
-        announcer: _DeferredStart | None = None
+        announcer: DeferredStart | None = None
         try:
             try:
                 delay = self.settings.worker.started_after_s
                 if delay > 0:
-                    announcer = _DeferredStart(self._settle.event(task, EventStatus.STARTED), delay)
+                    announcer = DeferredStart(self._settle.event(task, EventStatus.STARTED), delay)
                 else:
                     await self._settle.event(task, EventStatus.STARTED)
                 self.metrics.started(task.capability, _queue_wait_s(delivery))
                 began = time.perf_counter()
                 began_at = time.time()
-                outcome = await self._run(handler, task, slot)
+                outcome = await self._execution.run(handler, task, slot, self._facts(task))
                 # The started event, if it went, is confirmed before the outcome (same channel, in order).
                 started_at = began_at if announcer is not None and not await announcer.settle() else None
                 label = outcome_.RUN_LABELS[outcome.status]
                 self.metrics.ran(task.capability, label, time.perf_counter() - began)
                 timer.cancel()
-                await _finish_handover(running)
-                if running.leased and not self._lease_held(running):
+                await finish_handover(running)
+                if running.leased and not self._leases.held(running):
                     # Not renewed for half its lifetime: the router may have given the attempt up and run
                     # it again already, so this one reports nothing (a retry it sent would run twice).
                     log.warning(
@@ -670,9 +688,7 @@ class Worker:
                 slot.release()
                 await requeue_later(running.deliveries)
                 return
-            self._reported[(workflow_id, task_id, task.attempt)] = None
-            while len(self._reported) > _MAX_REPORTED:
-                self._reported.popitem(last=False)
+            self._book.reported(task)
             for copy in running.deliveries:
                 await copy.ack()
         finally:
@@ -682,172 +698,6 @@ class Worker:
             if running.handover is not None:
                 running.handover.cancel()
             slot.release()
-
-    def _begin_handover(self, running: _Running) -> None:
-        running.handover = asyncio.create_task(
-            self._hand_over(running), name=f"fabric-lease-{running.task.task_id}"
-        )
-
-    async def _hand_over(self, running: _Running) -> None:
-        """Hand a task still running after ``lease_after_s`` over to a lease, before the broker's
-        ``consumer_timeout`` closes the channel under it.
-
-        ``started`` with ``lease_s`` is confirmed first, so the router knows the attempt is leased before
-        its message is acked; from then on every heartbeat renews the lease.
-        """
-        worker = self.settings.worker
-        task = running.task
-        while True:
-            running.handing_over = True
-            renewed_at = time.monotonic()
-            try:
-                await self._settle.event(task, EventStatus.STARTED, lease_s=worker.lease_ttl_s)
-                break
-            except TransportError as exc:
-                running.handing_over = False
-                log.warning(
-                    "could not lease task %s/%s (%s); trying again", task.workflow_id, task.task_id, exc
-                )
-            await asyncio.sleep(NACK_PAUSE_S)
-        running.renewed_at = renewed_at
-        running.leased = True
-        self.leased += 1
-        self.metrics.count("leased", task.capability)
-        for copy in running.deliveries:
-            await copy.ack()
-        running.handing_over = False
-        log.info(
-            "task %s/%s has run %.0fs: its message is acked; it runs on under a lease of %.0fs",
-            task.workflow_id,
-            task.task_id,
-            worker.lease_after_s,
-            worker.lease_ttl_s,
-        )
-
-    def _lease_held(self, running: _Running) -> bool:
-        """False once a leased attempt went half its lease without a confirmed renewal: then it is
-        given up (its handler cancelled, its outcome dropped) before the router can run it again."""
-        if running.forfeited:
-            return False
-        if time.monotonic() - running.renewed_at <= self.settings.worker.lease_ttl_s / 2:
-            return True
-        running.forfeited = True
-        task = running.task
-        log.warning(
-            "task %s/%s attempt %d: lease not renewed for %.0fs; giving the attempt up",
-            task.workflow_id,
-            task.task_id,
-            task.attempt,
-            time.monotonic() - running.renewed_at,
-        )
-        task.cancelled.set()
-        current = self._current.get((task.workflow_id, task.task_id))
-        if current is not None and current[1] is not None:
-            current[1].cancel()
-        return False
-
-    async def _take_slot(self) -> _Slot | None:
-        """Wait for a concurrency slot; None when the worker is draining (then no slot is taken)."""
-        if self._draining:
-            return None
-        if self._slots.locked():
-            wait = asyncio.ensure_future(self._slots.acquire())
-            self._slot_waits.add(wait)
-            try:
-                await wait
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if wait.cancelled() and current is not None and current.cancelling() == 0:
-                    return None  # drain() cancelled the wait: nothing was acquired
-                if wait.done() and not wait.cancelled():
-                    self._slots.release()  # acquired just before this task itself was cancelled
-                raise
-            finally:
-                self._slot_waits.discard(wait)
-        else:
-            await self._slots.acquire()
-        slot = _Slot(self._slots)
-        if self._draining:
-            slot.release()
-            return None
-        return slot
-
-    async def _run(self, handler: Handler, task: Task, slot: _Slot) -> Outcome:
-        """Run the handler once; return what to report (and, for a failure, the policy's decision)."""
-        facts = self._facts(task)
-        deadline = asyncio.timeout(task.timeout_s)
-        try:
-            async with deadline:
-                result = await self._call(handler, task, slot)
-        except TimeoutError as exc:
-            # Else the handler's own TimeoutError (a call it made timed out), not the task's limit.
-            timed_out = deadline.expired()
-            if timed_out:
-                task.cancelled.set()
-            limit = task.timeout_s if timed_out else None
-            outcome = outcome_.of_error(exc, facts, self._policy, timeout_s=limit)
-            self._log_failure(task, outcome)
-        except asyncio.CancelledError as exc:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling() > 0:
-                task.cancelled.set()
-                raise  # the worker itself is being cancelled (drain deadline)
-            if self._is_cancelled(task):
-                return outcome_.cancelled()
-            # The handler raised CancelledError of its own accord: a handler failure like any other.
-            log.info("task %s/%s failed: handler raised CancelledError", task.workflow_id, task.task_id)
-            outcome = outcome_.of_error(exc, facts, self._policy)
-        except HandlerSignal as signal:
-            outcome = outcome_.of_error(signal, facts, self._policy)
-        except Exception as exc:
-            outcome = outcome_.of_error(exc, facts, self._policy)
-            self._log_failure(task, outcome)
-        else:
-            outcome = outcome_.of_result(result, facts, self._policy)
-        if outcome.status is EventStatus.SUCCEEDED:
-            self.processed += 1
-        else:
-            self.failed += 1
-        return outcome
-
-    @staticmethod
-    def _log_failure(task: Task, outcome: Outcome) -> None:
-        error = outcome.error
-        assert error is not None
-        log.info("task %s/%s failed: %s: %s", task.workflow_id, task.task_id, error.type, error.message)
-
-    async def _call(self, handler: Handler, task: Task, slot: _Slot) -> Any:
-        """Call the handler: async ones on the event loop, sync ones on a daemon thread of their own."""
-        key = (task.workflow_id, task.task_id)
-        if handler.is_async:
-            running = asyncio.ensure_future(handler.func(task))
-            self._current[key] = (task, running)
-            try:
-                return await running
-            finally:
-                self._current.pop(key, None)
-        thread = _HandlerThread(handler.func, task, name=f"fabric-{handler.capability}-{task.task_id}")
-        self._current[key] = (task, None)
-        try:
-            return await thread.result
-        finally:
-            self._current.pop(key, None)
-            if not thread.finished:
-                # Timed out or cancelled: a thread cannot be killed. Its flag asks a cooperative handler
-                # to stop; until the thread returns it keeps its concurrency slot, so the tasks after
-                # it wait for a slot instead of timing out behind it.
-                task.cancelled.set()
-                self.overdue_threads += 1
-                log.warning(
-                    "sync handler of task %s/%s is still running; its slot stays taken until it returns",
-                    task.workflow_id,
-                    task.task_id,
-                )
-                slot.hold_until(thread)
-                thread.when_finished(self._thread_returned)
-
-    def _thread_returned(self) -> None:
-        self.overdue_threads -= 1
 
     def _facts(self, task: Task) -> outcome_.Attempt:
         """What the failure policy needs of ``task``; what happens once it is out of attempts is the
@@ -873,18 +723,6 @@ class Worker:
                 task.task_id,
                 task.attempt,
             )
-
-    def _stop_cancelled(self, workflow_id: str, task_ids: list[str] | None) -> None:
-        """Stop the running handlers of a cancel just learnt."""
-        if not self._current:
-            return
-        wanted = None if task_ids is None else set(task_ids)
-        for (wf, task_id), (task, running) in list(self._current.items()):
-            if wf == workflow_id and (wanted is None or task_id in wanted):
-                task.cancelled.set()  # a sync handler sees it through task.is_cancelled
-                if running is not None:
-                    running.cancel()
-                log.info("cancelling running task %s/%s", wf, task_id)
 
     async def _pass_on(self, delivery: Delivery, task: Task) -> bool:
         """This agent failed the task before: hand it on to another agent (back to the queue).
@@ -1024,7 +862,7 @@ class Worker:
             )
         return states
 
-    def _beat(self, health: HeartbeatHealth, leases: list[_Running]) -> Heartbeat:
+    def _beat(self, health: HeartbeatHealth, leases: list[Running]) -> Heartbeat:
         """This agent's heartbeat now: ``health`` as given, renewing the leases of ``leases``."""
         return Heartbeat(
             leases=[(r.task.workflow_id, r.task.task_id, r.task.attempt) for r in leases],
@@ -1064,7 +902,7 @@ class Worker:
                 self._background.start("rescore", self._rescore_guarded())
             # Leases are checked before the beat: after the event loop stalled, a beat would renew them
             # at the router though they went unrenewed too long.
-            leased = [r for r in self._attempts.values() if r.leased and self._lease_held(r)]
+            leased = [r for r in self._book.leased() if self._leases.held(r)]
             sent_at = time.monotonic()
             beat = self._beat("draining" if self._draining else "ok", leased)
             try:
@@ -1092,153 +930,12 @@ class Worker:
             log.warning("worker %s: final heartbeat not sent: %s", self.agent_id, exc or "no confirm in time")
 
 
-class _Slot:
-    """One taken concurrency slot, given back once: when its task ends or, for a sync handler still
-    running after its task ended, when the handler's thread returns."""
-
-    __slots__ = ("_held", "_hold", "_slots")
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots
-        self._held = True
-        self._hold = False
-
-    def hold_until(self, thread: _HandlerThread) -> None:
-        """Keep the slot past :meth:`release` until ``thread`` returns."""
-        self._hold = True
-        thread.when_finished(self._give_back)
-
-    def release(self) -> None:
-        if not self._hold:
-            self._give_back()
-
-    def _give_back(self) -> None:
-        if self._held:
-            self._held = False
-            self._slots.release()
-
-
-class _HandlerThread:
-    """A sync handler running on a daemon thread of its own; :attr:`result` resolves on the event loop.
-
-    One thread per call, so a handler stuck past its timeout never leaves the next tasks without a
-    thread; a daemon thread, so a stuck handler never keeps the process from exiting.
-    """
-
-    def __init__(self, func: Callable[[Task], Any], task: Task, *, name: str) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.result: asyncio.Future[Any] = self._loop.create_future()
-        self.finished = False
-        self._on_finish: list[Callable[[], None]] = []
-        # The thread runs in a copy of this context: the attempt's span is current there too, so the
-        # handler's own spans (plain OpenTelemetry API) nest under it.
-        context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(self._main, func, task), name=name, daemon=True).start()
-
-    def when_finished(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` on the event loop once the thread has returned (at once if it has)."""
-        if self.finished:
-            callback()
-        else:
-            self._on_finish.append(callback)
-
-    def _main(self, func: Callable[[Task], Any], task: Task) -> None:
-        try:
-            value = func(task)
-        except BaseException as exc:
-            self._hand_over(False, exc)
-        else:
-            self._hand_over(True, value)
-
-    def _hand_over(self, ok: bool, value: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: the worker is gone
-            self._loop.call_soon_threadsafe(self._finish, ok, value)
-
-    def _finish(self, ok: bool, value: Any) -> None:
-        self.finished = True
-        if not self.result.done():  # not cancelled by a timeout
-            if ok:
-                self.result.set_result(value)
-            else:
-                self.result.set_exception(value)
-        callbacks, self._on_finish = self._on_finish, []
-        for callback in callbacks:
-            callback()
-
-
-#: An attempt's identity: (workflow id, task id, attempt).
-_AttemptKey = tuple[str, str, int]
-
-
-class _DeferredStart:
-    """A task's ``started`` event, sent only if the task still runs after ``delay`` seconds
-    (``FABRIC_WORKER__STARTED_AFTER_S``)."""
-
-    def __init__(self, send: Coroutine[Any, Any, None], delay: float) -> None:
-        self._send = send
-        self._sending = False
-        self._task = asyncio.ensure_future(self._later(delay))
-
-    async def _later(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._sending = True
-        await self._send
-
-    async def settle(self) -> bool:
-        """Once the handler ended: True when the event went out (waits for its confirm; raises
-        TransportError when it could not be sent), False when it never will."""
-        if not self._sending:
-            self.cancel()
-            return False
-        await self._task
-        return True
-
-    def cancel(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-        elif not self._task.cancelled():
-            self._task.exception()  # retrieved: the attempt's own error path has reported what matters
-        if not self._sending:
-            self._send.close()  # never started: closed, not left unawaited
-
-
-@dataclass(slots=True, eq=False)
-class _Running:
-    """One attempt this worker holds, from its delivery until it is settled."""
-
-    task: Task
-    #: The delivery that runs, then any copies delivered again meanwhile: all are settled together.
-    deliveries: list[Delivery]
-    #: True once the messages are acked and the attempt runs under a lease the router holds.
-    leased: bool = False
-    #: Publishing the lease and acking: the hand-over must not be interrupted then.
-    handing_over: bool = False
-    #: time.monotonic() of the last confirmed renewal (the lease itself, then heartbeats).
-    renewed_at: float = 0.0
-    #: Given up: the lease went unrenewed too long; nothing of this attempt is reported.
-    forfeited: bool = False
-    #: The hand-over to a lease, once ``lease_after_s`` has passed.
-    handover: asyncio.Task[None] | None = None
-
-
-async def _finish_handover(running: _Running) -> None:
-    """The attempt ended: stop a hand-over still retrying its publish, or let one under way complete."""
-    handover = running.handover
-    if handover is None:
-        return
-    if not running.handing_over:
-        handover.cancel()
-    await asyncio.gather(handover, return_exceptions=True)
-
-
 #: Weight of the newest load sample in the smoothed load (an exponential moving average).
 _LOAD_SMOOTHING = 0.3
 #: Seconds between looks at an empty queue while a circuit breaker is half-open (basic.get polls).
 _PROBE_POLL_S = 0.25
 #: Hand-overs of a task this agent must avoid before it is parked as ``no_other_agent``.
 MAX_BOUNCES = 20
-#: Reported attempts a worker remembers, to ack copies of them delivered again.
-_MAX_REPORTED = 10_000
 
 
 def _queue_wait_s(delivery: Delivery) -> float | None:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from fabric.errors import TransportError
@@ -307,3 +307,41 @@ def log_escalation(task: Task, decision: Decision | None) -> None:
         decision.reason if decision is not None else "?",
         f"{error.type}: {error.message}" if error is not None else "",
     )
+
+
+class DeferredStart:
+    """A task's ``started`` event, sent only if the task still runs after ``delay`` seconds
+    (``FABRIC_WORKER__STARTED_AFTER_S``).
+
+    Example:
+        >>> announcer = DeferredStart(settlement.event(task, EventStatus.STARTED), 0.5)
+        >>> ...  # the handler runs
+        >>> started_at = None if await announcer.settle() else began_at
+    """
+
+    def __init__(self, send: Coroutine[Any, Any, None], delay: float) -> None:
+        self._send = send
+        self._sending = False
+        self._task = asyncio.ensure_future(self._later(delay))
+
+    async def _later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._sending = True
+        await self._send
+
+    async def settle(self) -> bool:
+        """Once the handler ended: True when the event went out (waits for its confirm; raises
+        TransportError when it could not be sent), False when it never will."""
+        if not self._sending:
+            self.cancel()
+            return False
+        await self._task
+        return True
+
+    def cancel(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        elif not self._task.cancelled():
+            self._task.exception()  # retrieved: the attempt's own error path has reported what matters
+        if not self._sending:
+            self._send.close()  # never started: closed, not left unawaited

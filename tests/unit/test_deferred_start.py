@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from fabric.errors import TransportError
-from fabric.worker.runtime import _DeferredStart
+from fabric.worker.settlement import DeferredStart
 
 
 class Sender:
@@ -28,7 +28,7 @@ class Sender:
 
 async def test_a_task_ending_before_the_delay_sends_nothing() -> None:
     sender = Sender()
-    announcer = _DeferredStart(sender.send(), 30.0)
+    announcer = DeferredStart(sender.send(), 30.0)
     assert await announcer.settle() is False
     announcer.cancel()  # as the attempt's finally does: harmless twice
     assert sender.sent == 0
@@ -37,7 +37,7 @@ async def test_a_task_ending_before_the_delay_sends_nothing() -> None:
 
 async def test_a_task_outliving_the_delay_sends_it_before_settling() -> None:
     sender = Sender()
-    announcer = _DeferredStart(sender.send(), 0.01)
+    announcer = DeferredStart(sender.send(), 0.01)
     await asyncio.wait_for(sender.tried.wait(), timeout=10)
     assert await announcer.settle() is True
     assert sender.sent == 1
@@ -45,7 +45,7 @@ async def test_a_task_outliving_the_delay_sends_it_before_settling() -> None:
 
 async def test_a_started_event_that_could_not_be_sent_fails_the_settle() -> None:
     sender = Sender(fail=True)
-    announcer = _DeferredStart(sender.send(), 0.01)
+    announcer = DeferredStart(sender.send(), 0.01)
     await asyncio.wait_for(sender.tried.wait(), timeout=10)
     with pytest.raises(TransportError):
         await announcer.settle()

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from fabric import Agent, Task, load_settings
+from fabric import Task, load_settings
 from fabric.errors import ConfigError
+from fabric.metrics import WorkerMetrics
+from fabric.policy import RetryPolicy
 from fabric.protocol.messages import EventStatus, TaskEvent, TaskStatus
 from fabric.router import service
 from fabric.router.history import attempt_epoch, lapsed_attempts, trim_history
@@ -20,7 +22,12 @@ from fabric.router.service import Router, lease_lapsed
 from fabric.router.workflow import Changeset, apply_event, is_stale
 from fabric.store import TaskRecord, WorkflowRecord
 from fabric.store.memory import MemoryStore
-from fabric.worker.runtime import Worker, _Running
+from fabric.telemetry import Telemetry
+from fabric.transport.amqp import AmqpConnection
+from fabric.worker.attempts import Running
+from fabric.worker.execution import Execution
+from fabric.worker.lease import Leases, lapsing
+from fabric.worker.settlement import Settlement
 
 
 @pytest.mark.parametrize(
@@ -209,13 +216,25 @@ def test_lease_must_outlive_several_heartbeats() -> None:
 
 
 async def test_worker_gives_up_a_lease_unrenewed_for_half_its_ttl() -> None:
-    agent = Agent("unit")
-
-    @agent.handler("demo.echo")
-    async def echo(task: Task) -> Any:
-        return task.input
-
-    worker = Worker(agent, load_settings(namespace="unit", worker={"lease_ttl_s": 60}))
+    settings = load_settings(namespace="unit", worker={"lease_ttl_s": 60})
+    execution = Execution(1, RetryPolicy(), draining=lambda: False, is_cancelled=lambda task: False)
+    metrics = WorkerMetrics(
+        ["demo.echo"],
+        in_flight=lambda: 0,
+        concurrency=1,
+        overdue_threads=lambda: 0,
+        breakers=dict,
+        under_lease=lambda: 0,
+    )
+    settlement = Settlement(
+        AmqpConnection("amqp://unused"),
+        "unit",
+        "unit@host:1",
+        telemetry=Telemetry("unit"),
+        metrics=metrics,
+        capabilities=["demo.echo"],
+    )
+    leases = Leases(settings.worker, settlement, execution, metrics)
     task = Task(
         input=None,
         upstream={},
@@ -224,23 +243,33 @@ async def test_worker_gives_up_a_lease_unrenewed_for_half_its_ttl() -> None:
         capability="demo.echo",
         attempt=1,
         max_attempts=3,
-        agent_id=worker.agent_id,
+        agent_id="unit@host:1",
         timeout_s=3600,
         cancelled=threading.Event(),
     )
     handler = asyncio.ensure_future(asyncio.sleep(3600))
-    worker._current[("wf", "a")] = (task, handler)
-    running = _Running(task, [], leased=True, renewed_at=time.monotonic() - 29)
-    assert worker._lease_held(running)
+    execution.current[("wf", "a")] = (task, handler)
+    running = Running(task, [], leased=True, renewed_at=time.monotonic() - 29)
+    assert leases.held(running)
     assert not task.is_cancelled
     running.renewed_at = time.monotonic() - 31
-    assert not worker._lease_held(running)
+    assert not leases.held(running)
     assert running.forfeited
     assert task.is_cancelled, "a sync handler is told to stop"
     await asyncio.gather(handler, return_exceptions=True)
     assert handler.cancelled(), "an async handler is cancelled"
     running.renewed_at = time.monotonic()
-    assert not worker._lease_held(running), "given up for good"
+    assert not leases.held(running), "given up for good"
+
+
+@pytest.mark.parametrize(
+    ("renewed_at", "now", "ttl_s", "expected"),
+    [(0.0, 29.0, 60.0, False), (0.0, 30.0, 60.0, False), (0.0, 30.5, 60.0, True), (100.0, 90.0, 60.0, False)],
+)
+def test_a_lease_is_lapsing_after_half_its_ttl_unrenewed(
+    renewed_at: float, now: float, ttl_s: float, expected: bool
+) -> None:
+    assert lapsing(renewed_at, now, ttl_s) is expected
 
 
 async def test_router_lapses_only_unrenewed_leases_and_escalates_when_asked(router: Router) -> None:
