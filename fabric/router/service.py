@@ -68,7 +68,7 @@ from fabric.protocol.messages import (
     TaskStatus,
 )
 from fabric.protocol.task_message import TaskMessage
-from fabric.router import why
+from fabric.router import actions, why
 from fabric.router import workflow as core
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.agents import Agents, Census
@@ -1317,7 +1317,7 @@ class Router:
         """
         async with self._locks.hold(workflow.workflow_id):
             changes = await self._load(workflow.workflow_id, everything=True)
-            revived = core.replay(changes, task_id, time.time())
+            revived = actions.replay(changes, task_id, time.time())
             await self._commit(changes)
         log.warning("replayed task %s/%s (%d tasks revived)", workflow.workflow_id, task_id, len(revived))
         return {"workflow_id": workflow.workflow_id, "task_id": task_id, "revived": revived}
@@ -1368,7 +1368,9 @@ class Router:
             )
         async with self._locks.hold(workflow.workflow_id):
             changes = await self._load(workflow.workflow_id, [task_id])
-            core.resume(changes, task_id, time.time(), request["input"] if new_input else core.KEEP_INPUT)
+            actions.resume(
+                changes, task_id, time.time(), request["input"] if new_input else actions.KEEP_INPUT
+            )
             await self._commit(changes)
         log.warning(
             "resumed escalated task %s/%s%s", workflow.workflow_id, task_id, " with a new input" * new_input
@@ -1387,7 +1389,7 @@ class Router:
         reason = (reason or "aborted by an operator")[:1000]
         async with self._locks.hold(workflow.workflow_id):
             changes = await self._load(workflow.workflow_id, everything=True)
-            core.abort(changes, task_id, reason, time.time())
+            actions.abort(changes, task_id, reason, time.time())
             # The parked copy first: a failure there leaves the task escalated, to be aborted again.
             ended = await self._commit(changes)
             if ended is not None:
@@ -1413,7 +1415,7 @@ class Router:
         """
         async with self._locks.hold(workflow.workflow_id):
             changes = await self._load(workflow.workflow_id, everything=True)
-            cancelled = core.cancel(changes, task_id, time.time())
+            cancelled = actions.cancel(changes, task_id, time.time())
             if cancelled:
                 ended = await self._commit(changes)
                 if ended is not None:

@@ -12,10 +12,11 @@ One rule per state change:
 * :func:`finish`: the one terminal state of a task, its dependents released or cascaded;
 * :func:`close_workflow`: the only place a workflow's final status is decided;
 * :func:`lapse`: an attempt whose lease lapsed; :func:`fail`: a task the router itself fails;
-* the operator's :func:`cancel`, :func:`replay`, :func:`resume` and :func:`abort`.
+* the operator's cancel, replay, resume and abort are in :mod:`fabric.router.actions`.
 
 A decision that needs a record the shell did not load raises :class:`Incomplete`; the shell loads the
-whole workflow and decides again on fresh records (:func:`needs` tells it what to load first).
+whole workflow and decides again on fresh records (:func:`needs` tells it what to load first). The
+changeset and what a batch loads are in :mod:`fabric.router.changeset`.
 """
 
 from __future__ import annotations
@@ -23,17 +24,36 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fabric.protocol.messages import ErrorInfo, EventStatus, TaskEvent, TaskStatus, WorkflowStatus
 from fabric.router import history
-from fabric.router.recall import recall_after, recall_on_cancel
+from fabric.router.changeset import Changeset, Incomplete, Needs, Park, Resolve, may_finish, needs
+from fabric.router.recall import recall_after
 from fabric.store.base import TaskRecord, WorkflowRecord
 
 if TYPE_CHECKING:
     from fabric.metrics import TaskCounter
+
+__all__ = [
+    "FAILED_STATES",
+    "Changeset",
+    "EventVerdict",
+    "Incomplete",
+    "Needs",
+    "Park",
+    "Resolve",
+    "apply_event",
+    "cascade",
+    "close_workflow",
+    "escalate",
+    "fail",
+    "finish",
+    "is_stale",
+    "lapse",
+    "may_finish",
+    "needs",
+]
 
 log = logging.getLogger("fabric.router")
 
@@ -46,9 +66,6 @@ _FINAL_COUNTERS: dict[TaskStatus, TaskCounter] = {
     TaskStatus.FAILED: "failed",
     TaskStatus.DEAD: "parked",
 }
-
-#: Event statuses that end a task.
-_ENDING = frozenset({EventStatus.SUCCEEDED, EventStatus.FAILED, EventStatus.DEAD, EventStatus.CANCELLED})
 
 
 class EventVerdict(enum.StrEnum):
@@ -64,152 +81,6 @@ class EventVerdict(enum.StrEnum):
     #: A redelivered event of a finished task: acked, and what it may not have done yet (release the
     #: dependents, announce the workflow) is done now.
     RECONCILE = "reconcile"
-
-
-class Incomplete(Exception):
-    """A decision needs records the shell did not load: load the whole workflow and decide again."""
-
-
-@dataclass(frozen=True, slots=True)
-class Park:
-    """Effect: publish a copy of ``task``'s message of ``attempt`` to ``{ns}.dead`` (confirmed), marked
-    parked by ``agent``, *before* the changeset is saved."""
-
-    task: TaskRecord
-    reason: str
-    error: ErrorInfo
-    attempt: int
-    agent: str
-
-
-@dataclass(frozen=True, slots=True)
-class Resolve:
-    """Effect: resolve the ``task.escalated`` alert of a task with this summary."""
-
-    task_id: str
-    summary: str
-
-
-@dataclass(slots=True)
-class Changeset:
-    """The records one decision reads and writes, what it changed, and the effects to carry out.
-
-    Records come from the shell (``tasks``, ``workflow``); ``complete`` says ``tasks`` holds every task
-    of the workflow, and ``absent`` names ids the shell asked for and the store did not have.
-    """
-
-    workflow_id: str
-    tasks: dict[str, TaskRecord] = field(default_factory=dict)
-    workflow: WorkflowRecord | None = None
-    complete: bool = False
-    absent: set[str] = field(default_factory=set)
-    #: Tasks to save, by id.
-    changed: dict[str, TaskRecord] = field(default_factory=dict)
-    #: Save the workflow record too.
-    workflow_changed: bool = False
-    #: This changeset finished the workflow (its ``workflow_finished`` metric moves on commit).
-    finished: bool = False
-    #: Effect: tasks to publish once saved (ready now).
-    released: list[TaskRecord] = field(default_factory=list)
-    #: Effect: task notifications to send once saved, as each task was at each change.
-    notes: list[dict[str, Any]] = field(default_factory=list)
-    #: Effect: task counters to move once saved: (counter, capability).
-    counts: list[tuple[TaskCounter, str]] = field(default_factory=list)
-    #: Effect: tasks escalated: each fires an alert once saved.
-    escalated: list[TaskRecord] = field(default_factory=list)
-    #: Effect: escalation alerts to resolve once saved.
-    resolved: list[Resolve] = field(default_factory=list)
-    #: Effect: cancelled tasks whose cancel is broadcast (again) once saved.
-    recalled: list[str] = field(default_factory=list)
-    #: Effect: leases renewed, (workflow_id, task_id, attempt), remembered before the save (so a lease
-    #: check can never see a lease without its renewal).
-    renewed: list[tuple[str, str, int]] = field(default_factory=list)
-    #: Effect: copies to park before the save.
-    parked: list[Park] = field(default_factory=list)
-    #: Effect (queue ages), in order: (key, capability, since) for a task ready in its capability queue
-    #: again since then, (key, capability, None) for one that left it.
-    queue_ages: list[tuple[tuple[str, str], str, float | None]] = field(default_factory=list)
-
-    def get(self, ids: Iterable[str]) -> list[TaskRecord]:
-        """The records of ``ids`` (unknown ids left out); :class:`Incomplete` if one was not loaded."""
-        found = []
-        for task_id in ids:
-            task = self.tasks.get(task_id)
-            if task is not None:
-                found.append(task)
-            elif not self.complete and task_id not in self.absent:
-                raise Incomplete(task_id)
-        return found
-
-    def all(self) -> dict[str, TaskRecord]:
-        if not self.complete:
-            raise Incomplete("every task")
-        return self.tasks
-
-    def the_workflow(self) -> WorkflowRecord:
-        if self.workflow is None:
-            raise Incomplete("the workflow record")
-        return self.workflow
-
-    def touch(self, task: TaskRecord, *, notify: bool = True) -> None:
-        self.changed[task.task_id] = task
-        if notify:
-            self.notes.append(
-                {
-                    "workflow_id": task.workflow_id,
-                    "task_id": task.task_id,
-                    "status": str(task.status),
-                    "attempts": task.attempts,
-                    "agent": task.agent,
-                    "error": task.error,
-                }
-            )
-
-    @property
-    def dirty(self) -> bool:
-        """Something to save."""
-        return bool(self.changed) or self.workflow_changed
-
-    @property
-    def announce(self) -> bool:
-        """The workflow ended in this changeset: announce it once saved."""
-        return self.workflow is not None and self.workflow.status.terminal and self.workflow_changed
-
-
-# -- loading --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Needs:
-    """What the shell loads before applying a batch of events (beyond the events' own tasks)."""
-
-    workflow: bool = False
-    ids: frozenset[str] = frozenset()
-    everything: bool = False
-
-
-def needs(events: Sequence[TaskEvent], tasks: dict[str, TaskRecord]) -> Needs:
-    """What applying ``events`` may read besides their tasks (``tasks``, as loaded): the workflow and
-    the dependents of a task that may succeed, everything for one that may fail (its cascade) or end
-    the workflow. Over-approximates (staleness is not judged here); :class:`Incomplete` covers the rest.
-    """
-    workflow = everything = False
-    ids: set[str] = set()
-    for event in events:
-        task = tasks.get(event.task_id)
-        if task is None or task.status.terminal or task.status is TaskStatus.ESCALATED:
-            continue  # stays so for the whole batch: the event changes nothing that needs more
-        if event.status is EventStatus.SUCCEEDED:
-            workflow = True
-            ids.update(task.dependents)
-        elif event.status in _ENDING:
-            workflow = everything = True
-    return Needs(workflow, frozenset(ids), everything)
-
-
-def may_finish(events: Sequence[TaskEvent], workflow: WorkflowRecord) -> bool:
-    """Whether ``events`` may end every remaining task (then closing the workflow reads every task)."""
-    return sum(1 for e in events if e.status in _ENDING) >= workflow.remaining
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -505,171 +376,3 @@ def lapse(changes: Changeset, task_id: str, attempt: int, now: float) -> bool:
         )
     history.mark_lapsed(task.history, attempt)
     return True
-
-
-# -- operator actions -----------------------------------------------------------------------------
-
-
-def _task(changes: Changeset, task_id: str) -> TaskRecord:
-    found = changes.get([task_id])
-    if not found:
-        raise KeyError(f"workflow {changes.workflow_id} has no task {task_id!r}")
-    return found[0]
-
-
-def escalated_task(changes: Changeset, task_id: str, verb: str) -> TaskRecord:
-    """The escalated task ``task_id``.
-
-    Raises:
-        KeyError: no such task. ValueError: it is not escalated.
-    """
-    task = _task(changes, task_id)
-    if task.status is not TaskStatus.ESCALATED:
-        workflow_id = changes.workflow_id
-        raise ValueError(
-            f"task {workflow_id}/{task_id} is {task.status}, not escalated; only an escalated task can "
-            f"be {verb} (see `fabric why {workflow_id}`)"
-        )
-    return task
-
-
-def cancel(changes: Changeset, task_id: str | None, now: float) -> list[str]:
-    """Cancel the workflow, or one task and everything downstream of it: unfinished tasks end
-    ``cancelled`` at once. Returns the ids cancelled, sorted (their cancel is broadcast once saved).
-
-    Raises:
-        KeyError: no such task.
-    """
-    tasks = changes.all()
-    workflow = changes.the_workflow()
-    if task_id is not None:
-        if task_id not in tasks:
-            raise KeyError(f"workflow {changes.workflow_id} has no task {task_id!r}")
-        targets, frontier = {task_id}, [task_id]
-        while frontier:
-            for dependent in tasks[frontier.pop()].dependents:
-                if dependent not in targets:
-                    targets.add(dependent)
-                    frontier.append(dependent)
-    else:
-        targets = set(tasks)
-    cancelled = []
-    for tid in sorted(targets):
-        task = tasks[tid]
-        if task.status.terminal:
-            continue
-        if task.status is TaskStatus.ESCALATED:
-            changes.resolved.append(
-                Resolve(tid, f"task {changes.workflow_id}/{tid} cancelled by an operator")
-            )
-        task.recall = recall_on_cancel(task.status)
-        task.status, task.finished_at, task.lease_s = TaskStatus.CANCELLED, now, None
-        task.error = {"type": "Cancelled", "message": "cancelled by an operator"}
-        task.escalation = None
-        changes.queue_ages.append((task.key, task.capability, None))
-        changes.touch(task)
-        cancelled.append(tid)
-    if cancelled:
-        close_workflow(changes, workflow, len(cancelled), now)
-        changes.recalled.extend(cancelled)
-    return cancelled
-
-
-def replay(changes: Changeset, task_id: str, now: float) -> list[str]:
-    """Run a dead or failed task again from its first attempt: its dependents that never ran because
-    of it wait again, and a finished workflow runs again. Returns the ids revived, sorted.
-
-    Raises:
-        KeyError: no such task. ValueError: it is neither dead nor failed.
-    """
-    tasks = changes.all()
-    workflow = changes.the_workflow()
-    task = _task(changes, task_id)
-    if task.status not in (TaskStatus.DEAD, TaskStatus.FAILED):
-        raise ValueError(f"task {task_id} is {task.status}; only dead or failed tasks can be replayed")
-    task.history.append(
-        history.operator_entry(task.attempts, "Replayed", f"replayed after {task.attempts} attempt(s)", now)
-    )
-    task.status, task.attempts, task.dispatched = TaskStatus.QUEUED, 0, False
-    task.error = task.result = task.agent = task.finished_at = None
-    task.queued_at = now
-    changes.changed[task.task_id] = task
-    revived = True
-    while revived:  # until no downstream task can be revived any more
-        revived = False
-        for other in tasks.values():
-            if other.status is not TaskStatus.UPSTREAM_FAILED:
-                continue
-            deps = [tasks[d] for d in other.depends_on if d in tasks]
-            if any(d.status in FAILED_STATES for d in deps):
-                continue
-            other.status, other.error, other.finished_at = TaskStatus.WAITING, None, None
-            other.pending_deps = sum(1 for d in deps if d.status is not TaskStatus.SUCCEEDED)
-            changes.changed[other.task_id] = other
-            revived = True
-    workflow.status, workflow.finished_at, workflow.notified = WorkflowStatus.RUNNING, None, False
-    workflow.remaining = sum(1 for t in tasks.values() if not t.status.terminal)
-    changes.workflow_changed = True
-    changes.released.append(task)
-    return sorted(changes.changed)
-
-
-#: ``resume``'s ``input`` when the task keeps its input.
-KEEP_INPUT: Any = object()
-
-
-def resume(changes: Changeset, task_id: str, now: float, new_input: Any = KEEP_INPUT) -> TaskRecord:
-    """Run an escalated task again with a fresh attempt budget, with ``new_input`` if given. The resume,
-    and the new input, are kept in the task's history (a new attempt epoch: attempts count from 1 again,
-    and the attempts given up before are not the new ones').
-
-    Raises:
-        KeyError: no such task. ValueError: it is not escalated.
-    """
-    task = escalated_task(changes, task_id, "resumed")
-    replaced = new_input is not KEEP_INPUT
-    message = f"resumed by an operator after {task.attempts} attempt(s)" + (
-        " with a new input" if replaced else ""
-    )
-    new = {"input": new_input} if replaced else {}
-    if replaced:
-        task.input = new_input
-    task.history.append(history.operator_entry(task.attempts, "Resumed", message, now, **new))
-    task.status, task.attempts, task.dispatched = TaskStatus.QUEUED, 0, False
-    task.error = task.agent = task.escalation = task.retry_at = task.started_at = None
-    task.queued_at = now
-    changes.touch(task)
-    changes.released.append(task)
-    changes.resolved.append(Resolve(task_id, f"task {changes.workflow_id}/{task_id} resumed by an operator"))
-    return task
-
-
-def abort(changes: Changeset, task_id: str, reason: str, now: float) -> TaskRecord:
-    """End an escalated task ``dead`` with the operator's ``reason``: a copy is parked first (so
-    ``fabric dead replay`` can run it again), its dependents end ``upstream_failed`` and the workflow
-    closes when nothing else remains.
-
-    Raises:
-        KeyError: no such task. ValueError: it is not escalated.
-    """
-    task = escalated_task(changes, task_id, "aborted")
-    error = ErrorInfo(type="Aborted", message=reason)
-    attempt = max(task.attempts, 1)
-    changes.parked.append(Park(task, reason, error, attempt, "operator"))
-    event = TaskEvent(
-        workflow_id=task.workflow_id,
-        task_id=task.task_id,
-        attempt=attempt,
-        agent_id="operator",
-        status=EventStatus.DEAD,
-        error=error,
-        reason=reason,
-        at=now,
-    )
-    finish(changes, task, event, TaskStatus.DEAD, now)
-    task.escalation = None
-    task.history.append(history.operator_entry(task.attempts, "Aborted", reason, now))
-    changes.resolved.append(
-        Resolve(task_id, f"task {changes.workflow_id}/{task_id} aborted by an operator: {reason}")
-    )
-    return task

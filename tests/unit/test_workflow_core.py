@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fabric.protocol.messages import ErrorInfo, EventStatus, TaskEvent, TaskStatus, WorkflowStatus
-from fabric.router import history, workflow
+from fabric.router import actions, history, workflow
 from fabric.router.workflow import Changeset, EventVerdict, Incomplete
 from fabric.store import TaskRecord, WorkflowRecord
 
@@ -345,17 +345,17 @@ def test_cancel_a_task_and_its_downstream() -> None:
     c = _task("c", status=TaskStatus.ESCALATED, depends_on=["b"])
     d = _task("d", status=TaskStatus.QUEUED)
     changes = _changes(a, b, c, d)
-    assert workflow.cancel(changes, "a", NOW) == ["a", "b", "c"]
+    assert actions.cancel(changes, "a", NOW) == ["a", "b", "c"]
     assert [t.status for t in (a, b, c, d)] == [TaskStatus.CANCELLED] * 3 + [TaskStatus.QUEUED]
     assert [a.recall, b.recall, c.recall] == [True, False, False], "only copies that may be out"
     assert changes.recalled == ["a", "b", "c"]
     assert [r.task_id for r in changes.resolved] == ["c"], "the escalation alert is resolved"
     assert changes.workflow is not None
     assert changes.workflow.remaining == 1
-    assert workflow.cancel(changes, None, NOW) == ["d"]
+    assert actions.cancel(changes, None, NOW) == ["d"]
     assert changes.workflow.status is WorkflowStatus.CANCELLED
     with pytest.raises(KeyError):
-        workflow.cancel(changes, "nope", NOW)
+        actions.cancel(changes, "nope", NOW)
 
 
 def test_replay_revives_the_downstream_and_reopens_the_workflow() -> None:
@@ -365,7 +365,7 @@ def test_replay_revives_the_downstream_and_reopens_the_workflow() -> None:
     changes = _changes(a, b, c, remaining=0)
     assert changes.workflow is not None
     changes.workflow.status = WorkflowStatus.FAILED
-    assert workflow.replay(changes, "a", NOW) == ["a", "b", "c"]
+    assert actions.replay(changes, "a", NOW) == ["a", "b", "c"]
     assert (a.status, a.attempts, a.error, changes.released) == (TaskStatus.QUEUED, 0, None, [a])
     assert (b.status, b.pending_deps, c.pending_deps) == (TaskStatus.WAITING, 1, 1)
     assert (changes.workflow.status, changes.workflow.remaining) == (WorkflowStatus.RUNNING, 3)
@@ -376,14 +376,14 @@ def test_replay_revives_the_downstream_and_reopens_the_workflow() -> None:
         "at": NOW,
     }
     with pytest.raises(ValueError, match="only dead or failed"):
-        workflow.replay(changes, "a", NOW)
+        actions.replay(changes, "a", NOW)
 
 
 def test_resume_starts_a_new_attempt_epoch() -> None:
     task = _task(status=TaskStatus.ESCALATED, attempts=1, escalation={"reason": "worker_lost"})
     task.history = [{"attempt": 1, "agent": "w1", "error": _ERROR, "at": 1.0, "lapsed": True}]
     changes = _changes(task)
-    workflow.resume(changes, "a", NOW, new_input={"x": 1})
+    actions.resume(changes, "a", NOW, new_input={"x": 1})
     assert (task.status, task.attempts, task.escalation, task.input) == (TaskStatus.QUEUED, 0, None, {"x": 1})
     assert task.history[-1]["input"] == {"x": 1}
     assert (
@@ -393,15 +393,15 @@ def test_resume_starts_a_new_attempt_epoch() -> None:
     assert _apply(changes, _event(EventStatus.STARTED, 1)) is EventVerdict.OK
     assert task.status is TaskStatus.RUNNING, "the new attempt 1 is not the lapsed one"
     with pytest.raises(ValueError, match="not escalated"):
-        workflow.resume(changes, "a", NOW)
+        actions.resume(changes, "a", NOW)
     with pytest.raises(KeyError):
-        workflow.resume(changes, "nope", NOW)
+        actions.resume(changes, "nope", NOW)
 
 
 def test_abort_parks_a_copy_and_fails_the_downstream() -> None:
     a = _task("a", status=TaskStatus.ESCALATED, attempts=2, dependents=["b"], escalation={"reason": "x"})
     changes = _changes(a, _task("b", depends_on=["a"], pending_deps=1))
-    workflow.abort(changes, "a", "no", NOW)
+    actions.abort(changes, "a", "no", NOW)
     assert (a.status, a.escalation, changes.tasks["b"].status) == (
         TaskStatus.DEAD,
         None,

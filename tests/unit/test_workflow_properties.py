@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fabric.protocol.messages import EventStatus, TaskEvent, TaskStatus, WorkflowStatus
-from fabric.router import workflow
+from fabric.router import actions, workflow
 from fabric.router.workflow import Changeset
 from fabric.store import TaskRecord, WorkflowRecord
 
@@ -136,15 +136,15 @@ def test_every_task_ends_once_and_every_dependent_is_released_once(
         if escalated and (not live or choice == 0):
             task = data.draw(st.sampled_from(escalated))
             if data.draw(st.booleans()):
-                run.step(lambda c, now, t=task: workflow.resume(c, t.task_id, now))
+                run.step(lambda c, now, t=task: actions.resume(c, t.task_id, now))
             else:
-                run.step(lambda c, now, t=task: workflow.abort(c, t.task_id, "no", now))
+                run.step(lambda c, now, t=task: actions.abort(c, t.task_id, "no", now))
         elif run.sent and choice == 1:
             # A duplicate or late event (redelivered, or from an attempt overtaken since).
             run.event(data.draw(st.sampled_from(run.sent)), redelivered=True)
         elif choice == 2 and len(tasks) > 1:
             task_id = data.draw(st.sampled_from(sorted(tasks)))
-            run.step(lambda c, now, t=task_id: workflow.cancel(c, t, now))
+            run.step(lambda c, now, t=task_id: actions.cancel(c, t, now))
         elif live:
             task = data.draw(st.sampled_from(live))
             status = data.draw(st.sampled_from(_WORKER_EVENTS))
@@ -152,7 +152,7 @@ def test_every_task_ends_once_and_every_dependent_is_released_once(
     for _ in range(len(tasks) * 2):  # the drain: each live task succeeds, each escalated one is aborted
         for task in list(tasks.values()):
             if task.status is TaskStatus.ESCALATED:
-                run.step(lambda c, now, t=task: workflow.abort(c, t.task_id, "no", now))
+                run.step(lambda c, now, t=task: actions.abort(c, t.task_id, "no", now))
             elif task.status in (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.RETRYING):
                 run.event(
                     _event(task, EventStatus.SUCCEEDED, _next_attempt(task), run.clock), redelivered=False
@@ -195,12 +195,12 @@ def test_replaying_a_failed_task_reopens_exactly_what_it_failed(
         if not task.status.terminal:
             ends = data.draw(st.sampled_from([EventStatus.SUCCEEDED, EventStatus.CANCELLED]))
             if task.status is TaskStatus.WAITING:
-                run.step(lambda c, now, t=task: workflow.cancel(c, t.task_id, now))
+                run.step(lambda c, now, t=task: actions.cancel(c, t.task_id, now))
             else:
                 run.event(_event(task, ends, 1, run.clock), redelivered=False)
     assert run.workflow.status is WorkflowStatus.FAILED
     changes = Changeset("wf", tasks, run.workflow, complete=True)
-    revived = workflow.replay(changes, "t0", 100.0)
+    revived = actions.replay(changes, "t0", 100.0)
     assert run.workflow.status is WorkflowStatus.RUNNING
     assert run.workflow.remaining == sum(1 for t in tasks.values() if not t.status.terminal)
     assert "t0" in revived
