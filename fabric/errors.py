@@ -131,17 +131,19 @@ class RequestRefused(FabricError):
 
     Args:
         message: the router's explanation.
-        error_type: the kind of refusal: ``KeyError`` (no such task) or ``ValueError`` (not possible now).
+        error_type: the kind of refusal, as the router's answer names it (docs/protocol.md §7):
+            ``not_found`` (no such task), ``conflict`` (not possible in the task's state now) or
+            ``invalid`` (the request is malformed).
     """
 
-    def __init__(self, message: str, *, error_type: str = "ValueError") -> None:
+    def __init__(self, message: str, *, error_type: str = "conflict") -> None:
         super().__init__(message)
         self.error_type = error_type
 
     @property
     def not_found(self) -> bool:
         """True when what the request named does not exist."""
-        return self.error_type == "KeyError"
+        return self.error_type in ("not_found", "KeyError")
 
 
 def message_of(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from fabric.errors import (
     WaitTimeout,
     WorkflowNotFound,
 )
-from fabric.protocol import codec, headers
+from fabric.protocol import codec, headers, rpc
 from fabric.protocol.messages import Accepted, Completed, Submission
 from fabric.settings import FabricSettings, load_settings
 from fabric.telemetry import Telemetry
@@ -37,8 +37,6 @@ from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 #: Called with each task notification ({"workflow_id", "task_id", "status", "attempts", "agent", "error"}).
 TaskListener = Callable[[dict[str, Any]], None]
 
-#: Error types of a router answer that mean "refused", not "failed": see :class:`RequestRefused`.
-_REFUSALS = frozenset({"KeyError", "ValueError", "ProtocolError"})
 #: ``resume`` without a new input (None is a valid input, so it cannot mean "keep").
 _KEEP: Any = object()
 
@@ -349,10 +347,12 @@ class FabricClient:
         )
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            kind, message = str(error.get("type")), str(error.get("message"))
-            if kind in _REFUSALS:
-                raise RequestRefused(message, error_type=kind)
-            raise TransportError(f"router could not answer {method}: {kind}: {message}")
+            raw, message = error.get("type"), str(error.get("message"))
+            # Either vocabulary: a router of an older version names a Python class (``KeyError``).
+            kind = rpc.error_type(raw)
+            if kind is not None and kind.refusal:
+                raise RequestRefused(message, error_type=str(kind))
+            raise TransportError(f"router could not answer {method}: {kind or raw}: {message}")
         return reply.get("data")
 
     async def _about(self, method: str, workflow_id: str, task_id: str | None = None, **extra: Any) -> Any:

@@ -50,7 +50,6 @@ from fabric.errors import (
     TopologyMismatch,
     TransportError,
     Unroutable,
-    message_of,
 )
 from fabric.metrics import RouterMetrics
 from fabric.protocol import codec, headers
@@ -68,7 +67,7 @@ from fabric.protocol.messages import (
     TaskStatus,
 )
 from fabric.protocol.task_message import TaskMessage
-from fabric.router import actions, why
+from fabric.router import actions, rpc, why
 from fabric.router import workflow as core
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.agents import Agents, Census
@@ -77,6 +76,7 @@ from fabric.router.locks import KeyedLocks
 from fabric.router.monitoring import MAX_WATCHED_CAPABILITIES, Monitoring
 from fabric.router.periodic import Periodic
 from fabric.router.recall import cancels_answer
+from fabric.router.rpc import Rpc
 from fabric.router.rules import ErrorWindow, QueueAges
 from fabric.router.workflow import EventVerdict
 from fabric.settings import FabricSettings
@@ -242,6 +242,7 @@ class Router:
             queue_ages=self._queue_ages,
         )
         self._loops = self._periodic_loops()
+        self.rpc = self._queries()
         self.metrics.counter_from(
             "fabric_alerts",
             "Alerts by what happened to them: fired, resolved, published (to {ns}.alerts), delivered "
@@ -316,7 +317,7 @@ class Router:
                 await self._amqp.consume(
                     names.events_queue(self.ns), self._on_event, prefetch=prefetch.events_prefetch
                 ),
-                await self._amqp.consume(names.rpc_queue(self.ns), self._on_rpc, prefetch=32),
+                await self._amqp.consume(names.rpc_queue(self.ns), self.rpc.on_delivery, prefetch=32),
                 await self._amqp.consume(names.heartbeats_queue(self.ns), self._on_heartbeat, prefetch=64),
             ]
             http = self.settings.http
@@ -1252,62 +1253,39 @@ class Router:
 
     # -- queries ----------------------------------------------------------------------------------
 
-    async def _on_rpc(self, delivery: Delivery) -> None:
-        method = delivery.routing_key
-        try:
-            request = (
-                codec.decode(delivery.body, delivery.content_type or codec.MSGPACK) if delivery.body else {}
-            )
-            if not isinstance(request, dict):
-                raise ProtocolError("request must be a map")
-            response: dict[str, Any] = {"ok": True, "data": await self._query(method, request)}
-        except (ProtocolError, KeyError, ValueError) as exc:
-            response = {"ok": False, "error": {"type": type(exc).__name__, "message": message_of(exc)}}
-        except StoreError as exc:
-            response = {"ok": False, "error": {"type": "StoreError", "message": str(exc)}}
-        except Exception as exc:
-            # A bug, or a request shape nothing above foresaw: answer it (a query loses nothing by an
-            # error answer) rather than requeue a message that would fail the same way forever.
-            log.exception("%s query failed", method)
-            error = {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
-            response = {"ok": False, "error": error}
-        try:
-            await self._reply(delivery.reply_to, delivery.correlation_id, response, codec.MSGPACK)
-        except TransportError as exc:
-            log.warning("could not answer %s query: %s", method, exc)
-        await delivery.ack()
+    def _queries(self) -> Rpc:
+        """The queries answered on ``{ns}.rpc``, by routing key (docs/protocol.md §7)."""
+        return Rpc(
+            self._store.get_workflow,
+            handlers={
+                "ping": lambda _: self._ping(),
+                "agents": lambda _: self.agents(),
+                "cancelled": self._cancels,
+            },
+            about_workflow={
+                "status": lambda workflow, _: self.status_document(workflow),
+                "result": lambda workflow, _: self._result(workflow),
+                "why": lambda workflow, request: self._why(workflow, rpc.optional(request, "task_id")),
+                "cancel": lambda workflow, request: self._cancel(workflow, rpc.optional(request, "task_id")),
+                "replay": lambda workflow, request: self._replay(workflow, rpc.param(request, "task_id")),
+                "resume": lambda workflow, request: self._resume(
+                    workflow, rpc.required(request, "task_id"), request
+                ),
+                "abort": lambda workflow, request: self._abort(
+                    workflow, rpc.required(request, "task_id"), rpc.optional(request, "reason")
+                ),
+            },
+            reply=self._reply,
+        )
 
-    async def _query(self, method: str, request: dict[str, Any]) -> Any:
-        if method == "ping":
-            return {"namespace": self.ns, "stats": dict(self.stats)}
-        if method == "agents":
-            return await self.agents()
-        if method == "cancelled":
-            return await self._cancels(request)
-        workflow_id = str(request["workflow_id"])
-        workflow = await self._store.get_workflow(workflow_id)
-        if workflow is None:
-            return None
-        if method == "status":
-            return await self.status_document(workflow)
-        if method == "cancel":
-            return await self._cancel(workflow, request.get("task_id"))
-        if method == "why":
-            return await self._why(workflow, request.get("task_id"))
-        if method == "replay":
-            return await self._replay(workflow, str(request["task_id"]))
-        if method == "resume":
-            return await self._resume(workflow, _task_param(request), request)
-        if method == "abort":
-            reason = request.get("reason")
-            if reason is not None and not isinstance(reason, str):
-                raise ProtocolError(f"reason must be a string, not {type(reason).__name__}")
-            return await self._abort(workflow, _task_param(request), reason)
-        if method == "result":
-            if not workflow.status.terminal:
-                return {"kind": "running", "workflow_id": workflow_id, "status": str(workflow.status)}
-            return await self._completion_document(workflow)
-        raise KeyError(f"unknown query {method!r}")
+    async def _ping(self) -> dict[str, Any]:
+        return {"namespace": self.ns, "stats": dict(self.stats)}
+
+    async def _result(self, workflow: WorkflowRecord) -> dict[str, Any]:
+        """The workflow's ``completed`` document, or ``{"kind": "running", …}`` while it runs."""
+        if not workflow.status.terminal:
+            return {"kind": "running", "workflow_id": workflow.workflow_id, "status": str(workflow.status)}
+        return await self._completion_document(workflow)
 
     async def _replay(self, workflow: WorkflowRecord, task_id: str) -> dict[str, Any]:
         """Run a dead or failed task again from its first attempt (an operator's ``fabric dead replay``).
@@ -1714,13 +1692,6 @@ _ATTEMPT_OUTCOMES = frozenset({"succeeded", "retried", "failed", "parked", "esca
 def _escalation_key(workflow_id: str, task_id: str) -> str:
     """The de-duplication key of a task's ``task.escalated`` alert."""
     return f"task.escalated:{workflow_id}/{task_id}"
-
-
-def _task_param(request: Mapping[str, Any]) -> str:
-    task_id = request.get("task_id")
-    if not isinstance(task_id, str) or not task_id:
-        raise ValueError("this request needs a task_id")
-    return task_id
 
 
 def lease_lapsed(renewed_at: float, lease_s: float | None, now: float) -> bool:

@@ -112,5 +112,5 @@ async def test_one_alert_per_stall_kept_across_a_router_restart_and_resolved(
         )
         assert resolved[0]["key"] == f"agent.stalled:quiet-1/{CAP}"
         assert resolved[0]["summary"] == f"agent quiet-1: it consumes {CAP} again"
-        view = {a["agent_id"]: a for a in await router._query("agents", {})}
+        view = {a["agent_id"]: a for a in await router.rpc.call("agents", {})}
         assert view["quiet-1"]["state"] == "alive"
