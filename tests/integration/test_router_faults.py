@@ -212,3 +212,39 @@ async def test_a_recovery_pass_ends_while_new_tasks_keep_coming(
 
     assert (await store.get_tasks("wf-stranded"))["a"].dispatched
     assert admitted >= 2  # new tasks came in during the pass
+
+
+async def test_a_workflow_failed_undeliverable_at_submission_is_accepted_before_it_completes(
+    settings: FabricSettings, router: Router, broker: AmqpConnection
+) -> None:
+    """Its only ready task cannot be delivered (the capability queue drifted), so the workflow ends at
+    once: the submitter still gets the ``accepted`` reply first, then the ``completed`` document."""
+    import aio_pika
+
+    queue = names.capability_queue(settings.namespace, "demo.echo")
+    await broker.declare(spec.Topology(queues=(spec.QueueSpec(queue),)))  # no x-max-priority
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        replies = await channel.declare_queue("", exclusive=True)
+        exchange = await channel.get_exchange(names.submit_exchange(settings.namespace))
+        body = json.dumps({"tasks": [{"id": "a", "capability": "demo.echo"}]}).encode()
+        await exchange.publish(
+            aio_pika.Message(
+                body, content_type="application/json", reply_to=replies.name, message_id="drifted-1"
+            ),
+            routing_key="workflow",
+        )
+        kinds: list[str] = []
+
+        async def completed() -> bool:
+            message = await replies.get(fail=False)
+            if message is not None:
+                await message.ack()
+                kinds.append(json.loads(message.body)["kind"])
+            return "completed" in kinds
+
+        await eventually(completed, what="the completed document")
+    finally:
+        await connection.close()
+    assert kinds == ["accepted", "completed"]
