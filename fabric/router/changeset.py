@@ -139,26 +139,25 @@ class Needs:
 
     workflow: bool = False
     ids: frozenset[str] = frozenset()
-    everything: bool = False
 
 
 def needs(events: Sequence[TaskEvent], tasks: dict[str, TaskRecord]) -> Needs:
     """What applying ``events`` may read besides their tasks (``tasks``, as loaded): the workflow and
-    the dependents of a task that may succeed, everything for one that may fail (its cascade) or end
-    the workflow. Over-approximates (staleness is not judged here); :class:`Incomplete` covers the rest.
+    the direct dependents of a task that may end (released, or the first step of its cascade); the
+    shell reads every task when the batch may end the workflow (:func:`may_finish`). Over-approximates
+    (staleness is not judged here); a deeper cascade raises :class:`Incomplete`, and the shell decides
+    again on every record.
     """
-    workflow = everything = False
+    workflow = False
     ids: set[str] = set()
     for event in events:
         task = tasks.get(event.task_id)
         if task is None or task.status.terminal or task.status is TaskStatus.ESCALATED:
             continue  # stays so for the whole batch: the event changes nothing that needs more
-        if event.status is EventStatus.SUCCEEDED:
+        if event.status in _ENDING:
             workflow = True
             ids.update(task.dependents)
-        elif event.status in _ENDING:
-            workflow = everything = True
-    return Needs(workflow, frozenset(ids), everything)
+    return Needs(workflow, frozenset(ids))
 
 
 def may_finish(events: Sequence[TaskEvent], workflow: WorkflowRecord) -> bool:

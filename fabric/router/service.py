@@ -983,12 +983,13 @@ class Router:
 
     async def _load_for_events(self, workflow_id: str, events: list[TaskEvent]) -> core.Changeset:
         """The records applying ``events`` reads: their tasks, and what :func:`core.needs` says (the
-        workflow, the dependents of a task that may succeed, or every task)."""
+        workflow and the dependents of a task that may end, or every task when the batch may end the
+        workflow)."""
         ids = list(dict.fromkeys(e.task_id for e in events))
         tasks = await self._store.get_tasks(workflow_id, ids)
         needs = core.needs(events, tasks)
         record = await self._workflow_record(workflow_id) if needs.workflow else None
-        if needs.everything or (record is not None and core.may_finish(events, record)):
+        if record is not None and core.may_finish(events, record):
             return core.Changeset(
                 workflow_id, await self._store.get_tasks(workflow_id), record, complete=True
             )

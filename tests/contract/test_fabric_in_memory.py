@@ -109,3 +109,37 @@ async def test_a_retry_goes_through_a_delay_queue_and_an_abort_parks_the_task(
     assert done.tasks["d"].status == "dead"
     assert dead is not None
     assert dead.messages == 1
+
+
+async def test_a_failure_cascades_through_a_chain_the_router_loads_step_by_step(
+    broker: MemoryBroker, settings: FabricSettings
+) -> None:
+    """The router loads a failed task's direct dependents first; a cascade deeper than that makes the
+    workflow core ask for every record (Incomplete), and the router decides again on all of them."""
+    agent = Agent("memory-agent")
+
+    @agent.handler("mem.step")
+    async def step(task: Task) -> Any:
+        if task.input == "fail":
+            raise ValueError("no")
+        return task.input
+
+    graph = {
+        "tasks": [
+            {"id": "a", "capability": "mem.step", "input": "fail", "max_attempts": 1},
+            {"id": "b", "capability": "mem.step", "depends_on": ["a"]},
+            {"id": "c", "capability": "mem.step", "depends_on": ["b"]},
+            {"id": "d", "capability": "mem.step", "depends_on": ["c"]},
+            {"id": "e", "capability": "mem.step", "input": "ok"},
+        ]
+    }
+    async with Router(settings), Worker(agent, settings), FabricClient(settings) as client:
+        done = await client.run(graph, timeout_s=20)
+    assert done.status == "failed"
+    assert {tid: str(t.status) for tid, t in done.tasks.items()} == {
+        "a": "dead",  # parked: out of attempts
+        "b": "upstream_failed",
+        "c": "upstream_failed",
+        "d": "upstream_failed",
+        "e": "succeeded",
+    }

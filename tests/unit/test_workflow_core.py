@@ -254,6 +254,11 @@ def test_a_decision_needing_unloaded_records_says_so() -> None:
     changes = Changeset("wf", {"a": _task(status=TaskStatus.RUNNING, attempts=1)})
     with pytest.raises(Incomplete):
         _apply(changes, _event(EventStatus.FAILED, 1))  # no workflow record loaded
+    a = _task("a", status=TaskStatus.RUNNING, attempts=1, dependents=["b"])
+    b = _task("b", depends_on=["a"], pending_deps=1, dependents=["c"])
+    changes = _changes(a, b, remaining=3, complete=False)
+    with pytest.raises(Incomplete):
+        _apply(changes, _event(EventStatus.FAILED, 1))  # the cascade goes on to c, not loaded
 
 
 @pytest.mark.parametrize(
@@ -263,8 +268,8 @@ def test_a_decision_needing_unloaded_records_says_so() -> None:
         (TaskStatus.RUNNING, EventStatus.RETRYING, workflow.Needs()),
         (TaskStatus.RUNNING, EventStatus.ESCALATED, workflow.Needs()),
         (TaskStatus.RUNNING, EventStatus.SUCCEEDED, workflow.Needs(workflow=True, ids=frozenset({"b"}))),
-        (TaskStatus.RUNNING, EventStatus.FAILED, workflow.Needs(workflow=True, everything=True)),
-        (TaskStatus.RUNNING, EventStatus.CANCELLED, workflow.Needs(workflow=True, everything=True)),
+        (TaskStatus.RUNNING, EventStatus.FAILED, workflow.Needs(workflow=True, ids=frozenset({"b"}))),
+        (TaskStatus.RUNNING, EventStatus.CANCELLED, workflow.Needs(workflow=True, ids=frozenset({"b"}))),
         (TaskStatus.SUCCEEDED, EventStatus.FAILED, workflow.Needs()),  # finished: stays so
         (TaskStatus.ESCALATED, EventStatus.FAILED, workflow.Needs()),  # only an operator moves it
     ],
