@@ -1420,70 +1420,15 @@ class Router:
     async def _why(self, workflow: WorkflowRecord, task_id: str | None) -> list[dict[str, Any]]:
         """For each unfinished task (or the one asked about): why it is not running, or where it runs."""
         tasks = await self._store.get_tasks(workflow.workflow_id)
-        if task_id is not None:
-            if task_id not in tasks:
-                raise KeyError(f"workflow {workflow.workflow_id} has no task {task_id!r}")
-            selected = [tasks[task_id]]
-        else:
-            selected = [t for t in tasks.values() if not t.status.terminal]
+        selected = why.select(tasks, workflow.workflow_id, task_id)
         now = time.time()
         # Stopped and lost agents are left out; alive but unhealthy ones serve (the watchdog's mark is named).
         who = why.serving((await self._agents.census(now)).live())
         depths: dict[str, int] = {}
-        answers = []
-        for task in selected:
-            answer: dict[str, Any] = {
-                "task_id": task.task_id,
-                "status": str(task.status),
-                "capability": task.capability,
-            }
-            if task.status.terminal:
-                answer.update(reason="finished", detail=f"ended {task.status}")
-            elif task.status is TaskStatus.WAITING:
-                pending = [d for d in task.depends_on if tasks[d].status is not TaskStatus.SUCCEEDED]
-                answer.update(
-                    reason="waiting_on", waiting_on=pending, detail=f"waiting on {', '.join(pending)}"
-                )
-            elif why.in_queue(task, now):
-                # Queued, or a retry whose attempt is due (back in the capability queue): who takes it?
-                if task.capability not in depths:
-                    info = await self._amqp.queue_info(names.capability_queue(self.ns, task.capability))
-                    depths[task.capability] = info.messages if info is not None else 0
-                answer.update(
-                    why.why_queued(task, depth=depths[task.capability], who=who.get(task.capability))
-                )
-            elif task.status is TaskStatus.RUNNING:
-                answer.update(
-                    reason="running_on",
-                    agent=task.agent,
-                    since=task.started_at,
-                    detail=f"running on {task.agent} (attempt {task.attempts})",
-                )
-            elif task.status is TaskStatus.RETRYING:
-                error = task.error or {}
-                answer.update(
-                    reason="backoff_until",
-                    until=task.retry_at,
-                    detail=f"attempt {task.attempts} failed ({error.get('type')}: {error.get('message')}); "
-                    f"next attempt in {max(0.0, (task.retry_at or 0) - now):.0f}s",
-                )
-            elif task.status is TaskStatus.ESCALATED:
-                escalation = task.escalation or {}
-                error = escalation.get("error") or task.error or {}
-                ref = f"{workflow.workflow_id} --task {task.task_id}"
-                answer.update(
-                    reason="escalated",
-                    escalation_reason=escalation.get("reason"),
-                    since=escalation.get("at"),
-                    agent=escalation.get("agent"),
-                    detail=f"escalated to an operator ({escalation.get('reason', 'requested')}) after "
-                    f"attempt {escalation.get('attempt', task.attempts)}: {error.get('type')}: "
-                    f"{error.get('message')}; `fabric resume {ref}` or `fabric abort {ref}`",
-                )
-            else:
-                answer.update(reason=str(task.status), detail=f"{task.status}: waits for an operator")
-            answers.append(answer)
-        return answers
+        for capability in why.queues_to_read(selected, now):
+            info = await self._amqp.queue_info(names.capability_queue(self.ns, capability))
+            depths[capability] = info.messages if info is not None else 0
+        return why.explain(workflow.workflow_id, tasks, selected, now=now, who=who, depths=depths)
 
     async def status_document(self, workflow: WorkflowRecord) -> dict[str, Any]:
         tasks = await self._store.get_tasks(workflow.workflow_id)

@@ -1,4 +1,7 @@
-"""Why a task waiting in its capability queue does not run: pure decisions for ``fabric why``.
+"""Why a task does not run, or where it runs: pure decisions for ``fabric why`` (:func:`explain`).
+
+The shell reads the workflow's tasks, the live agents (:func:`serving`) and the depth of each queue
+a selected task waits in (:func:`queues_to_read`), and :func:`explain` answers from those alone.
 
 A task waits in its capability queue when it is ``queued``, and also when it is ``retrying`` but its
 next attempt is due: the delay queue has handed it back (or the handler reassigned it, which has no
@@ -12,7 +15,7 @@ delay). Whether anyone will take it depends on the capability's live agents, as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,4 +123,96 @@ def why_queued(task: TaskRecord, *, depth: int, who: Serving | None) -> dict[str
     if who.stalled:
         answer["unhealthy_agents"] = list(who.stalled)
         answer["detail"] += f"; not consuming although work waits (unhealthy): {', '.join(who.stalled)}"
+    return answer
+
+
+def select(tasks: Mapping[str, TaskRecord], workflow_id: str, task_id: str | None) -> list[TaskRecord]:
+    """The tasks ``why`` answers for: the one asked about, or every unfinished one.
+
+    Raises:
+        KeyError: the workflow has no task ``task_id``.
+    """
+    if task_id is None:
+        return [t for t in tasks.values() if not t.status.terminal]
+    if task_id not in tasks:
+        raise KeyError(f"workflow {workflow_id} has no task {task_id!r}")
+    return [tasks[task_id]]
+
+
+def queues_to_read(selected: Iterable[TaskRecord], now: float) -> list[str]:
+    """The capabilities whose queue depth the answers need (of the tasks waiting in their queue)."""
+    return sorted({task.capability for task in selected if in_queue(task, now)})
+
+
+def explain(
+    workflow_id: str,
+    tasks: Mapping[str, TaskRecord],
+    selected: Sequence[TaskRecord],
+    *,
+    now: float,
+    who: Mapping[str, Serving],
+    depths: Mapping[str, int],
+) -> list[dict[str, Any]]:
+    """For each selected task: why it is not running, or where it runs (docs/protocol.md §7, ``why``).
+
+    Args:
+        tasks: every task of the workflow (the dependencies of a waiting task are looked up here).
+        who: the live agents of each capability (:func:`serving`).
+        depths: messages in each capability queue of :func:`queues_to_read` (0 when it has none).
+    """
+    return [_explain_one(workflow_id, tasks, task, now=now, who=who, depths=depths) for task in selected]
+
+
+def _explain_one(
+    workflow_id: str,
+    tasks: Mapping[str, TaskRecord],
+    task: TaskRecord,
+    *,
+    now: float,
+    who: Mapping[str, Serving],
+    depths: Mapping[str, int],
+) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "task_id": task.task_id,
+        "status": str(task.status),
+        "capability": task.capability,
+    }
+    if task.status.terminal:
+        answer.update(reason="finished", detail=f"ended {task.status}")
+    elif task.status is TaskStatus.WAITING:
+        pending = [d for d in task.depends_on if tasks[d].status is not TaskStatus.SUCCEEDED]
+        answer.update(reason="waiting_on", waiting_on=pending, detail=f"waiting on {', '.join(pending)}")
+    elif in_queue(task, now):
+        # Queued, or a retry whose attempt is due (back in the capability queue): who takes it?
+        answer.update(why_queued(task, depth=depths.get(task.capability, 0), who=who.get(task.capability)))
+    elif task.status is TaskStatus.RUNNING:
+        answer.update(
+            reason="running_on",
+            agent=task.agent,
+            since=task.started_at,
+            detail=f"running on {task.agent} (attempt {task.attempts})",
+        )
+    elif task.status is TaskStatus.RETRYING:
+        error = task.error or {}
+        answer.update(
+            reason="backoff_until",
+            until=task.retry_at,
+            detail=f"attempt {task.attempts} failed ({error.get('type')}: {error.get('message')}); "
+            f"next attempt in {max(0.0, (task.retry_at or 0) - now):.0f}s",
+        )
+    elif task.status is TaskStatus.ESCALATED:
+        escalation = task.escalation or {}
+        error = escalation.get("error") or task.error or {}
+        ref = f"{workflow_id} --task {task.task_id}"
+        answer.update(
+            reason="escalated",
+            escalation_reason=escalation.get("reason"),
+            since=escalation.get("at"),
+            agent=escalation.get("agent"),
+            detail=f"escalated to an operator ({escalation.get('reason', 'requested')}) after "
+            f"attempt {escalation.get('attempt', task.attempts)}: {error.get('type')}: "
+            f"{error.get('message')}; `fabric resume {ref}` or `fabric abort {ref}`",
+        )
+    else:
+        answer.update(reason=str(task.status), detail=f"{task.status}: waits for an operator")
     return answer
