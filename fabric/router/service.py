@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 import traceback
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
@@ -57,13 +57,11 @@ from fabric.protocol.messages import (
     Accepted,
     Alert,
     AlertSeverity,
-    Completed,
     ErrorInfo,
     Heartbeat,
     Rejected,
     RejectReason,
     TaskEvent,
-    TaskOutcome,
     TaskStatus,
 )
 from fabric.protocol.task_message import TaskMessage
@@ -71,6 +69,7 @@ from fabric.router import actions, rpc, why
 from fabric.router import workflow as core
 from fabric.router.admission import Admitted, Refusal, admit
 from fabric.router.agents import Agents, Census
+from fabric.router.announce import Announcer
 from fabric.router.http import ApiServer, Parts, build_app
 from fabric.router.locks import KeyedLocks
 from fabric.router.monitoring import MAX_WATCHED_CAPABILITIES, Monitoring
@@ -85,7 +84,7 @@ from fabric.store.base import Sample, TaskRecord, WorkflowRecord
 from fabric.store.timed import timed
 from fabric.telemetry import MAX_LINKS, Telemetry, messaging_attributes
 from fabric.topology import names, spec
-from fabric.transport.amqp import DEFAULT_EXCHANGE, AmqpConnection, Consumer, Delivery
+from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
 
 log = logging.getLogger("fabric.router")
 
@@ -94,16 +93,6 @@ _T = TypeVar("_T")
 #: Pause before a message whose processing failed on a store or broker error is requeued, so an
 #: outage does not turn into a hot redelivery loop.
 _REQUEUE_PAUSE_S = 1.0
-
-#: Task notifications waiting to be sent at most; beyond, progress signals are dropped rather than queued.
-_MAX_PENDING_NOTES = 10_000
-#: Notifications the sender publishes before it lets other work on the event loop run.
-_NOTES_PER_TURN = 256
-
-#: Workflows whose ``notify_tasks`` flag the router remembers (most recently seen first out last).
-_NOTIFY_FLAGS_MEMORY = 10_000
-#: How long a remembered ``notify_tasks`` = False holds before the router reads the flag again.
-_NOTIFY_FLAG_TTL_S = 1.0
 
 #: Lease renewals the router remembers at most (one per long task running).
 _MAX_LEASES = 100_000
@@ -181,11 +170,6 @@ class Router:
         self._locks = KeyedLocks()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: Task notifications (routing key, encoded body) waiting for the one sender, oldest first.
-        self._notes: deque[tuple[str, bytes]] = deque()
-        self._notes_waiting = asyncio.Event()
-        #: workflow id -> (notify_tasks, when read): the flags of recently seen workflows.
-        self._notify_flags: OrderedDict[str, tuple[bool, float]] = OrderedDict()
         self._event_queue: dict[str, list[tuple[Delivery, TaskEvent]]] = {}
         self._active = False
         #: When each leased attempt was last renewed (its started event, then heartbeats listing it).
@@ -216,6 +200,14 @@ class Router:
             "dispatched": 0,
             "completed": 0,
         }
+        #: Replies, completed documents and task notifications.
+        self.announcer = Announcer(
+            self._amqp,
+            self._store,
+            self.ns,
+            task_notifications=self.settings.router.task_notifications,
+            stats=self.stats,
+        )
         self._agents = Agents(
             self._store,
             self._amqp,
@@ -339,7 +331,7 @@ class Router:
             raise
         for loop in self._loops:
             loop.start()
-        self._background(self._note_sender(), "task notifications")
+        self._background(self.announcer.note_sender(), "task notifications")
         log.info("router ready (namespace %s, store %s)", self.ns, self.settings.store.url)
         return self
 
@@ -623,7 +615,7 @@ class Router:
 
     async def _submission(self, delivery: Delivery) -> None:
         async def respond(doc: dict[str, Any], content_type: str) -> None:
-            await self._reply(delivery.reply_to, delivery.correlation_id, doc, content_type)
+            await self.announcer.reply(delivery.reply_to, delivery.correlation_id, doc, content_type)
 
         await self.submit(
             delivery.body,
@@ -708,7 +700,7 @@ class Router:
             existing = await self._store.insert_workflow(workflow, admitted.tasks)
             if existing is not None:
                 return await self._resubmitted(workflow, existing, respond)
-            self._remember_notify_flag(workflow)
+            self.announcer.remember_flag(workflow)
             self.metrics.workflow_submitted()
             for task in admitted.tasks:
                 self.metrics.count_task("submitted", task.capability)
@@ -752,12 +744,12 @@ class Router:
             existing.notify_tasks = changed = True
         if changed:
             await self._store.save(workflows=[existing])
-        self._remember_notify_flag(existing)
+        self.announcer.remember_flag(existing)
         accepted = Accepted(workflow_id=existing.workflow_id, tasks=existing.task_count)
         await respond(accepted.model_dump(mode="json"), new.content_type)
         completed = None
         if existing.status.terminal:
-            completed = await self._completion_document(existing)
+            completed = await self.announcer.completion_document(existing)
             await respond(completed, new.content_type)
         return Submitted(accepted, resent=True, completed=completed)
 
@@ -1081,7 +1073,7 @@ class Router:
             if error is not None:
                 failure = failure or error
                 continue  # its events are redelivered (or recovery publishes): their effects come then
-            await self._send_notes(current)
+            await self.announcer.send_notes(current.workflow_id, current.workflow, current.notes)
             for task in current.escalated:
                 self._alert_escalated(task)
             for resolved in current.resolved:
@@ -1110,147 +1102,13 @@ class Router:
 
     # -- announcements ----------------------------------------------------------------------------
 
-    async def _completion_document(
-        self, workflow: WorkflowRecord, tasks: Mapping[str, TaskRecord] | None = None
-    ) -> dict[str, Any]:
-        if tasks is None:
-            tasks = await self._store.get_tasks(workflow.workflow_id)
-        document = Completed(
-            workflow_id=workflow.workflow_id,
-            status=workflow.status,
-            tasks={
-                t.task_id: TaskOutcome(
-                    status=t.status,
-                    result=t.result,
-                    error=ErrorInfo(**t.error) if t.error else None,
-                    attempts=t.attempts,
-                    agent=t.agent,
-                )
-                for t in tasks.values()
-            },
-        )
-        return document.model_dump(mode="python")
-
     async def _announce(self, ended: WorkflowRecord | core.Changeset) -> None:
-        """Send the ``completed`` document of a finished workflow (a stored record, or the committed
-        changeset that ended it) to the submitter and to ``{ns}.notify``, then remember that.
-
-        At least once: a crash after sending and before remembering sends it again on restart.
-        """
+        """Announce a finished workflow (:meth:`Announcer.announce`): a stored record, or the committed
+        changeset that ended it (closing a workflow reads every task: its document needs no read)."""
         if isinstance(ended, core.Changeset):
-            workflow = ended.the_workflow()
-            tasks = ended.tasks if ended.complete else None  # complete: closing a workflow reads every task
+            await self.announcer.announce(ended.the_workflow(), ended.tasks if ended.complete else None)
         else:
-            workflow, tasks = ended, None
-        document = await self._completion_document(workflow, tasks)
-        body = codec.encode(document, workflow.content_type)
-        await asyncio.gather(
-            self._reply_raw(workflow.reply_to, workflow.correlation_id, body, workflow.content_type),
-            *(
-                self._reply_raw(to, corr or None, body, workflow.content_type)
-                for to, corr in workflow.subscribers
-            ),
-            self._amqp.publish(
-                names.notify_exchange(self.ns),
-                names.workflow_notify_key(workflow.workflow_id, str(workflow.status)),
-                body,
-                content_type=workflow.content_type,
-                mandatory=False,
-            ),
-        )
-        workflow.notified = True
-        await self._store.save(workflows=[workflow])
-        self.stats["completed"] += 1
-        log.debug("workflow %s %s", workflow.workflow_id, workflow.status)
-
-    async def _send_notes(self, changes: core.Changeset) -> None:
-        """Send a committed batch's task notifications, if its workflow gets them (``task_notifications``)."""
-        if not changes.notes:
-            return
-        mode = self.settings.router.task_notifications
-        if mode == "off" or (mode == "requested" and not await self._notify_wanted(changes)):
-            return
-        for note in changes.notes:
-            self._notify_task(note)
-
-    async def _notify_wanted(self, changes: core.Changeset) -> bool:
-        """The workflow's ``notify_tasks`` flag: from the batch, from memory, else from the store.
-
-        A remembered False is read again after a second, so a resend asking for notifications that
-        another router admitted is seen soon.
-        """
-        if changes.workflow is not None:
-            return self._remember_notify_flag(changes.workflow)
-        wanted, seen_at = self._notify_flags.get(changes.workflow_id, (False, -_NOTIFY_FLAG_TTL_S))
-        if wanted or time.monotonic() - seen_at < _NOTIFY_FLAG_TTL_S:
-            return wanted
-        try:
-            workflow = await self._store.get_workflow(changes.workflow_id)
-        except StoreError as exc:
-            log.debug("task notifications of %s not sent: %s", changes.workflow_id, exc)
-            return False
-        return workflow is not None and self._remember_notify_flag(workflow)
-
-    def _remember_notify_flag(self, workflow: WorkflowRecord) -> bool:
-        flags = self._notify_flags
-        flags[workflow.workflow_id] = (workflow.notify_tasks, time.monotonic())
-        flags.move_to_end(workflow.workflow_id)
-        while len(flags) > _NOTIFY_FLAGS_MEMORY:
-            flags.popitem(last=False)
-        return workflow.notify_tasks
-
-    def _notify_task(self, note: dict[str, Any]) -> None:
-        """Queue a task's new status for ``{ns}.notify``, sent unconfirmed by :meth:`_note_sender`: a
-        progress signal, not a record."""
-        if len(self._notes) >= _MAX_PENDING_NOTES:
-            return  # the broker is slow: drop progress signals rather than hold memory
-        key = names.task_notify_key(note["workflow_id"], note["task_id"], note["status"])
-        self._notes.append((key, codec.encode(note)))
-        self._notes_waiting.set()
-
-    async def _note_sender(self) -> None:
-        """Publish the queued task notifications, oldest first, one at a time.
-
-        One sender and a queue of encoded bodies, not a task per notification: under load the
-        notifications wait for the connection's writer, and 10,000 waiting tasks (each with its
-        coroutine, timeout and lock waiter) held tens of MB of the router's memory; the queue holds a
-        few MB at most (issue 6, S5)."""
-        exchange = names.notify_exchange(self.ns)
-        while True:
-            await self._notes_waiting.wait()
-            self._notes_waiting.clear()
-            sent = 0
-            while self._notes:
-                key, body = self._notes.popleft()
-                try:
-                    await self._amqp.publish_unconfirmed(exchange, key, body)
-                except Exception as exc:  # not connected (closing): best effort, like a dropped one
-                    log.debug("task notification not sent: %s", exc)
-                sent += 1
-                if sent % _NOTES_PER_TURN == 0:
-                    await asyncio.sleep(0)  # an uncontended publish never yields: let the loop run
-
-    async def _reply(
-        self, reply_to: str | None, correlation_id: str | None, doc: dict[str, Any], content_type: str
-    ) -> None:
-        if reply_to:
-            await self._reply_raw(reply_to, correlation_id, codec.encode(doc, content_type), content_type)
-
-    async def _reply_raw(
-        self, reply_to: str | None, correlation_id: str | None, body: bytes, content_type: str
-    ) -> None:
-        if not reply_to:
-            return
-        # mandatory=False: a client that went away must not make the router fail; it can ask again.
-        await self._amqp.publish(
-            DEFAULT_EXCHANGE,
-            reply_to,
-            body,
-            content_type=content_type,
-            correlation_id=correlation_id,
-            mandatory=False,
-            persistent=False,
-        )
+            await self.announcer.announce(ended)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -1276,7 +1134,7 @@ class Router:
                     workflow, rpc.required(request, "task_id"), rpc.optional(request, "reason")
                 ),
             },
-            reply=self._reply,
+            reply=self.announcer.reply,
         )
 
     async def _ping(self) -> dict[str, Any]:
@@ -1286,7 +1144,7 @@ class Router:
         """The workflow's ``completed`` document, or ``{"kind": "running", …}`` while it runs."""
         if not workflow.status.terminal:
             return {"kind": "running", "workflow_id": workflow.workflow_id, "status": str(workflow.status)}
-        return await self._completion_document(workflow)
+        return await self.announcer.completion_document(workflow)
 
     async def _replay(self, workflow: WorkflowRecord, task_id: str) -> dict[str, Any]:
         """Run a dead or failed task again from its first attempt (an operator's ``fabric dead replay``).
@@ -1595,7 +1453,7 @@ class Router:
                 )
                 with contextlib.suppress(Exception):
                     reply_type = codec.normalize_content_type(delivery.content_type) or codec.JSON
-                    await self._reply(
+                    await self.announcer.reply(
                         delivery.reply_to,
                         delivery.correlation_id,
                         refusal.model_dump(mode="json"),

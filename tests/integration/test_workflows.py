@@ -105,7 +105,7 @@ async def test_task_notifications_reach_a_listener_in_order(
     for task in "bcd":
         assert [s for t, s in seen if t == task][-2:] == ["running", "succeeded"], seen
     assert seen.index(("b", "succeeded")) < seen.index(("d", "running"))
-    assert not router._notes, "the sender leaves nothing queued"
+    assert not router.announcer.pending, "the sender leaves nothing queued"
     assert (await client.wait(accepted.workflow_id, timeout_s=60)).status == "succeeded"
 
 
