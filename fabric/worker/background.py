@@ -71,6 +71,14 @@ class Background:
         self._tasks[name] = task
         return task
 
+    async def stop(self, name: str) -> None:
+        """Cancel the task ``name`` (unless it is the one calling this) and wait until it ended."""
+        task = self._tasks.get(name)
+        if task is None or task is asyncio.current_task():
+            return
+        task.cancel()
+        await asyncio.wait([task])
+
     def running(self, name: str) -> bool:
         task = self._tasks.get(name)
         return task is not None and not task.done()

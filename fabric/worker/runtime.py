@@ -1,22 +1,17 @@
-"""The worker runtime: consume capability queues, run handlers, report events, heartbeat, drain.
+"""The worker runtime: lifecycle (start, drain, close) and the pipeline each delivered task goes through.
 
-For every task message: publish ``started``; run the handler under the concurrency limit and the
-attempt's time limit; publish the outcome event and wait for the broker's confirm; only then ack the
-task message (docs/protocol.md §5). If the process dies anywhere before the ack, the broker redelivers
-the task.
-
-Long tasks: RabbitMQ closes a channel whose delivery stays unacked past its ``consumer_timeout`` (30 min
-by default) and requeues every unacked message on it, while the handlers go on running. So a task still
-running after ``lease_after_s`` is handed over: the worker publishes ``started`` with ``lease_s``
-(confirmed), acks the message, and from then on its heartbeats renew the lease; the router runs the task
-again as a new attempt if the lease lapses. A redelivered copy of an attempt that is running here (the
-channel was closed under it, or the connection dropped) is adopted, never run a second time, and a copy
-of an attempt already reported here is only acked.
+One delivery, in order (:meth:`Worker._process_delivery`): read the task message (unreadable: parked);
+a copy of an attempt held or reported here is adopted, never run twice (:mod:`.attempts`); a cancelled
+task is dropped; a task this agent must avoid is handed on; a redelivered one is a lost attempt. Else it
+waits for a concurrency slot and runs (:mod:`.execution`), under a lease once it has run
+``lease_after_s`` (:mod:`.lease`); what it came to (:mod:`.outcome`, pure) is carried out in the
+contract's order, copy, then event, then ack (:mod:`.settlement`, docs/protocol.md §5). If the process
+dies anywhere before the ack, the broker redelivers the task.
 
 All capability queues are consumed on one channel with one prefetch limit, so a worker never holds more
-than ``concurrency`` unacked tasks in all. Sync handlers run on daemon threads of their own: a thread
-cannot be killed, so one stuck past its timeout keeps its concurrency slot until it returns, and never
-keeps the process from exiting.
+than ``concurrency`` unacked tasks in all; their breakers and scores are in :mod:`.consumers`, the
+heartbeats in :mod:`.heartbeat`, the loops that keep them in named background tasks
+(:mod:`.background`).
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ import time
 from typing import Any, Self
 
 from fabric.errors import (
-    FabricError,
     NotConnectedError,
     ProtocolError,
     TransportError,
@@ -44,10 +38,8 @@ from fabric.policy import (
     RetryPolicy,
 )
 from fabric.policy import score as scoring
-from fabric.policy.breaker import BreakerState, CircuitBreaker
-from fabric.protocol import codec, headers
+from fabric.protocol import headers
 from fabric.protocol.messages import (
-    ConsumerState,
     EventStatus,
     Heartbeat,
     HeartbeatHealth,
@@ -57,17 +49,17 @@ from fabric.protocol.task_message import TaskMessage
 from fabric.settings import FabricSettings
 from fabric.telemetry import Span, SpanKind, SpanLink, Telemetry, messaging_attributes
 from fabric.topology import names, spec
-from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
+from fabric.transport.amqp import AmqpConnection, Delivery
 from fabric.worker import background
 from fabric.worker import outcome as outcome_
 from fabric.worker.agent import Agent, Handler, Task
 from fabric.worker.attempts import AttemptKey, AttemptsBook, Running
 from fabric.worker.cancels import CancelSync
+from fabric.worker.consumers import Consumers
 from fabric.worker.execution import Execution, Slot
+from fabric.worker.heartbeat import Heartbeats
 from fabric.worker.lease import Leases, finish_handover
-from fabric.worker.outcome import Outcome
 from fabric.worker.settlement import (
-    NACK_PAUSE_S,
     DeferredStart,
     Settlement,
     requeue_later,
@@ -76,9 +68,6 @@ from fabric.worker.settlement import (
 )
 
 log = logging.getLogger("fabric.worker")
-
-#: How long a stopping worker waits for the broker to confirm its final (``stopped``) heartbeat.
-FINAL_BEAT_TIMEOUT_S = 2.0
 
 
 class Worker:
@@ -106,30 +95,8 @@ class Worker:
         self.concurrency = concurrency or settings.worker.concurrency
         self.agent_id = settings.worker.agent_id or f"{agent.name}@{socket.gethostname()}:{os.getpid()}"
         self._policy = policy or RetryPolicy()
-        worker_settings = settings.worker
-        self._breakers = {
-            capability: CircuitBreaker(
-                failure_threshold=worker_settings.breaker_failures,
-                cooldown_s=worker_settings.breaker_cooldown_s,
-            )
-            for capability in agent.capabilities
-        }
-        self._consumer_of: dict[str, Consumer] = {}
-        #: The breaker loop of each capability whose breaker is not closed (see _keep_breaker).
-        self._probes: dict[str, asyncio.Task[None]] = {}
-        #: Re-scoring and the stop after a fatal error: never a probe, never cancelled by itself.
+        #: Named background tasks: heartbeats, the watchdog, re-scoring, the stop after a fatal error.
         self._background = background.Background()
-        # Agent health per capability: recent outcomes (the score's input), deliveries, subscriptions.
-        self._recent = {
-            capability: scoring.RecentOutcomes(window_s=worker_settings.score_window_s)
-            for capability in agent.capabilities
-        }
-        self._deliveries = dict.fromkeys(agent.capabilities, 0)
-        self._last_delivery: dict[str, float] = {}
-        self._subscribed_at: dict[str, float] = {}
-        self._rescored_at: dict[str, float] = {}
-        #: Smoothed load (busy slots / concurrency), sampled at each heartbeat: the score's load input.
-        self._load = 0.0
         #: Since when a slot has been free without a break (None while at the concurrency limit).
         self._free_since: float | None = time.time()
         self._telemetry = telemetry or Telemetry("fabric-worker")
@@ -142,7 +109,7 @@ class Worker:
             in_flight=lambda: self.in_flight,
             concurrency=self.concurrency,
             overdue_threads=lambda: self.overdue_threads,
-            breakers=lambda: {cap: str(b.state) for cap, b in self._breakers.items()},
+            breakers=lambda: self.consumers.breaker_states(),
             under_lease=lambda: len(self._book.leased()),
         )
         self._amqp.on_confirm = self.metrics.observe_publish
@@ -165,11 +132,22 @@ class Worker:
         #: Attempts held here from their delivery until they are settled, and those reported (bounded).
         self._book = AttemptsBook()
         self._leases = Leases(settings.worker, self._settle, self._execution, self.metrics)
-        self._consumers: list[Consumer] = []
+        #: The capability queues' consumers, their circuit breakers and scores.
+        self.consumers = Consumers(
+            agent,
+            settings,
+            self._amqp,
+            draining=lambda: self._draining,
+            run=self._on_task,
+            give_back=self._settle.return_unstarted,
+            on_fatal=self._fatal,
+            busy=lambda: min(1.0, (self.in_flight + self.overdue_threads) / self.concurrency),
+        )
+        self._heartbeats = Heartbeats(
+            self._amqp, self.ns, interval_s=settings.worker.heartbeat_interval_s, beat=self._beat
+        )
         self._running: set[asyncio.Task[Any]] = set()
-        self._heartbeat_task: asyncio.Task[None] | None = None
         self._host = socket.gethostname()
-        self._watchdog_task: asyncio.Task[None] | None = None
         #: Workflows and tasks an operator cancelled: running ones are stopped, copies dropped unrun.
         self._cancels = CancelSync(self._amqp, self.ns, on_cancel=self._execution.stop)
         self._health: HealthServer | None = None
@@ -196,7 +174,7 @@ class Worker:
             # One channel, one prefetch for every capability: at most `concurrency` unacked tasks in all,
             # so the tasks this worker cannot start yet stay in their queues for idle workers.
             # Every consumer starts at the top score (no record yet) and moves with its record.
-            self._consumers = await self._amqp.consume_many(
+            consumers = await self._amqp.consume_many(
                 {
                     names.capability_queue(self.ns, capability): functools.partial(
                         self._on_task, self.agent.handlers[capability]
@@ -210,9 +188,7 @@ class Worker:
                     for capability in self.agent.capabilities
                 },
             )
-            self._consumer_of = dict(zip(self.agent.capabilities, self._consumers, strict=True))
-            now = time.time()
-            self._subscribed_at = dict.fromkeys(self.agent.capabilities, now)
+            self.consumers.subscribed(consumers)
             http = self.settings.http
             # Many workers may share a host: a taken port falls back to a free one (logged).
             self._health = await serve_health(
@@ -225,8 +201,11 @@ class Worker:
         except BaseException:
             await self._close()
             raise
-        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="fabric-heartbeats")
-        self._watchdog_task = asyncio.create_task(self._watchdog(), name="fabric-watchdog")
+        self._background.start(
+            "heartbeats",
+            self._heartbeats.run(leased=self._renewing, health=self._health_now, each=self._each_beat),
+        )
+        self._background.start("watchdog", self.consumers.watchdog())
         log.info(
             "worker %s ready: capabilities %s, concurrency %d",
             self.agent_id,
@@ -255,7 +234,7 @@ class Worker:
             timeout,
             running,
         )
-        for consumer in self._consumers:
+        for consumer in self.consumers.of.values():
             await consumer.cancel()
         # Tasks received but not started (waiting for a slot) go back to their queues now, unstarted.
         self._execution.stop_waiting()
@@ -276,11 +255,11 @@ class Worker:
                 "%d sync handlers are still running past their task; their threads end with the process",
                 self.overdue_threads,
             )
-        await self._stop_heartbeats()
+        await self._background.stop("heartbeats")
         if not self.failed_fatally:
             # A clean stop says so, or the router would take the silence for a crash (``lost``). A fatal
             # stop stays silent on purpose: ``lost`` and its alert are what an operator should see then.
-            await self._final_heartbeat()
+            await self._heartbeats.final(self.agent_id)
         await self._close()
         if self.failed_fatally:
             log.warning("worker %s stopped after a fatal error", self.agent_id)
@@ -294,15 +273,11 @@ class Worker:
 
     async def _close(self) -> None:
         # Closing may run in a background task (the stop after a fatal error): it is not cancelled.
-        for probe in self._probes.values():
-            probe.cancel()
+        self.consumers.stop()
         await self._background.stop_all()
         await self._cancels.close()
         if self._health is not None:
             await self._health.__aexit__(None, None, None)
-        if self._watchdog_task is not None:
-            self._watchdog_task.cancel()
-        await self._stop_heartbeats()
         await self._amqp.close()
         await asyncio.to_thread(self._telemetry.shutdown)
         self._stopped.set()
@@ -344,107 +319,8 @@ class Worker:
     async def _check_consumers(self) -> str | None:
         if self._draining:
             return "draining"
-        # A capability whose breaker is open is not consumed on purpose: that is not a fault.
-        idle = [
-            consumer.queue_name
-            for capability, consumer in self._consumer_of.items()
-            if not consumer.healthy and self._breakers[capability].state is BreakerState.CLOSED
-        ]
+        idle = self.consumers.idle()
         return f"not consuming {', '.join(idle)}" if idle else None
-
-    # -- circuit breakers -------------------------------------------------------------------------
-
-    def _count_for_breaker(self, capability: str, outcome: Outcome) -> None:
-        """Feed an attempt's outcome to its capability's breaker; when it opens, stop consuming."""
-        if not outcome.counts_for_health:
-            return  # the input's fault or an operator's decision, not this agent's health
-        breaker = self._breakers[capability]
-        before = breaker.state
-        after = breaker.record(outcome.status is EventStatus.SUCCEEDED)
-        if after is BreakerState.OPEN and before is BreakerState.CLOSED:
-            log.warning(
-                "circuit breaker of %s opened after failures; not taking its tasks for %.0fs",
-                capability,
-                breaker.cooldown_s,
-            )
-        elif after is BreakerState.OPEN and before is BreakerState.HALF_OPEN:
-            log.warning(
-                "the probe of %s failed: circuit breaker open again for %.0fs", capability, breaker.cooldown_s
-            )
-        elif after is BreakerState.CLOSED and before is BreakerState.HALF_OPEN:
-            log.info("circuit breaker of %s closed: the probe succeeded", capability)
-        if after is BreakerState.OPEN:
-            self._keep_breaker(capability)
-
-    def _count_for_score(self, capability: str, outcome: Outcome, duration_s: float) -> None:
-        """Feed an attempt's outcome and duration to the capability's recent record (the score)."""
-        if not outcome.counts_for_health:
-            return
-        self._recent[capability].add(
-            time.time(), ok=outcome.status is EventStatus.SUCCEEDED, duration_s=duration_s
-        )
-
-    def _keep_breaker(self, capability: str) -> None:
-        """Start the capability's breaker loop, unless it runs already (it runs until the breaker closes)."""
-        running = self._probes.get(capability)
-        if running is None or running.done():
-            self._probes[capability] = asyncio.create_task(
-                self._breaker_loop(capability), name=f"fabric-breaker-{capability}"
-            )
-
-    async def _resume(self, capability: str) -> None:
-        await self._consumer_of[capability].resume()
-        self._subscribed_at[capability] = time.time()
-
-    async def _breaker_loop(self, capability: str) -> None:
-        """While the breaker is not closed: not consuming the capability; after each cool-down, fetch
-        one task (basic.get) and run it as the probe. Ends when the breaker closes (consuming again)
-        or the worker drains.
-
-        A probe that ends without an outcome (handed back because it avoids this agent, malformed,
-        cancelled, aborted, a copy of an attempt held here) releases its claim, so the next task
-        probes: a half-open breaker never waits on nothing.
-        """
-        consumer = self._consumer_of[capability]
-        breaker = self._breakers[capability]
-        handler = self.agent.handlers[capability]
-        await consumer.cancel()
-        while not self._draining:
-            state = breaker.state
-            if state is BreakerState.OPEN:
-                await asyncio.sleep(max(_PROBE_POLL_S / 5, breaker.seconds_until_probe()))
-                continue
-            try:
-                if state is BreakerState.CLOSED:
-                    await self._resume(capability)
-                    if breaker.state is BreakerState.CLOSED:
-                        return
-                    await consumer.cancel()  # opened again while subscribing (tasks in flight failed)
-                    continue
-                probe = await consumer.get_one()
-            except TransportError as exc:
-                log.warning("circuit breaker of %s: %s; trying again", capability, exc)
-                await asyncio.sleep(NACK_PAUSE_S)
-                continue
-            if probe is None:
-                await asyncio.sleep(_PROBE_POLL_S)  # nothing queued: stay half-open, look again
-                continue
-            if not breaker.try_probe():
-                # A task taken before the breaker opened ended meanwhile and closed (or reopened) it:
-                # this one is no probe. Back it goes, fresh (a nack would make it a lost attempt).
-                await self._settle.return_unstarted(probe)
-                continue
-            log.info("circuit breaker of %s half-open: running one probe task", capability)
-            try:
-                # The probe's outcome closes the breaker or opens it again (_count_for_breaker).
-                await self._on_task(handler, probe)
-            finally:
-                if breaker.release_probe():
-                    log.debug(
-                        "the probe of %s ended without an outcome (handed back, malformed, cancelled "
-                        "or aborted): the next task probes",
-                        capability,
-                    )
 
     def render_metrics(self) -> str:
         """The Prometheus text exposition served at ``/metrics``."""
@@ -456,8 +332,7 @@ class Worker:
         current = asyncio.current_task()
         assert current is not None
         capability = handler.capability
-        self._deliveries[capability] += 1
-        self._last_delivery[capability] = time.time()
+        self.consumers.delivered(capability)
         self._running.add(current)
         self._note_load()
         try:
@@ -663,8 +538,7 @@ class Worker:
                     self._telemetry.failed(span, outcome.error.type, outcome.error.message)
                 if self._is_cancelled(task):
                     outcome = outcome_.cancelled()
-                self._count_for_breaker(handler.capability, outcome)
-                self._count_for_score(handler.capability, outcome, time.perf_counter() - began)
+                self.consumers.record(handler.capability, outcome, time.perf_counter() - began)
                 # The retry or the parked copy is confirmed before the event, and both before the ack:
                 # a crash in between repeats a step, it never loses the task.
                 await self._settle.carry_out(delivery, task, outcome, started_at=started_at)
@@ -760,107 +634,25 @@ class Worker:
         self._settle.count(task.capability, outcome)
         await delivery.ack()
 
-    # -- watchdog ---------------------------------------------------------------------------------
-
-    async def _watchdog(self) -> None:
-        """Subscribe again any consumer the broker dropped (its queue deleted: a basic.cancel closes
-        nothing, so the robust connection does not notice). A worker never stays alive and idle: if
-        the queue cannot be declared and consumed again, the worker stops (exit code non-zero)."""
-        interval = self.settings.worker.watchdog_interval_s
-        while not self._draining:
-            await asyncio.sleep(interval)
-            if not self._amqp.connected:
-                continue  # reconnecting: the robust connection restores the consumers itself
-            for capability, consumer in self._consumer_of.items():
-                if (
-                    consumer.healthy
-                    or not consumer.active
-                    or self._breakers[capability].state is not BreakerState.CLOSED
-                ):
-                    continue
-                log.warning(
-                    "the broker stopped delivering %s (queue deleted?); subscribing again",
-                    consumer.queue_name,
-                )
-                try:
-                    await self._amqp.forget(spec.capability(self.ns, capability))
-                    await self._amqp.declare(spec.capability(self.ns, capability))
-                    await consumer.resubscribe()
-                    self._subscribed_at[capability] = time.time()
-                except FabricError as exc:
-                    log.critical(
-                        "cannot consume %s again (%s); stopping this worker", consumer.queue_name, exc
-                    )
-                    self.failed_fatally = True
-                    self._background_stop()
-                    return
-
-    def _background_stop(self) -> None:
+    def _fatal(self) -> None:
+        """The worker cannot consume any more: it stops, in the background (the caller is one of its
+        own background tasks, which the stop cancels)."""
+        self.failed_fatally = True
         self._background.start("fatal-drain", self.drain())
 
     # -- heartbeats -------------------------------------------------------------------------------
 
-    async def _rescore(self) -> None:
-        """Score every capability again; consume with the new score as ``x-priority`` when it left
-        its bucket (hysteresis) and the capability was not re-subscribed too recently."""
-        worker = self.settings.worker
-        busy = min(1.0, (self.in_flight + self.overdue_threads) / self.concurrency)
-        # Smoothed: the load sampled at one heartbeat swings with every task; its average does not.
-        self._load += _LOAD_SMOOTHING * (busy - self._load)
-        now = time.time()
-        for capability, consumer in self._consumer_of.items():
-            record = self._recent[capability].record(now)
-            raw = scoring.raw_score(
-                record.success_rate,
-                record.latency_s,
-                self._load,
-                latency_ref_s=worker.score_latency_ref_s,
-            )
-            current = consumer.priority if consumer.priority is not None else scoring.MAX_SCORE
-            wanted = scoring.rebucket(raw, current)
-            if wanted == current:
-                continue
-            if now - self._rescored_at.get(capability, 0.0) < worker.rescore_min_interval_s:
-                continue
-            self._rescored_at[capability] = now
-            log.info(
-                "score of %s: %d -> %d (success %s, latency %s, load %.2f): consuming with that x-priority",
-                capability,
-                current,
-                wanted,
-                "-" if record.success_rate is None else f"{record.success_rate:.2f}",
-                "-" if record.latency_s is None else f"{record.latency_s:.3f}s",
-                self._load,
-            )
-            try:
-                await consumer.set_priority(wanted)
-            except TransportError as exc:
-                log.warning("could not consume %s with priority %d: %s", capability, wanted, exc)
-            else:
-                if consumer.active:
-                    self._subscribed_at[capability] = time.time()
+    def _each_beat(self) -> None:
+        # Re-scoring may wait on the broker (basic.cancel + basic.consume): never the heartbeats.
+        if not self._draining and not self._background.running("rescore"):
+            self._background.start("rescore", self.consumers.rescore())
 
-    async def _rescore_guarded(self) -> None:
-        try:
-            await self._rescore()
-        except Exception:
-            log.critical("scoring failed; priorities stay as they are", exc_info=True)
+    def _renewing(self) -> list[Running]:
+        """The leased attempts whose leases a heartbeat renews now (a lease that lapsed is given up)."""
+        return [running for running in self._book.leased() if self._leases.held(running)]
 
-    def _consumer_states(self) -> dict[str, ConsumerState]:
-        now = time.time()
-        states = {}
-        for capability, consumer in self._consumer_of.items():
-            record = self._recent[capability].record(now)
-            states[capability] = ConsumerState(
-                consuming=consumer.healthy,
-                subscribed_at=self._subscribed_at.get(capability),
-                last_delivery_at=self._last_delivery.get(capability),
-                deliveries=self._deliveries[capability],
-                score=consumer.priority,
-                success_rate=None if record.success_rate is None else round(record.success_rate, 4),
-                latency_ms=None if record.latency_s is None else round(record.latency_s * 1000, 3),
-            )
-        return states
+    def _health_now(self) -> HeartbeatHealth:
+        return "draining" if self._draining else "ok"
 
     def _beat(self, health: HeartbeatHealth, leases: list[Running]) -> Heartbeat:
         """This agent's heartbeat now: ``health`` as given, renewing the leases of ``leases``."""
@@ -877,63 +669,13 @@ class Worker:
             processed=self.processed,
             failed=self.failed,
             health=health,
-            breakers={cap: str(b.state) for cap, b in self._breakers.items()},
+            breakers=self.consumers.breaker_states(),
             free_since=self._free_since,
-            consumers=self._consumer_states(),
+            consumers=self.consumers.states(),
             at=time.time(),
         )
 
-    async def _send_beat(self, beat: Heartbeat) -> None:
-        """Publish a heartbeat (confirmed); raises TransportError when it is not sent."""
-        await self._amqp.publish(
-            names.heartbeats_exchange(self.ns),
-            "",
-            codec.encode(beat.model_dump(mode="python")),
-            persistent=False,
-            mandatory=False,
-            expiration_s=max(beat.interval_s * 3, 1.0),
-        )
 
-    async def _heartbeats(self) -> None:
-        interval = self.settings.worker.heartbeat_interval_s
-        while True:
-            # Re-scoring may wait on the broker (basic.cancel + basic.consume): never the heartbeats.
-            if not self._draining and not self._background.running("rescore"):
-                self._background.start("rescore", self._rescore_guarded())
-            # Leases are checked before the beat: after the event loop stalled, a beat would renew them
-            # at the router though they went unrenewed too long.
-            leased = [r for r in self._book.leased() if self._leases.held(r)]
-            sent_at = time.monotonic()
-            beat = self._beat("draining" if self._draining else "ok", leased)
-            try:
-                await self._send_beat(beat)
-            except TransportError as exc:
-                log.warning("heartbeat not sent: %s", exc)
-            else:
-                for running in leased:
-                    running.renewed_at = max(running.renewed_at, sent_at)
-            await asyncio.sleep(interval)
-
-    async def _stop_heartbeats(self) -> None:
-        await background.stop(self._heartbeat_task, "heartbeats")
-
-    async def _final_heartbeat(self) -> None:
-        """Tell the router this agent stopped (``health: stopped``), so it is shown ``stopped``, not
-        ``lost``. Waits at most :data:`FINAL_BEAT_TIMEOUT_S` for the broker's confirm: exiting is never
-        held up longer (without it the router calls the agent lost, as before). It renews no lease."""
-        if not self._amqp.connected:
-            log.warning("worker %s: final heartbeat not sent: the broker connection is down", self.agent_id)
-            return
-        try:
-            await asyncio.wait_for(self._send_beat(self._beat("stopped", [])), FINAL_BEAT_TIMEOUT_S)
-        except (TransportError, TimeoutError) as exc:
-            log.warning("worker %s: final heartbeat not sent: %s", self.agent_id, exc or "no confirm in time")
-
-
-#: Weight of the newest load sample in the smoothed load (an exponential moving average).
-_LOAD_SMOOTHING = 0.3
-#: Seconds between looks at an empty queue while a circuit breaker is half-open (basic.get polls).
-_PROBE_POLL_S = 0.25
 #: Hand-overs of a task this agent must avoid before it is parked as ``no_other_agent``.
 MAX_BOUNCES = 20
 

@@ -54,7 +54,7 @@ async def test_failing_agent_stops_taking_work_probes_once_and_recovers(
         )
         await client.wait(first.workflow_id, timeout_s=60)
         assert runs["sick"] == ["p0", "p1", "p2"]
-        assert sick._breakers["t.llm"].state == "open"
+        assert sick.consumers.breakers["t.llm"].state == "open"
         assert await sick._check_consumers() is None, "an open breaker is not a readiness failure"
 
         # While it is the only agent and its breaker is open, `why` says so.
@@ -81,14 +81,16 @@ async def test_failing_agent_stops_taking_work_probes_once_and_recovers(
             {"tasks": [{"id": f"x{i}", "capability": "t.llm", "max_attempts": 1} for i in range(4)]}
         )
         await eventually(lambda: len(runs["sick"]) == 4, timeout=30, what="one probe on the sick agent")
-        await eventually(lambda: sick._breakers["t.llm"].state == "open", what="the breaker open again")
+        await eventually(
+            lambda: sick.consumers.breakers["t.llm"].state == "open", what="the breaker open again"
+        )
         assert len(runs["sick"]) == 4, "exactly one probe"
 
         # The dependency recovers: the next probe succeeds, the breaker closes, the agent consumes again
         # and takes the tasks that waited.
         broken = False
         done = await client.wait(probe_wf.workflow_id, timeout_s=60)
-        assert sick._breakers["t.llm"].state == "closed"
+        assert sick.consumers.breakers["t.llm"].state == "closed"
         assert [t.status for t in done.tasks.values()].count("dead") == 1, "only the failed probe"
         assert len(runs["sick"]) == 7
 
@@ -137,8 +139,8 @@ async def test_probe_handed_back_for_avoiding_this_agent_does_not_strand_the_cap
             {"tasks": [{"id": "ok", "capability": "t.fail"}]}, timeout_s=max(30.0, deadline - loop.time())
         )
         assert healed.tasks["ok"].result == "lonely"
-        await eventually(lambda: worker._consumer_of["t.fail"].healthy, what="consuming t.fail again")
-        assert worker._breakers["t.fail"].state == "closed"
+        await eventually(lambda: worker.consumers.of["t.fail"].healthy, what="consuming t.fail again")
+        assert worker.consumers.breakers["t.fail"].state == "closed"
 
 
 @pytest.mark.parametrize("kind", ["malformed", "cancelled", "aborted"])
@@ -167,7 +169,7 @@ async def test_a_probe_that_ends_without_an_outcome_lets_the_next_task_probe(
 
     one_failure = _breaker_settings(settings, failures=1, cooldown_s=3.0)
     async with Worker(agent, one_failure, concurrency=2) as worker:
-        breaker = worker._breakers["t.probe"]
+        breaker = worker.consumers.breakers["t.probe"]
         opener = await client.submit(
             {"tasks": [{"id": "t", "capability": "t.probe", "input": "fail", "max_attempts": 1}]}
         )
@@ -192,7 +194,7 @@ async def test_a_probe_that_ends_without_an_outcome_lets_the_next_task_probe(
         done = await client.wait(good.workflow_id, timeout_s=60)
         assert done.status == "succeeded"
         assert breaker.state == "closed"
-        await eventually(lambda: worker._consumer_of["t.probe"].healthy, what="consuming t.probe again")
+        await eventually(lambda: worker.consumers.of["t.probe"].healthy, what="consuming t.probe again")
         expected = ["fail", "abort", "good"] if kind == "aborted" else ["fail", "good"]
         assert runs == expected, "the probe that said nothing went first, the good task probed after it"
 

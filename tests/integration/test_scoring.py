@@ -49,7 +49,7 @@ async def test_the_healthier_agent_receives_more_of_a_burst(
     # every heartbeat instead of at most every 30 s.
     tuned = _tuned(settings, breaker_failures=1000, rescore_min_interval_s=0.0)
     async with Worker(make("poor"), tuned, concurrency=BURST) as poor:
-        consumer = poor._consumer_of[CAP]
+        consumer = poor.consumers.of[CAP]
         assert consumer.priority == MAX_SCORE, "no record yet: the top score"
         # Alone, the poor agent fails a batch of tasks: its success rate, and its score, drop.
         failing = await client.submit(
@@ -93,7 +93,7 @@ async def test_the_healthier_agent_receives_more_of_a_burst(
             assert len(runs["healthy"]) + len(runs["poor"]) == BURST, "each task ran once"
             # Hysteresis: the scores moved a few times, not at every heartbeat.
             assert consumer.subscriptions <= 4
-            assert healthy._consumer_of[CAP].subscriptions <= 4
+            assert healthy.consumers.of[CAP].subscriptions <= 4
 
 
 async def test_changing_the_priority_loses_and_duplicates_no_delivery(
@@ -113,7 +113,7 @@ async def test_changing_the_priority_loses_and_duplicates_no_delivery(
         return task.attempt
 
     async with Worker(agent, settings, concurrency=4) as worker:
-        consumer = worker._consumer_of[CAP]
+        consumer = worker.consumers.of[CAP]
         accepted = await client.submit({"tasks": [{"id": f"t{i}", "capability": CAP} for i in range(40)]})
         waiting = asyncio.create_task(client.wait(accepted.workflow_id, timeout_s=120))
         priority = 2

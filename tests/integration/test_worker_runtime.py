@@ -19,7 +19,7 @@ from fabric.router.service import Router
 from fabric.settings import FabricSettings
 from fabric.topology import names
 from fabric.transport.amqp import AmqpConnection
-from fabric.worker.runtime import NACK_PAUSE_S
+from fabric.worker.settlement import NACK_PAUSE_S
 from tests.conftest import eventually
 from tests.integration.conftest import StartWorker
 from tests.integration.test_health import http_get

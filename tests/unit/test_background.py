@@ -92,3 +92,30 @@ async def test_stop_never_cancels_the_running_task_and_accepts_none() -> None:
 
     assert await asyncio.create_task(stops_itself()) == "went on"
     await stop(None, "nothing")
+
+
+async def test_one_background_task_is_stopped_by_name_the_others_run_on() -> None:
+    """The drain stops the heartbeats before the final one is sent; the watchdog runs on till close."""
+    tasks = Background()
+    heartbeats = tasks.start("heartbeats", asyncio.sleep(60))
+    watchdog = tasks.start("watchdog", asyncio.sleep(60))
+    await tasks.stop("heartbeats")
+    assert heartbeats.cancelled()
+    assert not tasks.running("heartbeats")
+    assert tasks.running("watchdog")
+    await tasks.stop("unknown")  # nothing by that name: nothing happens
+    await tasks.stop_all()
+    assert watchdog.cancelled()
+
+
+async def test_a_background_task_stopping_itself_by_name_goes_on() -> None:
+    tasks = Background()
+    ended = asyncio.Event()
+
+    async def stop_self() -> None:
+        await tasks.stop("self")
+        await asyncio.sleep(0)
+        ended.set()
+
+    await tasks.start("self", stop_self())
+    assert ended.is_set()
