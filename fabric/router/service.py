@@ -85,6 +85,7 @@ from fabric.store.timed import timed
 from fabric.telemetry import MAX_LINKS, Telemetry, messaging_attributes
 from fabric.topology import names, spec
 from fabric.transport.amqp import AmqpConnection, Consumer, Delivery
+from fabric.transport.parking import park_as_received
 
 log = logging.getLogger("fabric.router")
 
@@ -1468,17 +1469,9 @@ class Router:
 
     async def _park(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Move a message the router cannot process to ``{ns}.dead`` with the reason, then ack it."""
-        parked_headers = headers.parked(
-            delivery.headers, reason=reason, last_error=detail, routing_key=delivery.routing_key
-        )
         try:
-            await self._amqp.publish(
-                names.dead_exchange(self.ns),
-                delivery.routing_key,
-                delivery.body,
-                headers=parked_headers,
-                content_type=delivery.content_type or "application/octet-stream",
-                message_id=delivery.message_id,
+            await park_as_received(
+                self._amqp, names.dead_exchange(self.ns), delivery, reason=reason, detail=detail
             )
         except TransportError as exc:
             await self._requeue_later(delivery, exc)

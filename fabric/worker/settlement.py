@@ -27,6 +27,7 @@ from fabric.protocol.task_message import TaskMessage
 from fabric.telemetry import Telemetry
 from fabric.topology import names
 from fabric.transport.amqp import AmqpConnection, Delivery
+from fabric.transport.parking import park_as_received
 from fabric.worker.agent import Task
 from fabric.worker.outcome import Origin, Outcome
 
@@ -274,17 +275,9 @@ class Settlement:
     async def park(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Park a message this worker cannot run (not a task message it can read, or one it failed on)
         on ``{ns}.dead`` as it came, with why; then ack it. Unconfirmed: back to its queue, later."""
-        parked = headers.parked(
-            delivery.headers, reason=reason, last_error=detail, routing_key=delivery.routing_key
-        )
         try:
-            await self._amqp.publish(
-                names.dead_exchange(self._ns),
-                delivery.routing_key,
-                delivery.body,
-                headers=parked,
-                content_type=delivery.content_type or "application/octet-stream",
-                message_id=delivery.message_id,
+            await park_as_received(
+                self._amqp, names.dead_exchange(self._ns), delivery, reason=reason, detail=detail
             )
         except TransportError:
             await requeue_later([delivery])  # no hot loop while the broker refuses publishes

@@ -7,8 +7,11 @@ import json
 import pytest
 
 from fabric import Agent, FabricClient, Task
+from fabric.protocol import headers
 from fabric.router.service import Router
 from fabric.settings import FabricSettings
+from fabric.topology import names
+from fabric.transport.amqp import AmqpConnection, Delivery
 from tests.conftest import cli, eventually
 from tests.integration.conftest import StartWorker
 from workers.demo import agent as demo
@@ -110,3 +113,39 @@ async def test_replaying_a_task_that_is_not_dead_is_refused(
     assert done.status == "succeeded"
     with pytest.raises(Exception, match="only dead or failed tasks"):
         await client.replay("fine", "ok")
+
+
+async def test_unreadable_messages_are_parked_as_they_came(
+    router: Router, start_worker: StartWorker, broker: AmqpConnection, settings: FabricSettings
+) -> None:
+    # The router (an event it cannot read) and a worker (a task message it cannot read) park the message
+    # unchanged under its own route, with why; neither process stops.
+    await start_worker(demo)
+    ns = settings.namespace
+    garbage = b"\xc1 not msgpack"
+    await broker.publish(names.tasks_exchange(ns), "demo.echo", garbage, message_id="junk-task")
+    await broker.publish(
+        names.events_exchange(ns), names.event_routing_key("succeeded"), garbage, message_id="junk-event"
+    )
+    found: dict[str | None, Delivery] = {}
+
+    async def collect(delivery: Delivery) -> None:
+        found[delivery.message_id] = delivery
+        await delivery.ack()
+
+    consumer = await broker.consume(names.dead_queue(ns), collect, prefetch=10)
+    try:
+        await eventually(lambda: len(found) >= 2, what="both unreadable messages parked")
+    finally:
+        await consumer.cancel()
+    task, event = found["junk-task"], found["junk-event"]
+    assert (task.body, event.body) == (garbage, garbage)
+    assert headers.get_str(task.headers, headers.DEAD_REASON) == "malformed_task"
+    assert headers.get_str(event.headers, headers.DEAD_REASON) == "malformed_event"
+    assert headers.get_str(task.headers, headers.ORIGINAL_ROUTING_KEY) == "demo.echo"
+    assert headers.get_str(event.headers, headers.ORIGINAL_ROUTING_KEY) == names.event_routing_key(
+        "succeeded"
+    )
+    assert headers.get_str(task.headers, headers.LAST_ERROR)
+    assert headers.get_str(event.headers, headers.LAST_ERROR)
+    assert router.active
