@@ -983,9 +983,10 @@ class Router:
         needs = core.needs(events, tasks)
         record = await self._workflow_record(workflow_id) if needs.workflow else None
         if record is not None and core.may_finish(events, record):
-            return core.Changeset(
-                workflow_id, await self._store.get_tasks(workflow_id), record, complete=True
-            )
+            # Every task, for closing the workflow; read again only when the batch's own are not all
+            # (a one-task workflow's event has loaded its every task already).
+            every = tasks if len(tasks) == record.task_count else await self._store.get_tasks(workflow_id)
+            return core.Changeset(workflow_id, every, record, complete=True)
         absent = set(ids) - tasks.keys()
         more = [i for i in needs.ids if i not in tasks and i not in absent]
         if more:
